@@ -1,0 +1,180 @@
+"""Built-in image-text sources that need no download.
+
+- `shapes`: procedural coloured shapes with compositional captions
+  ("a small red circle at the top left"); class label = shape.
+- `digits`: scikit-learn's 8x8 handwritten digits, upscaled, with templated
+  captions; class label = digit.
+
+Each generator is a pure function of (seed, index), so any subset of records
+can be made independently and in any order.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 50),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
+    "cyan": (40, 210, 220),
+}
+SIZES = {"small": 0.17, "large": 0.3}
+POSITIONS = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "center": (0.5, 0.5),
+}
+SHAPE_TEMPLATES = (
+    "a {size} {color} {shape} at the {pos}",
+    "a {color} {shape} in the {pos}",
+    "{size} {color} {shape}, {pos}",
+    "a picture of a {size} {color} {shape}",
+    "the {shape} is {color} and {size}",
+)
+SHAPE_PROMPTS = ("a {}", "a photo of a {}", "a {} shape", "a drawing of a {}")
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = (
+    "a handwritten digit {name}",
+    "the number {digit}",
+    "a photo of the digit {name}",
+    "handwritten {name}",
+    "the digit {digit} written by hand",
+)
+DIGIT_PROMPTS = ("a handwritten digit {}", "the number {}", "a photo of the digit {}")
+
+
+@dataclass(frozen=True)
+class Record:
+    uid: str
+    image: bytes  # encoded image (PNG for built-ins)
+    caption: str
+    label: int  # -1 when the source has no labels
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    class_names: list[str]
+    templates: list[str]  # zero-shot prompt templates with one "{}"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        angles = np.array([-90, 30, 150]) + rot
+        return [(cx + r * np.cos(np.radians(a)), cy + r * np.sin(np.radians(a))) for a in angles]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rr = r if k % 2 == 0 else 0.45 * r
+            a = np.radians(-90 + 36 * k + rot)
+            pts.append((cx + rr * np.cos(a), cy + rr * np.sin(a)))
+        return pts
+    if shape == "hexagon":
+        return [
+            (cx + r * np.cos(np.radians(60 * k + rot)), cy + r * np.sin(np.radians(60 * k + rot)))
+            for k in range(6)
+        ]
+    raise ValueError(shape)
+
+
+def shapes_record(seed: int, index: int, image_size: int = 32) -> Record:
+    """One procedural shape image and a caption describing it."""
+    rng = np.random.default_rng([seed, index])
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    template = SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))]
+
+    scale = 4  # draw large, then downsample: anti-aliased edges
+    s = image_size * scale
+    bg = tuple(int(v) for v in rng.integers(0, 70, size=3))
+    img = Image.new("RGB", (s, s), bg)
+    draw = ImageDraw.Draw(img)
+    fx, fy = POSITIONS[pos]
+    cx = (fx + rng.uniform(-0.06, 0.06)) * s
+    cy = (fy + rng.uniform(-0.06, 0.06)) * s
+    r = SIZES[size] * s * rng.uniform(0.85, 1.15)
+    rgb = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[color])
+    rot = float(rng.uniform(-15, 15))
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+    elif shape == "square":
+        q = r * 0.85
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=rgb)
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=rgb)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=rgb)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, rot), fill=rgb)
+    img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    caption = _articles(template.format(size=size, color=color, shape=shape, pos=pos))
+    return Record(f"shapes-{index:08d}", png_bytes(img), caption, SHAPES.index(shape))
+
+
+def _articles(text: str) -> str:
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def shapes(seed: int, size: int, image_size: int = 32) -> Iterator[Record]:
+    for i in range(size):
+        yield shapes_record(seed, i, image_size)
+
+
+def shapes_classes() -> ClassInfo:
+    return ClassInfo(list(SHAPES), list(SHAPE_PROMPTS))
+
+
+def digits_count() -> int:
+    from sklearn.datasets import load_digits
+
+    return len(load_digits().target)
+
+
+def digits(seed: int, size: int | None = None, image_size: int = 32) -> Iterator[Record]:
+    """scikit-learn's handwritten digits, upscaled to `image_size`, with templated captions."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    n = len(d.target) if size is None else size
+    if n > len(d.target):
+        raise ValueError(
+            f"ingest.size={size} exceeds the {len(d.target)} images of the 'digits' source; "
+            "set ingest.size to null (all) or a smaller number."
+        )
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        img8 = (d.images[i] / 16.0 * 255.0).astype(np.uint8)
+        img = Image.fromarray(img8, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        img = img.convert("RGB")
+        label = int(d.target[i])
+        template = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))]
+        caption = template.format(name=DIGIT_NAMES[label], digit=label)
+        yield Record(f"digits-{i:08d}", png_bytes(img), caption, label)
+
+
+def digits_classes() -> ClassInfo:
+    return ClassInfo(list(DIGIT_NAMES), list(DIGIT_PROMPTS))

@@ -1,0 +1,158 @@
+"""Image-text pairs from anything Hugging Face `datasets.load_dataset` opens.
+
+A hub name (when online), or a packaged builder over local files:
+`imagefolder` (images + metadata.csv/jsonl with a caption column), `csv`/`json`
+(a column of image paths), `parquet` (image bytes or paths), `webdataset`
+(tars of <key>.png/.jpg + <key>.txt). Images are never decoded by `datasets`
+(`Image(decode=False)`), so one corrupt file becomes one rejected record with
+its reason instead of a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from otcurate.data.builtin import ClassInfo
+from otcurate.data.records import check_record, content_uid
+
+
+class SourceError(ValueError):
+    """The source cannot be read as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RawPair:
+    index: int  # position in the source
+    uid: str
+    image: bytes | None
+    caption: Any
+    label: int
+    reject: str | None  # why this pair is unusable, or None
+
+
+def _image_bytes(value: Any, image_root: Path | None) -> tuple[bytes | None, str | None]:
+    if value is None:
+        return None, "missing image"
+    if isinstance(value, bytes | bytearray):
+        return bytes(value), None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"]), None
+        value = value.get("path")
+        if not value:
+            return None, "missing image"
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and image_root is not None:
+            path = image_root / path
+        try:
+            return path.read_bytes(), None
+        except FileNotFoundError:
+            return None, f"image file not found: {path}"
+        except OSError as exc:
+            return None, f"image file unreadable: {path} ({exc})"
+    if hasattr(value, "save"):  # a decoded PIL image
+        import io
+
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue(), None
+    return None, f"unsupported image value of type {type(value).__name__}"
+
+
+def _default_image_root(data_files: Any, data_dir: str | None) -> Path | None:
+    if data_dir:
+        return Path(data_dir)
+    first = data_files[0] if isinstance(data_files, list) and data_files else data_files
+    if isinstance(first, str):
+        return Path(first).parent
+    return None
+
+
+def load_pairs(
+    path: str,
+    *,
+    name: str | None = None,
+    data_dir: str | None = None,
+    data_files: str | list[str] | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    label_column: str | None = None,
+    image_root: str | None = None,
+    class_names: list[str] | None = None,
+    limit: int | None = None,
+) -> tuple[Iterator[RawPair], ClassInfo | None, int]:
+    """Open a `datasets` source; returns (pairs, class info or None, number of rows)."""
+    import datasets
+
+    kwargs: dict[str, Any] = {"split": split}
+    if name:
+        kwargs["name"] = name
+    if data_dir:
+        if not os.path.isdir(data_dir) and path in {"imagefolder", "csv", "json", "parquet", "webdataset"}:
+            raise SourceError(f"ingest.hf.data_dir {data_dir!r} is not a folder; point it at the folder with your files.")
+        kwargs["data_dir"] = data_dir
+    if data_files:
+        kwargs["data_files"] = data_files
+    try:
+        ds = datasets.load_dataset(path, **kwargs)
+    except FileNotFoundError as exc:
+        raise SourceError(f"ingest.hf: cannot open {path!r}: {exc}. Check ingest.hf.path, data_dir and data_files.") from exc
+    except (ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise SourceError(f"ingest.hf: cannot load {path!r} (split {split!r}): {exc}") from exc
+    except ConnectionError as exc:
+        raise SourceError(
+            f"ingest.hf: {path!r} is not a local builder and the hub cannot be reached ({exc}). "
+            "Use a local source (imagefolder/csv/parquet/webdataset) or run where the hub is reachable."
+        ) from exc
+
+    columns = ds.column_names
+    for col, key in ((image_column, "image_column"), (caption_column, "caption_column")):
+        if col not in columns:
+            raise SourceError(
+                f"ingest.hf.{key} is {col!r} but the source has columns {columns}; "
+                f"set ingest.hf.{key} to one of them."
+            )
+    if label_column is not None and label_column not in columns:
+        raise SourceError(f"ingest.hf.label_column is {label_column!r} but the source has columns {columns}.")
+    if ds.num_rows == 0:
+        raise SourceError(f"ingest.hf: the source {path!r} split {split!r} has no rows.")
+
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+
+    info = None
+    if label_column is not None:
+        names = class_names
+        feat = ds.features[label_column]
+        if names is None and isinstance(feat, datasets.ClassLabel):
+            names = list(feat.names)
+        if names is None:
+            raise SourceError(
+                f"ingest.hf.label_column {label_column!r} holds plain ids; give their names in ingest.hf.class_names."
+            )
+        info = ClassInfo(list(names), ["a photo of a {}", "a {}"])
+
+    root = Path(image_root) if image_root else _default_image_root(data_files, data_dir)
+    n = ds.num_rows if limit is None else min(limit, ds.num_rows)
+
+    def gen() -> Iterator[RawPair]:
+        for i, row in enumerate(ds.select_columns([c for c in (image_column, caption_column, label_column) if c])):
+            if i >= n:
+                return
+            image, reason = _image_bytes(row[image_column], root)
+            caption = row[caption_column]
+            if reason is None:
+                reason = check_record(image, caption)
+            label = int(row[label_column]) if label_column is not None and row[label_column] is not None else -1
+            if info is not None and not (0 <= label < len(info.class_names)):
+                reason = reason or f"label {row[label_column]!r} outside 0..{len(info.class_names) - 1}"
+            uid = content_uid(image or b"", caption if isinstance(caption, str) else "") if reason is None else f"row-{i}"
+            yield RawPair(i, uid, image, caption.strip() if isinstance(caption, str) else caption, label, reason)
+
+    return gen(), info, n

@@ -1,0 +1,108 @@
+"""Evaluation: zero-shot classification, image-text retrieval, and plots.
+
+All metrics take L2-normalised embeddings (tensors on any device) and return
+plain floats; plots take records and write PNGs through a given path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+def class_embeddings(text_embed_fn, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(C, d) zero-shot classifier: the mean of each class's prompt embeddings, renormalised.
+
+    `text_embed_fn(list[str]) -> (m, d)` L2-normalised text embeddings.
+    """
+    prompts = [t.format(c) for c in class_names for t in templates]
+    e = text_embed_fn(prompts).reshape(len(class_names), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def zero_shot_accuracy(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float:
+    """Fraction of images whose label is among the top-k classes by cosine similarity."""
+    if len(image) == 0:
+        raise ValueError("zero-shot accuracy needs at least one image.")
+    k = min(topk, classes.shape[0])
+    top = (image @ classes.T).topk(k, dim=1).indices
+    return float((top == labels.view(-1, 1)).any(dim=1).float().mean())
+
+
+def _groups(captions: Sequence[str]) -> torch.Tensor:
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
+
+
+def retrieval_recall(
+    image: torch.Tensor, text: torch.Tensor, captions: Sequence[str], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k for image->text and text->image retrieval over paired embeddings (n, d).
+
+    A retrieved item counts as a hit when its caption text equals the query's own
+    (identical captions of different images are all correct answers).
+    """
+    g = _groups(captions).to(image.device)
+    sim = image @ text.T  # (n_img, n_txt)
+    same = g.view(-1, 1) == g.view(1, -1)  # (n, n): caption i and caption j are equal
+    out = {}
+    kmax = min(max(ks), sim.shape[1])
+    i2t = sim.topk(kmax, dim=1).indices  # texts for each image
+    t2i = sim.T.topk(kmax, dim=1).indices  # images for each text
+    for k in ks:
+        kk = min(k, kmax)
+        out[f"i2t_r{k}"] = float(torch.gather(same, 1, i2t[:, :kk]).any(1).float().mean())
+        out[f"t2i_r{k}"] = float(torch.gather(same, 1, t2i[:, :kk]).any(1).float().mean())
+    return out
+
+
+def _savefig(fig, path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+
+
+def plot_score_hist(path, scores: np.ndarray, truth: np.ndarray | None, title: str) -> None:
+    """Histogram of detection scores, split clean vs noisy when the truth is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-9, 40)
+    if truth is not None and truth.any():
+        ax.hist(scores[~truth], bins=bins, alpha=0.6, label=f"clean ({(~truth).sum()})", color="tab:blue")
+        ax.hist(scores[truth], bins=bins, alpha=0.6, label=f"noisy ({truth.sum()})", color="tab:red")
+        ax.legend()
+    else:
+        ax.hist(scores, bins=bins, color="tab:blue")
+    ax.set_xlabel("score (higher = cleaner)")
+    ax.set_ylabel("pairs")
+    ax.set_title(title)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_comparison(path, rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str]) -> None:
+    """Grouped bars: one group per metric, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(rows)
+    x = np.arange(len(metrics))
+    w = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(1.1 * len(metrics) + 2, 3.5))
+    for i, m in enumerate(models):
+        vals = [rows[m].get(k, np.nan) for k in metrics]
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * w, vals, w, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, metrics, rotation=0)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title("base vs fine-tuned (clean test split)")
+    ax.legend()
+    _savefig(fig, path)
+    plt.close(fig)

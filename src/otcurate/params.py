@@ -1,0 +1,365 @@
+"""Typed, strict loading of params.yaml sections.
+
+Each stage owns one section (same name as the stage) and reads `base` too.
+Loading is strict: an unknown key, a wrong type or a bad combination raises
+`ParamsError` naming the key and the fix, before any work starts. Missing keys
+take the defaults below, which are also the values shipped in params.yaml.
+
+Method names are checked against the library's registries
+(`otcurate.detect.METHODS`, ...) so a new method needs no change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is unknown, mistyped or inconsistent."""
+
+
+def _choices(registry: str) -> dict[str, Any]:
+    return {"choices": registry}
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch intra-op threads; the same seed and threads give the same bytes.
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class Noise:
+    # NCR-style: this fraction of train captions is permuted among themselves.
+    rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class HFSource:
+    # Anything `datasets.load_dataset` opens: a hub name, or a builder such as
+    # "imagefolder", "csv", "parquet", "webdataset" with data_dir/data_files.
+    path: str | None = None
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str | None = None
+    # Base folder for relative image paths in CSV/JSON sources.
+    image_root: str | None = None
+    # Class names for label ids (zero-shot evaluation); null = from the dataset features.
+    class_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Ingest:
+    source: Literal["shapes", "digits", "hf"] = "shapes"
+    # Number of pairs to generate (shapes) or to keep at most (digits, hf; null = all).
+    size: int | None = 12000
+    image_size: int = 32
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    shard_size: int = 4096
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    noise: Noise = field(default_factory=Noise)
+    hf: HFSource = field(default_factory=HFSource)
+
+    def check(self) -> None:
+        _frac("ingest.val_fraction", self.val_fraction)
+        _frac("ingest.test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamsError(
+                "ingest.val_fraction + ingest.test_fraction must be < 1 so that a train split remains; "
+                f"got {self.val_fraction} + {self.test_fraction}."
+            )
+        _frac("ingest.noise.rate", self.noise.rate)
+        _positive("ingest.image_size", self.image_size)
+        _positive("ingest.shard_size", self.shard_size)
+        if self.size is not None:
+            _positive("ingest.size", self.size)
+        if self.source == "shapes" and self.size is None:
+            raise ParamsError("ingest.size must be set for source 'shapes' (how many pairs to generate).")
+        if self.source == "hf" and not (self.hf.path):
+            raise ParamsError(
+                "ingest.source is 'hf' but ingest.hf.path is empty: set it to a hub dataset name or a "
+                "builder ('imagefolder', 'csv', 'parquet', 'webdataset') with ingest.hf.data_dir or data_files."
+            )
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    # An open_clip architecture name, or "otcurate-tiny" (registered by otcurate).
+    arch: str = "otcurate-tiny"
+    # An open_clip pretrained tag, a checkpoint file/folder, or null to train `arch` from scratch.
+    pretrained: str | None = None
+    steps: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+
+    def check(self) -> None:
+        _nonneg("pretrain.steps", self.steps)
+        _positive("pretrain.batch_size", self.batch_size)
+        _positive("pretrain.lr", self.lr)
+        _nonneg("pretrain.warmup", self.warmup)
+        _nonneg("pretrain.weight_decay", self.weight_decay)
+        if self.pretrained is None and self.steps == 0:
+            raise ParamsError(
+                "pretrain.pretrained is null and pretrain.steps is 0: nothing would be trained. "
+                "Set pretrain.steps > 0 or give pretrained weights."
+            )
+
+
+@dataclass(frozen=True)
+class Embed:
+    batch_size: int = 512
+
+    def check(self) -> None:
+        _positive("embed.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Detect:
+    method: str = field(default="clip_score", metadata=_choices("otcurate.detect:METHODS"))
+    # Flag exactly one of: the lowest-scoring `fraction` of train pairs, or scores below `threshold`.
+    fraction: float | None = 0.2
+    threshold: float | None = None
+
+    def check(self) -> None:
+        if (self.fraction is None) == (self.threshold is None):
+            raise ParamsError(
+                "detect: set exactly one of detect.fraction and detect.threshold "
+                f"(got fraction={self.fraction}, threshold={self.threshold}); set the other to null."
+            )
+        if self.fraction is not None:
+            _frac("detect.fraction", self.fraction)
+
+
+@dataclass(frozen=True)
+class Coreset:
+    method: str = field(default="clip_score", metadata=_choices("otcurate.coreset:METHODS"))
+    # Budget: exactly one of a fraction of the train split, or an absolute size.
+    fraction: float | None = 0.5
+    size: int | None = None
+    # Leave out the pairs that `detect` flagged noisy.
+    exclude_flagged: bool = True
+
+    def check(self) -> None:
+        if (self.fraction is None) == (self.size is None):
+            raise ParamsError(
+                "coreset: set exactly one of coreset.fraction and coreset.size "
+                f"(got fraction={self.fraction}, size={self.size}); set the other to null."
+            )
+        if self.fraction is not None:
+            if not 0.0 < self.fraction <= 1.0:
+                raise ParamsError(f"coreset.fraction must be in (0, 1]; got {self.fraction}.")
+        if self.size is not None:
+            _positive("coreset.size", self.size)
+
+
+@dataclass(frozen=True)
+class Distill:
+    method: str = field(default="random_real", metadata=_choices("otcurate.distill:METHODS"))
+    # Images per class (or per cluster when the data has no labels); 0 disables distillation.
+    ipc: int = 10
+    # Clusters of the text embeddings used as classes when the data has no labels.
+    clusters: int = 10
+
+    def check(self) -> None:
+        _nonneg("distill.ipc", self.ipc)
+        _positive("distill.clusters", self.clusters)
+
+
+@dataclass(frozen=True)
+class Finetune:
+    method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
+    steps: int = 150
+    batch_size: int = 128
+    lr: float = 1e-4
+    warmup: int = 15
+    weight_decay: float = 0.2
+
+    def check(self) -> None:
+        _positive("finetune.steps", self.steps)
+        _positive("finetune.batch_size", self.batch_size)
+        _positive("finetune.lr", self.lr)
+        _nonneg("finetune.warmup", self.warmup)
+        _nonneg("finetune.weight_decay", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    batch_size: int = 512
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+    def check(self) -> None:
+        _positive("evaluate.batch_size", self.batch_size)
+        if not self.recall_at or any(k < 1 for k in self.recall_at):
+            raise ParamsError(f"evaluate.recall_at must be a non-empty list of ints >= 1; got {self.recall_at}.")
+
+
+SECTIONS: dict[str, type] = {
+    "base": Base,
+    "ingest": Ingest,
+    "pretrain": Pretrain,
+    "embed": Embed,
+    "detect": Detect,
+    "coreset": Coreset,
+    "distill": Distill,
+    "finetune": Finetune,
+    "evaluate": Evaluate,
+}
+
+
+def _frac(name: str, v: float) -> None:
+    if not 0.0 <= v < 1.0:
+        raise ParamsError(f"{name} must be in [0, 1); got {v}.")
+
+
+def _positive(name: str, v: float) -> None:
+    if not v > 0:
+        raise ParamsError(f"{name} must be > 0; got {v}.")
+
+
+def _nonneg(name: str, v: float) -> None:
+    if not v >= 0:
+        raise ParamsError(f"{name} must be >= 0; got {v}.")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true/false"
+    if tp is str:
+        return "a string"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ParamsError as exc:
+                errors.append(exc)
+        raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ParamsError(f"{key}: expected one of {_type_name(tp)}, got {value!r}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+        (arg,) = typing.get_args(tp)
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ParamsError(f"{key}: expected null, got {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported params type {tp} for {key}")
+    raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+
+
+def build(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass `cls` from mapping `data` strictly; `key` names it in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ParamsError(f"{key}: expected a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), list(fields), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ParamsError(
+            f"{key}.{k}: unknown key.{hint} Known keys of '{key}': {', '.join(sorted(fields))}."
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            value = _convert(data[name], hints[name], f"{key}.{name}")
+            registry = f.metadata.get("choices")
+            if registry is not None:
+                known = _registry(registry)
+                if value not in known:
+                    raise ParamsError(
+                        f"{key}.{name}: unknown method {value!r}. Known: {', '.join(sorted(known))}."
+                    )
+            kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def _registry(spec: str) -> dict[str, Any]:
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load(params: Mapping[str, Any], section: str) -> Any:
+    """The typed, validated `section` of a parsed params.yaml mapping."""
+    if section not in SECTIONS:
+        raise ParamsError(f"unknown params section {section!r}; known: {', '.join(SECTIONS)}.")
+    unknown = [k for k in params if k not in SECTIONS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(SECTIONS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ParamsError(
+            f"params.yaml: unknown section {unknown[0]!r}.{hint} Known sections: {', '.join(SECTIONS)}."
+        )
+    return build(SECTIONS[section], params.get(section), section)
+
+
+def load_all(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate every section; returns {section: typed params}."""
+    return {name: load(params, name) for name in SECTIONS}
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

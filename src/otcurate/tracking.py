@@ -1,0 +1,179 @@
+"""MLflow records of pipeline runs: one parent run per flow run, one child run per stage.
+
+Each child carries the stage's params (from dvc.lock), metrics and plots (from
+the files dvc.yaml declares), and lineage tags:
+`git.commit`, `git.dirty`, `dvc.stage`, `dvc.outcome` (ran|restored|skipped|failed),
+`dvc.dep.<path>` and `dvc.out.<path>` (md5 from dvc.lock).
+A tracking failure is reported and never loses computed results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXPERIMENT = "otcurate"
+REGISTERED_MODEL = "otcurate-clip"
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else an absolute sqlite URI at the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def artifact_root(root: Path) -> str:
+    return (root / "mlartifacts").resolve().as_uri()
+
+
+def git_state(root: Path) -> tuple[str, bool]:
+    """(HEAD commit or 'none', whether tracked files differ from it)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "none", True
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip() != ""
+    return commit, dirty
+
+
+def read_lock(root: Path) -> dict[str, Any]:
+    path = root / "dvc.lock"
+    if not path.exists():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def lock_tags(entry: Mapping[str, Any]) -> dict[str, str]:
+    tags = {}
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind, []) or []:
+            tags[f"dvc.{kind[:-1]}.{item['path']}"] = item.get("md5", "")
+    return tags
+
+
+def lock_params(entry: Mapping[str, Any]) -> dict[str, str]:
+    params = {}
+    for _file, sections in (entry.get("params") or {}).items():
+        for key, value in flatten(sections):
+            params[key] = json.dumps(value) if not isinstance(value, str) else value
+    return params
+
+
+def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(d) if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+class Tracker:
+    """Parent/child MLflow runs for one flow run. Every call swallows and reports tracking errors."""
+
+    def __init__(self, root: Path, run_name: str | None = None, tags: Mapping[str, str] | None = None):
+        self.root = Path(root).resolve()
+        self.uri = tracking_uri(self.root)
+        self.client = None
+        self.parent_id: str | None = None
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                EXPERIMENT, artifact_location=artifact_root(self.root))
+            commit, dirty = git_state(self.root)
+            self.git = {"git.commit": commit, "git.dirty": str(dirty).lower()}
+            run = self.client.create_run(exp_id, run_name=run_name, tags={**self.git, **(tags or {}), "otcurate.kind": "pipeline"})
+            self.parent_id = run.info.run_id
+            self.exp_id = exp_id
+        except Exception as exc:  # noqa: BLE001
+            self._warn("could not start the MLflow parent run", exc)
+            self.client = None
+
+    @staticmethod
+    def _warn(what: str, exc: BaseException) -> None:
+        print(f"otcurate: tracking: {what}: {exc} (results are kept; only the MLflow record is missing)", file=sys.stderr)
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.uri}
+
+    def start_stage(self, name: str) -> str | None:
+        if self.client is None:
+            return None
+        try:
+            run = self.client.create_run(self.exp_id, run_name=name, tags={
+                "mlflow.parentRunId": self.parent_id, "dvc.stage": name, **self.git})
+            return run.info.run_id
+        except Exception as exc:  # noqa: BLE001
+            self._warn(f"could not start the run of stage {name}", exc)
+            return None
+
+    def end_stage(self, run_id: str | None, name: str, outcome: str, seconds: float) -> None:
+        if self.client is None or run_id is None:
+            return
+        try:
+            from mlflow.entities import Metric, Param, RunTag
+
+            entry = read_lock(self.root).get(name, {})
+            tags = {"dvc.outcome": outcome, **lock_tags(entry)}
+            params = lock_params(entry)
+            metrics = {"stage_seconds": seconds}
+            results = self.root / "results" / name
+            if (results / "metrics.json").exists():
+                metrics.update(_numeric(json.loads((results / "metrics.json").read_text())))
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                params=[Param(k, v[:6000]) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+            if outcome != "failed":
+                for sub in ("plots", "report.md", "metrics.json"):
+                    p = results / sub
+                    if p.is_dir():
+                        self.client.log_artifacts(run_id, str(p), artifact_path=sub)
+                    elif p.exists():
+                        self.client.log_artifact(run_id, str(p))
+            if name == "finetune" and outcome == "ran":
+                self._log_model(run_id, self.root / "models" / "finetune")
+            self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
+        except Exception as exc:  # noqa: BLE001
+            self._warn(f"could not record stage {name}", exc)
+
+    def _log_model(self, run_id: str, folder: Path) -> None:
+        """Log the fine-tuned open_clip folder once (when it was produced) and register a version."""
+        if not folder.exists():
+            return
+        self.client.log_artifacts(run_id, str(folder), artifact_path="model")
+        try:
+            self.client.get_registered_model(REGISTERED_MODEL)
+        except Exception:  # noqa: BLE001 - not registered yet
+            self.client.create_registered_model(
+                REGISTERED_MODEL, description="open_clip checkpoints fine-tuned by otcurate (open_clip_config.json + model.safetensors).")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id)
+
+    def finish(self, status: str, summary: Mapping[str, Any] | None = None) -> None:
+        if self.client is None or self.parent_id is None:
+            return
+        try:
+            if summary:
+                from mlflow.entities import RunTag
+
+                self.client.log_batch(self.parent_id, tags=[RunTag(f"outcome.{k}", str(v)) for k, v in summary.items()])
+            self.client.set_terminated(self.parent_id, status)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("could not close the parent run", exc)

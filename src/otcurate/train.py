@@ -1,0 +1,112 @@
+"""Training loops and losses: contrastive pre-training and fine-tuning.
+
+Loops are bounded by optimisation steps (never wall-clock), draw batches from
+an explicit `torch.Generator`, and clamp `logit_scale` after every step.
+Fine-tuning methods are registered in `FINETUNE_METHODS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from open_clip import ClipLoss
+
+from otcurate.models import clamp_logit_scale
+from otcurate.progress import track
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    losses: list[float]  # one per step
+    lrs: list[float]
+
+
+def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Yield `steps` index batches: epoch-wise random permutations, last partial batch dropped."""
+    if n < 2:
+        raise ValueError(f"need at least 2 training pairs for a contrastive batch; got {n}.")
+    bs = min(batch_size, n)
+    done = 0
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - bs + 1, bs):
+            yield perm[i : i + bs]
+            done += 1
+            if done == steps:
+                return
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # As open_clip_train: no weight decay on gains, biases, embeddings and logit_scale.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def train_contrastive(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
+    seed: int,
+    betas: tuple[float, float] = (0.9, 0.98),
+    log: Callable[[str, float, int], None] | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """CLIP's symmetric InfoNCE (open_clip `ClipLoss`) on (images[i], tokens[i]) pairs.
+
+    images: (N, 3, H, W) float, tokens: (N, L) long, on any device (batches move to the model's).
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup))
+    loss_fn = ClipLoss()
+    model.train()
+    losses, lrs = [], []
+    for step, idx in enumerate(track(batches(len(images), batch_size, steps, gen), total=steps, description=description)):
+        out = model(images[idx].to(device), tokens[idx].to(device))
+        if isinstance(out, dict):
+            img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            img_f, txt_f, scale = out[:3]
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        clamp_logit_scale(model)
+        losses.append(float(loss))
+        lrs.append(sched.get_last_lr()[0])
+        if log is not None:
+            log("loss", losses[-1], step)
+    model.eval()
+    return TrainResult(losses, lrs)
+
+
+def finetune_clip(model, images, tokens, **kw) -> TrainResult:
+    """Plain fine-tuning with the contrastive loss: the baseline every method is compared with."""
+    return train_contrastive(model, images, tokens, description="finetune (clip)", **kw)
+
+
+FINETUNE_METHODS: dict[str, Callable[..., TrainResult]] = {"clip": finetune_clip}

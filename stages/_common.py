@@ -1,0 +1,94 @@
+"""What every stage shares: argument parsing, strict params, error-to-exit-code mapping.
+
+Exit codes: 0 success; 2 bad input or params (the message says the fix);
+75 a transient failure (I/O timeout, a lock) that the flow may retry; 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from otcurate.params import ParamsError, load
+
+EXIT_BAD_INPUT = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.EINTR, errno.ENOLCK}
+
+
+class StageError(ValueError):
+    """Bad input data or a bad combination of inputs; the message says what to do."""
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def read_params(path: str | Path, *sections: str) -> list[Any]:
+    """The typed `base` section followed by each named section, strictly validated."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} not found; run from the repository root or pass --params.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections; got {type(raw).__name__}.")
+    return [load(raw, s) for s in ("base", *sections)]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError | BlockingIOError | InterruptedError | ConnectionError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def run(name: str, body: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Run a stage body and map its failure to an exit code with a one-line reason."""
+    try:
+        body(args)
+    except (ParamsError, StageError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:
+        print(f"{name}: error: missing input {exc.filename or exc}: run the upstream stages first (dvc repro).", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - classify, report, exit once
+        if _is_transient(exc):
+            print(f"{name}: transient failure, may be retried: {exc}", file=sys.stderr)
+            return EXIT_TRANSIENT
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def live_logger() -> Callable[[str, float, int], None] | None:
+    """Log curves to the MLflow run the flow handed us (MLFLOW_RUN_ID), else None."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+    except Exception:  # noqa: BLE001 - tracking must never break a stage
+        return None
+
+    def log(key: str, value: float, step: int) -> None:
+        try:
+            client.log_metric(run_id, key, float(value), step=step)
+        except Exception:  # noqa: BLE001
+            pass
+
+    return log

@@ -1,0 +1,60 @@
+"""coreset: choose the train pairs to fine-tune on (uids, never copies of images).
+
+Writes `<out>/subset.parquet` (uid, weight, score) and `<results>/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from otcurate import coreset as cs
+from otcurate.data.shards import read_embeddings
+from otcurate.io import atomic_dir, write_json, write_parquet
+from otcurate.runtime import make_reproducible
+from stages._common import StageError, parser, read_params, run
+
+
+def coreset(args) -> None:
+    base, p = read_params(args.params, "coreset")
+    make_reproducible(base.seed, base.threads)
+    uids, image, text = read_embeddings(args.embed, "train")
+    det = pq.read_table(f"{args.detect}/scores.parquet")
+    if det["uid"].to_pylist() != uids:
+        raise StageError(f"{args.detect} does not match {args.embed} (different train uids); rerun detect.")
+    scores = np.asarray(det["score"].to_pylist(), dtype=np.float64)
+    flagged = np.asarray(det["noisy"].to_pylist(), dtype=bool)
+    candidates = np.flatnonzero(~flagged) if p.exclude_flagged else np.arange(len(uids))
+    try:
+        k = cs.budget(len(uids), len(candidates), fraction=p.fraction, size=p.size)
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
+    sel = cs.select(p.method, cs.Pool(candidates, image, text, scores), k, seed=base.seed)
+    u = np.asarray(uids, dtype=object)
+    with atomic_dir(args.out) as out:
+        write_parquet(out / "subset.parquet", pa.table({
+            "uid": pa.array(u[sel.indices].tolist(), pa.string()),
+            "weight": pa.array(sel.weights, pa.float64()),
+            "score": pa.array(sel.scores, pa.float64()),
+        }))
+    metrics = {"size": len(sel.indices), "candidates": len(candidates), "train_pairs": len(uids),
+               "fraction_of_train": len(sel.indices) / len(uids), "mean_score": float(np.mean(sel.scores))}
+    with atomic_dir(args.results) as res:
+        write_json(res / "metrics.json", metrics)
+    print(f"coreset ({p.method}): {len(sel.indices)} of {len(candidates)} candidates ({len(uids)} train pairs)")
+
+
+def main(argv=None) -> int:
+    ap = parser("coreset", __doc__)
+    ap.add_argument("--embed", required=True)
+    ap.add_argument("--detect", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--results", required=True)
+    return run("coreset", coreset, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""detect: score every train pair's cleanliness and flag the suspected noisy ones.
+
+Writes `<out>/scores.parquet` (uid, score, noisy) and `<results>/` (metrics.json;
+plots/scores.png and plots/roc.tsv when planted ground truth exists).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+
+from otcurate import detect as det
+from otcurate.data.shards import read_embeddings, read_split
+from otcurate.evaluate import plot_score_hist
+from otcurate.io import atomic_dir, write_json, write_parquet, write_tsv
+from otcurate.runtime import make_reproducible
+from stages._common import StageError, parser, read_params, run
+
+
+def detect(args) -> None:
+    base, p = read_params(args.params, "detect")
+    make_reproducible(base.seed, base.threads)
+    uids, image, text = read_embeddings(args.embed, "train")
+    truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
+    if truth_t["uid"].to_pylist() != uids:
+        raise StageError(f"{args.embed} does not match {args.data} (different train uids); rerun embed (dvc repro embed).")
+    truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
+    result = det.detect(p.method, image, text, fraction=p.fraction, threshold=p.threshold)
+
+    metrics: dict[str, float] = {"pairs": len(uids), "flagged": int(result.noisy.sum())}
+    has_truth = bool(truth.any())
+    if has_truth:
+        metrics.update(det.quality(result.scores, result.noisy, truth))
+    else:
+        metrics["est_noise_rate"] = float(result.noisy.mean())
+    with atomic_dir(args.out) as out:
+        write_parquet(out / "scores.parquet", pa.table({
+            "uid": pa.array(uids, pa.string()),
+            "score": pa.array(result.scores, pa.float64()),
+            "noisy": pa.array(result.noisy, pa.bool_()),
+        }))
+    with atomic_dir(args.results) as res:
+        (res / "plots").mkdir()
+        plot_score_hist(res / "plots" / "scores.png", result.scores, truth if has_truth else None,
+                        f"detect: {p.method} scores on train")
+        if has_truth:
+            fpr, tpr = det.roc_curve(result.scores, truth)
+            write_tsv(res / "plots" / "roc.tsv", {"fpr": fpr, "tpr": tpr})
+        write_json(res / "metrics.json", metrics)
+    summary = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+    print(f"detect ({p.method}): {summary}")
+
+
+def main(argv=None) -> int:
+    ap = parser("detect", __doc__)
+    ap.add_argument("--embed", required=True, help="embed output folder")
+    ap.add_argument("--data", required=True, help="ingest output folder (ground truth)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--results", required=True)
+    return run("detect", detect, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""evaluate: base vs fine-tuned on the clean test split.
+
+Zero-shot accuracy (class-name prompts), image->text and text->image recall@k,
+and detection quality from `detect`. Writes `<results>/metrics.json`,
+`<results>/report.md` and `<results>/plots/{comparison,scores}.png`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from otcurate import detect as det
+from otcurate import evaluate as ev
+from otcurate import models
+from otcurate.data.shards import read_classes, read_split
+from otcurate.io import atomic_dir, write_json, write_text
+from otcurate.runtime import make_reproducible, resolve_device
+from stages._common import StageError, parser, read_params, run
+
+
+def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[str, float]:
+    images, tokens = models.pairs_to_tensors(test["image"].to_pylist(), test["caption"].to_pylist(), clip)
+    img, txt = models.encode(clip, images, tokens, batch_size=batch_size)
+    out = ev.retrieval_recall(img, txt, test["caption"].to_pylist(), ks)
+    labels = torch.tensor(test["label"].to_pylist())
+    if info is not None and (labels >= 0).all():
+        def embed_text(prompts):
+            return models.encode(clip, tokens=clip.tokenizer(prompts), batch_size=batch_size)[1]
+
+        classes = ev.class_embeddings(embed_text, info.class_names, info.templates)
+        out["zs_acc"] = ev.zero_shot_accuracy(img, classes, labels)
+        out["zs_acc_top5"] = ev.zero_shot_accuracy(img, classes, labels, topk=5)
+    return out
+
+
+def evaluate(args) -> None:
+    base, p = read_params(args.params, "evaluate")
+    make_reproducible(base.seed, base.threads)
+    device = resolve_device(base.device)
+    test = read_split(args.data, "test", columns=["image", "caption", "label"])
+    if test.num_rows == 0:
+        raise StageError(f"the test split in {args.data} is empty; raise ingest.test_fraction.")
+    info = read_classes(args.data)
+    rows = {}
+    for name, folder in (("base", args.base), ("finetune", args.finetuned)):
+        rows[name] = _model_metrics(models.load(folder, device=device), test, info, p.recall_at, p.batch_size)
+
+    scores = pq.read_table(f"{args.detect}/scores.parquet")
+    truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
+    if scores["uid"].to_pylist() != truth_t["uid"].to_pylist():
+        raise StageError(f"{args.detect} does not match {args.data}; rerun detect.")
+    s = np.asarray(scores["score"].to_pylist())
+    flags = np.asarray(scores["noisy"].to_pylist(), dtype=bool)
+    truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
+    detection = det.quality(s, flags, truth) if truth.any() else {"est_noise_rate": float(flags.mean())}
+
+    metrics = {f"{m}_{k}": v for m, r in rows.items() for k, v in r.items()}
+    metrics.update({f"detect_{k}": v for k, v in detection.items()})
+    for k in rows["base"]:
+        metrics[f"delta_{k}"] = rows["finetune"][k] - rows["base"][k]
+
+    shown = [k for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10") if k in rows["base"]]
+    lines = [
+        "# otcurate: base vs fine-tuned",
+        "",
+        f"Clean test split: {test.num_rows} pairs. Higher is better.",
+        "",
+        "| metric | base | fine-tuned | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for k in shown:
+        b, f = rows["base"][k], rows["finetune"][k]
+        lines.append(f"| {k} | {b:.4f} | {f:.4f} | {f - b:+.4f} |")
+    lines += ["", "## Detection (train split, against planted noise)", ""]
+    lines += [f"- {k}: {v:.4f}" for k, v in sorted(detection.items())]
+    lines += ["", "![comparison](plots/comparison.png)", "", "![scores](plots/scores.png)", ""]
+    with atomic_dir(args.results) as res:
+        (res / "plots").mkdir()
+        ev.plot_comparison(res / "plots" / "comparison.png", rows, shown)
+        ev.plot_score_hist(res / "plots" / "scores.png", s, truth if truth.any() else None,
+                           "detection scores on train")
+        write_text(res / "report.md", "\n".join(lines))
+        write_json(res / "metrics.json", metrics)
+    print("\n".join(lines[4 : 6 + len(shown)]))
+
+
+def main(argv=None) -> int:
+    ap = parser("evaluate", __doc__)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--base", required=True, help="pretrain output folder")
+    ap.add_argument("--finetuned", required=True, help="finetune output folder")
+    ap.add_argument("--detect", required=True)
+    ap.add_argument("--results", required=True)
+    return run("evaluate", evaluate, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""finetune: fine-tune the base CLIP on the coreset plus the distilled set.
+
+Writes `<out>/` (same format as pretrain) and `<results>/` (metrics.json, plots/loss.tsv).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from otcurate import models
+from otcurate.data.shards import read_split, select_uids
+from otcurate.io import atomic_dir, write_json, write_tsv
+from otcurate.runtime import make_reproducible, resolve_device
+from otcurate.train import FINETUNE_METHODS
+from stages._common import StageError, live_logger, parser, read_params, run
+
+
+def finetune(args) -> None:
+    base, p = read_params(args.params, "finetune")
+    device = resolve_device(base.device)
+    make_reproducible(base.seed, base.threads)
+    train = read_split(args.data, "train", columns=["uid", "image", "caption"])
+    subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
+    chosen = select_uids(train, subset["uid"])
+    distilled = read_split(args.distill, "train", columns=["uid", "image", "caption"])
+    distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
+    data = pa.concat_tables([chosen, distilled])
+    if data.num_rows < 2:
+        raise StageError(f"only {data.num_rows} pairs to fine-tune on (coreset + distilled); raise coreset.fraction or distill.ipc.")
+    clip = models.load(args.model, device=device)
+    images, tokens = models.pairs_to_tensors(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
+    res = FINETUNE_METHODS[p.method](
+        clip.model, images, tokens, steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup,
+        weight_decay=p.weight_decay, seed=base.seed, log=live_logger(),
+    )
+    with atomic_dir(args.out) as out:
+        models.save(clip, out)
+    metrics = {"pairs": data.num_rows, "coreset_pairs": chosen.num_rows, "distilled_pairs": distilled.num_rows,
+               "steps": p.steps, "final_loss": res.losses[-1]}
+    with atomic_dir(args.results) as r:
+        (r / "plots").mkdir()
+        write_tsv(r / "plots" / "loss.tsv", {"step": range(len(res.losses)), "loss": res.losses, "lr": res.lrs})
+        write_json(r / "metrics.json", metrics)
+    print(f"finetune ({p.method}): {p.steps} steps on {data.num_rows} pairs, final loss {res.losses[-1]:.4f}")
+
+
+def main(argv=None) -> int:
+    ap = parser("finetune", __doc__)
+    ap.add_argument("--model", required=True, help="pretrain output folder")
+    ap.add_argument("--data", required=True, help="ingest output folder")
+    ap.add_argument("--coreset", required=True)
+    ap.add_argument("--detect", required=True)
+    ap.add_argument("--distill", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--results", required=True)
+    return run("finetune", finetune, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""pretrain: the base CLIP. Loads `pretrained` weights, or trains `arch` from scratch
+on the (noisy) train split the way web pre-training works: many pairs, few passes.
+
+Writes `<out>/` (open_clip_config.json + model.safetensors) and `<results>/`
+(metrics.json, plots/loss.tsv).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from otcurate import models
+from otcurate.data.shards import read_split
+from otcurate.io import atomic_dir, write_json, write_tsv
+from otcurate.runtime import make_reproducible, resolve_device
+from otcurate.train import train_contrastive
+from stages._common import StageError, live_logger, parser, read_params, run
+
+
+def pretrain(args) -> None:
+    base, p = read_params(args.params, "pretrain")
+    device = resolve_device(base.device)
+    make_reproducible(base.seed, base.threads)
+    try:
+        clip = models.create(p.arch, p.pretrained, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise StageError(f"pretrain: {exc}") from exc
+    metrics = {"params_m": sum(t.numel() for t in clip.model.parameters()) / 1e6, "trained_steps": 0}
+    curve = None
+    if p.pretrained is None:
+        train = read_split(args.data, "train", columns=["image", "caption"])
+        if train.num_rows < 2:
+            raise StageError(f"the train split in {args.data} has {train.num_rows} pairs; pre-training needs at least 2.")
+        images, tokens = models.pairs_to_tensors(train["image"].to_pylist(), train["caption"].to_pylist(), clip)
+        res = train_contrastive(
+            clip.model, images, tokens, steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup,
+            weight_decay=p.weight_decay, seed=base.seed, log=live_logger(), description="pretrain",
+        )
+        n_seen = p.steps * min(p.batch_size, train.num_rows)
+        metrics.update(trained_steps=p.steps, final_loss=res.losses[-1], epochs=n_seen / train.num_rows)
+        curve = res
+    with atomic_dir(args.out) as out:
+        models.save(clip, out)
+    with atomic_dir(args.results) as res_dir:
+        if curve is not None:
+            (res_dir / "plots").mkdir()
+            write_tsv(res_dir / "plots" / "loss.tsv", {"step": range(len(curve.losses)), "loss": curve.losses})
+        write_json(res_dir / "metrics.json", metrics)
+    print(f"pretrain: saved {p.arch} to {args.out} ({metrics})")
+
+
+def main(argv=None) -> int:
+    ap = parser("pretrain", __doc__)
+    ap.add_argument("--data", required=True, help="ingest output folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--results", required=True)
+    return run("pretrain", pretrain, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
