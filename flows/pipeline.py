@@ -24,6 +24,10 @@ from otcurate.tracking import Tracker
 
 EXIT_TRANSIENT = 75
 _EXIT_RE = re.compile(r"exited with (-?\d+)")
+# DVC's advice about git and remotes, repeated after every stage: kept in the log, not echoed.
+_QUIET_RE = re.compile(
+    r"^\s*$|To track the changes with git|^\s+git add |To enable auto staging|core\.autostage|Use `dvc push`"
+)
 
 
 class StageFailed(RuntimeError):
@@ -102,7 +106,8 @@ def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageR
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        print(f"[{name}] {line}", end="", flush=True)
+        if not _QUIET_RE.search(line):
+            print(f"[{name}] {line}", end="", flush=True)
     code = proc.wait()
     log = "".join(lines)
     if code != 0:

@@ -96,7 +96,7 @@ def train_contrastive(
         opt.step()
         sched.step()
         clamp_logit_scale(model)
-        losses.append(float(loss))
+        losses.append(loss.item())
         lrs.append(sched.get_last_lr()[0])
         if log is not None:
             log("loss", losses[-1], step)

@@ -1,0 +1,211 @@
+"""Each stage on tiny data: its files and schema, byte-identical reruns, and clear
+errors on bad input that leave the previous good output untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import STAGE_PATHS, write_params
+from PIL import Image
+
+from otcurate.data.records import SCHEMA
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_ingest_outputs(tiny):
+    d = Path(tiny.p("data/ingest"))
+    splits = {s: pq.read_table([f for f in sorted(d.glob(f"{s}-*.parquet"))][0]) for s in ("train", "val", "test")}
+    for s, t in splits.items():
+        assert t.schema.equals(SCHEMA), s
+    train = pq.ParquetDataset(sorted(d.glob("train-*.parquet"))).read()
+    assert len(list(d.glob("train-*.parquet"))) >= 2  # shard_size 128 < train size: several shards
+    uids = train["uid"].to_pylist()
+    assert uids == sorted(uids)
+    m = json.loads(Path(tiny.p("results/ingest/metrics.json")).read_text())
+    assert m["pairs"] == 400 and m["train_pairs"] + m["val_pairs"] + m["test_pairs"] == 400
+    assert m["train_pairs"] == train.num_rows
+    # planted noise: train only, ground truth recorded exactly
+    for s in ("val", "test"):
+        t = pq.ParquetDataset(sorted(d.glob(f"{s}-*.parquet"))).read()
+        assert not any(t["noisy"].to_pylist())
+        assert t["caption_from"].to_pylist() == t["uid"].to_pylist()
+    noisy = np.array(train["noisy"].to_pylist())
+    assert abs(noisy.mean() - 0.3) < 0.05
+    assert m["noise_rate_planted"] == pytest.approx(noisy.mean())
+    json.loads((d / "classes.json").read_text())["class_names"]
+
+
+def test_planted_noise_matches_the_clean_captions(tiny, tmp_path):
+    """Re-ingest without noise: every noisy pair's caption is exactly the clean caption of caption_from."""
+    params = write_params(tmp_path, {"ingest": {"noise": {"rate": 0.0}}})
+    assert tiny.run("ingest", params=params, out=str(tmp_path / "clean"), results=str(tmp_path / "r")) == 0
+    read = lambda f: pq.ParquetDataset(sorted(Path(f).glob("train-*.parquet"))).read().to_pylist()  # noqa: E731
+    clean = {r["uid"]: r["caption"] for r in read(tmp_path / "clean")}
+    noisy_rows = read(tiny.p("data/ingest"))
+    assert [r["uid"] for r in noisy_rows] == sorted(clean)
+    for r in noisy_rows:
+        assert r["caption"] == clean[r["caption_from"]]
+        assert r["noisy"] == (r["caption"] != clean[r["uid"]])
+        if not r["noisy"]:
+            assert r["caption_from"] == r["uid"] or clean[r["caption_from"]] == clean[r["uid"]]
+
+
+def test_pretrain_checkpoint_opens_in_open_clip(tiny):
+    folder = Path(tiny.p("models/pretrain"))
+    assert {p.name for p in folder.iterdir()} == {"open_clip_config.json", "model.safetensors"}
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), saved[k].numpy())
+    assert (Path(tiny.p("results/pretrain/plots/loss.tsv")).read_text().count("\n")) == 12 + 1
+
+
+def test_embed_is_normalised_and_aligned(tiny):
+    from otcurate.data.shards import read_embeddings, read_split
+
+    for split in ("train", "val", "test"):
+        uids, img, txt = read_embeddings(tiny.p("data/embed"), split)
+        assert uids == read_split(tiny.p("data/ingest"), split, ["uid"])["uid"].to_pylist()
+        np.testing.assert_allclose(img.norm(dim=1).numpy(), 1.0, atol=1e-5)
+        np.testing.assert_allclose(txt.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_detect_coreset_distill_finetune_evaluate_outputs(tiny):
+    scores = pq.read_table(tiny.p("data/detect/scores.parquet"))
+    assert scores.column_names == ["uid", "score", "noisy"]
+    assert sum(scores["noisy"].to_pylist()) == round(0.3 * scores.num_rows)
+    dm = json.loads(Path(tiny.p("results/detect/metrics.json")).read_text())
+    assert {"auroc", "precision", "recall", "f1", "est_noise_rate", "true_noise_rate"} <= set(dm)
+    sub = pq.read_table(tiny.p("data/coreset/subset.parquet"))
+    assert sub.column_names == ["uid", "weight", "score"]
+    assert sub.num_rows == round(0.4 * scores.num_rows)
+    flagged = {u for u, f in zip(scores["uid"].to_pylist(), scores["noisy"].to_pylist(), strict=True) if f}
+    assert not flagged & set(sub["uid"].to_pylist())
+    dist = pq.read_table(sorted(Path(tiny.p("data/distill")).glob("train-*.parquet"))[0])
+    assert dist.schema.equals(SCHEMA)
+    assert max(np.bincount(dist["label"].to_pylist())) <= 2
+    ft = Path(tiny.p("models/finetune"))
+    assert (ft / "model.safetensors").exists()
+    assert (tree_digest(ft)["model.safetensors"] != tree_digest(Path(tiny.p("models/pretrain")))["model.safetensors"])
+    em = json.loads(Path(tiny.p("results/evaluate/metrics.json")).read_text())
+    for k in ("base_zs_acc", "finetune_zs_acc", "base_i2t_r1", "finetune_t2i_r10", "detect_auroc"):
+        assert 0.0 <= em[k] <= 1.0
+    report = Path(tiny.p("results/evaluate/report.md")).read_text()
+    assert "| zs_acc |" in report
+    for png in ("comparison.png", "scores.png"):
+        with Image.open(tiny.p(f"results/evaluate/plots/{png}")) as im:
+            assert im.width > 100 and im.height > 100
+
+
+@pytest.mark.parametrize("stage", list(STAGE_PATHS))
+def test_rerun_is_byte_identical(tiny, stage, tmp_path):
+    """Same inputs, seed and threads: the same bytes (so DVC never reruns downstream for nothing)."""
+    paths = dict(STAGE_PATHS[stage])
+    outs = {k: v for k, v in paths.items() if k in ("out", "results")}
+    redirected = {**paths, **{k: str(tmp_path / k) for k in outs}}
+    assert tiny.run(stage, **redirected) == 0
+    for k, rel in outs.items():
+        assert tree_digest(tmp_path / k) == tree_digest(Path(tiny.p(rel))), f"{stage} {k} differs on rerun"
+
+
+def _bad_params(tmp_path, overrides):
+    return write_params(tmp_path, overrides)
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "expected"),
+    [
+        ("pretrain", {"pretrain": {"stepz": 3}}, "pretrain.stepz: unknown key. Did you mean 'steps'?"),
+        ("pretrain", {"pretrain": {"steps": "ten"}}, "pretrain.steps: expected an integer, got 'ten'"),
+        ("detect", {"detect": {"fraction": 0.2, "threshold": 0.1}}, "set exactly one of detect.fraction and detect.threshold"),
+        ("coreset", {"coreset": {"fraction": None, "size": 100000}}, "the coreset budget is 100000 pairs but only"),
+        ("detect", {"detect": {"method": "magic"}}, "detect.method: unknown method 'magic'. Known: clip_score"),
+        ("ingest", {"ingest": {"source": "digits", "size": 5000}}, "exceeds the 1797 images"),
+    ],
+)
+def test_bad_params_fail_clearly_and_keep_outputs(tiny, tmp_path, capsys, stage, overrides, expected):
+    paths = STAGE_PATHS[stage]
+    before = {k: tree_digest(Path(tiny.p(v))) for k, v in paths.items() if k in ("out", "results")}
+    code = tiny.run(stage, params=_bad_params(tmp_path, overrides), **paths)
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    after = {k: tree_digest(Path(tiny.p(v))) for k, v in paths.items() if k in ("out", "results")}
+    assert after == before
+
+
+def _imagefolder(root: Path, corrupt: bool = False, empty_caption: bool = False) -> Path:
+    root.mkdir(parents=True)
+    rows = ["file_name,caption,label"]
+    for i in range(40):
+        Image.new("RGB", (16, 16), (i * 5, 255 - i * 5, 100)).save(root / f"img{i:02d}.png")
+        rows.append(f"img{i:02d}.png,a colour swatch number {i},{i % 2}")
+    if corrupt:
+        (root / "img07.png").write_bytes(b"\x89PNG not really an image")
+    if empty_caption:
+        rows[1 + 11] = "img11.png, ,1"
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("corrupt", "empty", "reason"), [(True, False, "undecodable image"), (False, True, "empty caption")])
+def test_bad_records_skip_or_fail(tmp_path, capsys, corrupt, empty, reason):
+    from conftest import TinyRun
+
+    run = TinyRun(tmp_path)
+    folder = _imagefolder(tmp_path / "src", corrupt=corrupt, empty_caption=empty)
+    hf = {"path": "imagefolder", "data_dir": str(folder), "label_column": "label", "class_names": ["even", "odd"]}
+    skip = write_params(tmp_path, {"ingest": {"source": "hf", "size": None, "on_bad_record": "skip", "hf": hf,
+                                              "val_fraction": 0.2, "test_fraction": 0.2}})
+    assert run.run("ingest", params=skip, out="data/ingest", results="results/ingest") == 0
+    rejects = [json.loads(line) for line in Path(run.p("data/ingest/rejects.jsonl")).read_text().splitlines()]
+    assert len(rejects) == 1 and reason in rejects[0]["reason"]
+    m = json.loads(Path(run.p("results/ingest/metrics.json")).read_text())
+    assert m["rejected"] == 1 and m["pairs"] == 39
+    before = tree_digest(Path(run.p("data/ingest")))
+
+    fail = tmp_path / "fail"
+    fail.mkdir()
+    y = yaml.safe_load(skip.read_text())
+    y["ingest"]["on_bad_record"] = "fail"
+    (fail / "params.yaml").write_text(yaml.safe_dump(y))
+    assert run.run("ingest", params=fail / "params.yaml", out="data/ingest", results="results/ingest") == 2
+    err = capsys.readouterr().err
+    assert f"bad record {rejects[0]['index']}" in err and reason in err and "on_bad_record: skip" in err
+    assert tree_digest(Path(run.p("data/ingest"))) == before
+
+
+def test_missing_upstream_output_is_a_clear_error(tmp_path, capsys):
+    from conftest import TinyRun
+
+    run = TinyRun(tmp_path)
+    assert run.run("embed", data="nowhere", model="models/pretrain", out="data/embed") == 2
+    assert "run the upstream stages first" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "embed").exists()
+
+
+def test_crashed_write_leaves_previous_output(tiny, tmp_path):
+    """A stage killed while writing leaves only a temporary sibling, which the next write sweeps away."""
+    out = tmp_path / "ingest"
+    shutil.copytree(tiny.p("data/ingest"), out)
+    before = tree_digest(out)
+    stale = tmp_path / "ingest.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "train-00000.parquet").write_bytes(b"half written")
+    assert tree_digest(out) == before
+    assert tiny.run("ingest", out=str(out), results=str(tmp_path / "r")) == 0
+    assert not stale.exists()
+    assert tree_digest(out) == before

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from otcurate import detect as det
+
+
+def planted(n=300, d=32, rate=0.2, seed=0):
+    """Synthetic embeddings: clean pairs share a direction; noisy pairs get another pair's text."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    img = torch.nn.functional.normalize(base + 0.15 * torch.randn(n, d, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(base + 0.15 * torch.randn(n, d, generator=g), dim=1)
+    noisy = np.zeros(n, dtype=bool)
+    idx = np.random.default_rng(seed).choice(n, int(rate * n), replace=False)
+    noisy[idx] = True
+    txt[idx] = txt[np.roll(idx, 1)]
+    return img, txt, noisy
+
+
+def test_clip_score_is_the_pair_cosine():
+    img, txt, _ = planted(20)
+    np.testing.assert_allclose(det.score("clip_score", img, txt), (img * txt).sum(1).numpy(), rtol=1e-6)
+
+
+def test_clip_score_recovers_planted_noise():
+    img, txt, noisy = planted()
+    r = det.detect("clip_score", img, txt, fraction=0.2)
+    q = det.quality(r.scores, r.noisy, noisy)
+    assert q["auroc"] > 0.95 and q["f1"] > 0.8
+    assert q["auroc"] == pytest.approx(roc_auc_score(noisy, -r.scores))
+    assert q["est_noise_rate"] == pytest.approx(0.2)
+
+
+def test_clean_data_flags_nothing_by_threshold():
+    img, txt, _ = planted(rate=0.0)
+    r = det.detect("clip_score", img, txt, threshold=0.0)
+    assert r.noisy.sum() == 0
+
+
+def test_flag_fraction_and_threshold():
+    s = np.array([0.5, 0.1, 0.9, 0.1, 0.3])
+    np.testing.assert_array_equal(det.flag(s, fraction=0.4), [False, True, False, True, False])
+    np.testing.assert_array_equal(det.flag(s, threshold=0.35), [False, True, False, True, True])
+    with pytest.raises(ValueError, match="exactly one"):
+        det.flag(s, fraction=0.2, threshold=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        det.flag(s)
+
+
+def test_unknown_method_lists_known():
+    img, txt, _ = planted(10)
+    with pytest.raises(ValueError, match="known: clip_score"):
+        det.score("nope", img, txt)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="same shape"):
+        det.clip_score(torch.zeros(3, 4), torch.zeros(3, 5))
+
+
+def test_quality_without_both_classes_has_no_auroc():
+    q = det.quality(np.array([0.1, 0.2]), np.array([False, True]), np.array([False, False]))
+    assert "auroc" not in q and q["precision"] == 0.0

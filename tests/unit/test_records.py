@@ -1,0 +1,93 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from otcurate.data import builtin
+from otcurate.data.records import assign_splits, check_record, content_uid, plant_noise
+
+
+def test_plant_noise_ground_truth_is_exact():
+    caps = [f"caption {i}" for i in range(101)]
+    planted = plant_noise(caps, 0.3, seed=5)
+    k = round(0.3 * 101)
+    assert planted.noisy.sum() == k  # all captions distinct: every chosen pair is mismatched
+    for i, c in enumerate(planted.captions):
+        assert c == caps[planted.caption_from[i]]
+        assert planted.noisy[i] == (planted.caption_from[i] != i)
+    # a permutation of the chosen captions among themselves
+    chosen = np.flatnonzero(planted.noisy)
+    assert sorted(planted.caption_from[chosen]) == sorted(chosen)
+
+
+def test_plant_noise_counts_identical_captions_as_clean():
+    caps = ["same"] * 10 + ["other"]
+    planted = plant_noise(caps, 1.0, seed=0)
+    assert planted.noisy.sum() == 2  # only the two pairs swapping 'same' and 'other' changed text
+    assert plant_noise(caps, 0.0, seed=0).noisy.sum() == 0
+
+
+def test_plant_noise_is_seeded():
+    caps = [str(i) for i in range(50)]
+    a, b, c = plant_noise(caps, 0.5, 1), plant_noise(caps, 0.5, 1), plant_noise(caps, 0.5, 2)
+    assert a.captions == b.captions and a.captions != c.captions
+
+
+def test_splits_are_stable_per_uid_and_near_the_fractions():
+    uids = [f"u{i}" for i in range(5000)]
+    s = assign_splits(uids, 0.1, 0.2, seed=0)
+    assert abs((s == "val").mean() - 0.1) < 0.02 and abs((s == "test").mean() - 0.2) < 0.02
+    # adding data never moves an existing pair
+    s2 = assign_splits(uids[:100] + ["new"], 0.1, 0.2, seed=0)
+    assert list(s2[:100]) == list(s[:100])
+
+
+def _png(color=(1, 2, 3)):
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("image", "caption", "reason"),
+    [
+        (b"garbage", "ok", "undecodable image"),
+        (None, "ok", "missing image"),
+        ("PNG", "  ", "empty caption"),
+        ("PNG", None, "empty caption"),
+        ("PNG", 3, "caption is not text"),
+    ],
+)
+def test_check_record_reasons(image, caption, reason):
+    image = _png() if image == "PNG" else image
+    assert reason in check_record(image, caption)
+
+
+def test_check_record_accepts_good_pairs():
+    assert check_record(_png(), "a caption") is None
+
+
+def test_content_uid_depends_on_both_parts():
+    assert content_uid(b"a", "x") != content_uid(b"a", "y") != content_uid(b"b", "x")
+    assert content_uid(b"a", "x") == content_uid(b"a", "x")
+
+
+def test_shapes_are_deterministic_and_captioned():
+    a = builtin.shapes_record(0, 7)
+    assert a == builtin.shapes_record(0, 7)
+    assert a != builtin.shapes_record(1, 7)
+    shape = builtin.SHAPES[a.label]
+    assert shape in a.caption
+    with Image.open(io.BytesIO(a.image)) as im:
+        assert im.size == (32, 32)
+    assert " a orange" not in " " + " ".join(builtin.shapes_record(0, i).caption for i in range(300))
+
+
+def test_digits_labels_and_captions():
+    recs = list(builtin.digits(0, 20, image_size=24))
+    assert len(recs) == 20
+    for r in recs:
+        assert builtin.DIGIT_NAMES[r.label] in r.caption or str(r.label) in r.caption
+    with pytest.raises(ValueError, match="exceeds the 1797 images"):
+        list(builtin.digits(0, 5000))

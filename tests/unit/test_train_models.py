@@ -1,0 +1,86 @@
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from otcurate import models
+from otcurate.train import batches, train_contrastive, warmup_cosine
+
+
+def test_warmup_cosine_shape():
+    vals = [warmup_cosine(s, steps=10, warmup=2) for s in range(10)]
+    assert vals[0] == 0.5 and vals[1] == 1.0 and vals[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(vals[1:], vals[2:], strict=False))
+    assert vals[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_batches_cover_each_epoch_once():
+    g = torch.Generator().manual_seed(0)
+    got = list(batches(10, 4, 4, g))
+    assert len(got) == 4 and all(len(b) == 4 for b in got)
+    first_epoch = torch.cat(got[:2])
+    assert len(set(first_epoch.tolist())) == 8
+    with pytest.raises(ValueError, match="at least 2"):
+        list(batches(1, 4, 1, g))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return models.create("otcurate-tiny")
+
+
+def _data(clip, n=16):
+    from otcurate.data import builtin
+
+    recs = [builtin.shapes_record(0, i) for i in range(n)]
+    return models.pairs_to_tensors([r.image for r in recs], [r.caption for r in recs], clip)
+
+
+def test_training_lowers_the_loss_and_clamps_the_temperature(tiny_clip):
+    x, t = _data(tiny_clip)
+    with torch.no_grad():
+        tiny_clip.model.logit_scale.fill_(math.log(100) + 0.5)  # out of range: must come back
+    r = train_contrastive(tiny_clip.model, x, t, steps=15, batch_size=16, lr=2e-3, warmup=0,
+                          weight_decay=0.0, seed=0)
+    assert np.mean(r.losses[-3:]) < r.losses[0]
+    assert float(tiny_clip.model.logit_scale) <= math.log(100) + 1e-6
+
+
+def test_training_is_reproducible():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        clip = models.create("otcurate-tiny")
+        x, t = _data(clip, 8)
+        r = train_contrastive(clip.model, x, t, steps=3, batch_size=8, lr=1e-3, warmup=1, weight_decay=0.1, seed=4)
+        outs.append((r.losses, clip.model.visual.conv1.weight.detach().clone()))
+    assert outs[0][0] == outs[1][0]
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+def test_save_load_roundtrip_in_open_clip_format(tiny_clip, tmp_path):
+    models.save(tiny_clip, tmp_path)
+    loaded = models.load(tmp_path)
+    for (k, a), (_, b) in zip(tiny_clip.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    m, _, pre = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
+    x, t = _data(loaded, 4)
+    torch.testing.assert_close(m.encode_image(x), loaded.model.encode_image(x))
+    assert open_clip.get_tokenizer(f"local-dir:{tmp_path}")(["a"]).shape[1] == 16
+
+
+def test_encode_is_normalised(tiny_clip):
+    x, t = _data(tiny_clip, 6)
+    i, tt = models.encode(tiny_clip, x, t, batch_size=4)
+    np.testing.assert_allclose(i.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tt.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_unknown_arch_and_missing_weights_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown open_clip architecture 'ViT-Nope'"):
+        models.create("ViT-Nope")
+    with pytest.raises(FileNotFoundError):
+        models.load(tmp_path / "missing")
