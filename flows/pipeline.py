@@ -60,8 +60,13 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(_bin_dir()) / "dvc"), *args], cwd=root, env=_env(), text=True,
-                          capture_output=capture)
+    return subprocess.run(
+        [str(Path(_bin_dir()) / "dvc"), *args],
+        cwd=root,
+        env=_env(),
+        text=True,
+        capture_output=capture,
+    )
 
 
 def stage_order(root: Path) -> list[str]:
@@ -93,14 +98,24 @@ def _retry_transient(task, task_run, state) -> bool:
     return isinstance(exc, TransientStageFailure)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_retry_transient,
-      task_run_name="{name}")
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=_retry_transient,
+    task_run_name="{name}",
+)
 def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageResult:
     """`dvc repro --single-item <name>`, streaming its output, classified ran/restored/skipped."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [str(Path(_bin_dir()) / "dvc"), "repro", "--single-item", name], cwd=root, env=_env(env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        [str(Path(_bin_dir()) / "dvc"), "repro", "--single-item", name],
+        cwd=root,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     lines = []
     assert proc.stdout is not None
@@ -140,7 +155,10 @@ def pipeline(root: str = ".", run_name: str | None = None) -> list[dict]:
                 tracker.end_stage(child, name, "failed", time.perf_counter() - t0)
                 restore = dvc(rootp, "checkout", "--force", name)
                 if restore.returncode != 0:
-                    print(f"otcurate: could not restore the last outputs of '{name}': {restore.stderr.strip()}", file=sys.stderr)
+                    print(
+                        f"otcurate: could not restore the last outputs of '{name}': {restore.stderr.strip()}",
+                        file=sys.stderr,
+                    )
                 raise
             tracker.end_stage(child, name, res.outcome, res.seconds)
             results.append(res)

@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ def read_params(path: str | Path, *sections: str) -> list[Any]:
     """The typed `base` section followed by each named section, strictly validated."""
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"params file {path} not found; run from the repository root or pass --params.")
+        raise ParamsError(
+            f"params file {path} not found; run from the repository root or pass --params."
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -62,7 +64,10 @@ def run(name: str, body: Callable[[argparse.Namespace], None], args: argparse.Na
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FileNotFoundError as exc:
-        print(f"{name}: error: missing input {exc.filename or exc}: run the upstream stages first (dvc repro).", file=sys.stderr)
+        print(
+            f"{name}: error: missing input {exc.filename or exc}: run the upstream stages first (dvc repro).",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - classify, report, exit once
         if _is_transient(exc):

@@ -24,7 +24,9 @@ def coreset(args) -> None:
     uids, image, text = read_embeddings(args.embed, "train")
     det = pq.read_table(f"{args.detect}/scores.parquet")
     if det["uid"].to_pylist() != uids:
-        raise StageError(f"{args.detect} does not match {args.embed} (different train uids); rerun detect.")
+        raise StageError(
+            f"{args.detect} does not match {args.embed} (different train uids); rerun detect."
+        )
     scores = np.asarray(det["score"].to_pylist(), dtype=np.float64)
     flagged = np.asarray(det["noisy"].to_pylist(), dtype=bool)
     candidates = np.flatnonzero(~flagged) if p.exclude_flagged else np.arange(len(uids))
@@ -35,16 +37,28 @@ def coreset(args) -> None:
     sel = cs.select(p.method, cs.Pool(candidates, image, text, scores), k, seed=base.seed)
     u = np.asarray(uids, dtype=object)
     with atomic_dir(args.out) as out:
-        write_parquet(out / "subset.parquet", pa.table({
-            "uid": pa.array(u[sel.indices].tolist(), pa.string()),
-            "weight": pa.array(sel.weights, pa.float64()),
-            "score": pa.array(sel.scores, pa.float64()),
-        }))
-    metrics = {"size": len(sel.indices), "candidates": len(candidates), "train_pairs": len(uids),
-               "fraction_of_train": len(sel.indices) / len(uids), "mean_score": float(np.mean(sel.scores))}
+        write_parquet(
+            out / "subset.parquet",
+            pa.table(
+                {
+                    "uid": pa.array(u[sel.indices].tolist(), pa.string()),
+                    "weight": pa.array(sel.weights, pa.float64()),
+                    "score": pa.array(sel.scores, pa.float64()),
+                }
+            ),
+        )
+    metrics = {
+        "size": len(sel.indices),
+        "candidates": len(candidates),
+        "train_pairs": len(uids),
+        "fraction_of_train": len(sel.indices) / len(uids),
+        "mean_score": float(np.mean(sel.scores)),
+    }
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
-    print(f"coreset ({p.method}): {len(sel.indices)} of {len(candidates)} candidates ({len(uids)} train pairs)")
+    print(
+        f"coreset ({p.method}): {len(sel.indices)} of {len(candidates)} candidates ({len(uids)} train pairs)"
+    )
 
 
 def main(argv=None) -> int:

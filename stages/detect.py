@@ -25,7 +25,9 @@ def detect(args) -> None:
     uids, image, text = read_embeddings(args.embed, "train")
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
     if truth_t["uid"].to_pylist() != uids:
-        raise StageError(f"{args.embed} does not match {args.data} (different train uids); rerun embed (dvc repro embed).")
+        raise StageError(
+            f"{args.embed} does not match {args.data} (different train uids); rerun embed (dvc repro embed)."
+        )
     truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
     result = det.detect(p.method, image, text, fraction=p.fraction, threshold=p.threshold)
 
@@ -36,20 +38,31 @@ def detect(args) -> None:
     else:
         metrics["est_noise_rate"] = float(result.noisy.mean())
     with atomic_dir(args.out) as out:
-        write_parquet(out / "scores.parquet", pa.table({
-            "uid": pa.array(uids, pa.string()),
-            "score": pa.array(result.scores, pa.float64()),
-            "noisy": pa.array(result.noisy, pa.bool_()),
-        }))
+        write_parquet(
+            out / "scores.parquet",
+            pa.table(
+                {
+                    "uid": pa.array(uids, pa.string()),
+                    "score": pa.array(result.scores, pa.float64()),
+                    "noisy": pa.array(result.noisy, pa.bool_()),
+                }
+            ),
+        )
     with atomic_dir(args.results) as res:
         (res / "plots").mkdir()
-        plot_score_hist(res / "plots" / "scores.png", result.scores, truth if has_truth else None,
-                        f"detect: {p.method} scores on train")
+        plot_score_hist(
+            res / "plots" / "scores.png",
+            result.scores,
+            truth if has_truth else None,
+            f"detect: {p.method} scores on train",
+        )
         if has_truth:
             fpr, tpr = det.roc_curve(result.scores, truth)
             write_tsv(res / "plots" / "roc.tsv", {"fpr": fpr, "tpr": tpr})
         write_json(res / "metrics.json", metrics)
-    summary = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+    summary = ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
+    )
     print(f"detect ({p.method}): {summary}")
 
 

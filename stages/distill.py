@@ -14,7 +14,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from otcurate import distill as dist
-from otcurate.data.shards import read_classes, read_embeddings, read_split, write_classes, write_split
+from otcurate.data.shards import (
+    read_classes,
+    read_embeddings,
+    read_split,
+    write_classes,
+    write_split,
+)
 from otcurate.io import atomic_dir, write_json
 from otcurate.runtime import make_reproducible
 from stages._common import StageError, parser, read_params, run
@@ -43,7 +49,11 @@ def distill(args) -> None:
     with atomic_dir(args.out) as out:
         write_split(out, "train", table, shard_size=max(1, table.num_rows))
         write_classes(out, info)
-    metrics = {"pairs": table.num_rows, "classes": int(len(np.unique(picked.classes))), "ipc": p.ipc}
+    metrics = {
+        "pairs": table.num_rows,
+        "classes": int(len(np.unique(picked.classes))),
+        "ipc": p.ipc,
+    }
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
     print(f"distill ({p.method}): {table.num_rows} pairs for {metrics['classes']} classes")

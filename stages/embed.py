@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import pyarrow.parquet as pq
+import torch
 
 from otcurate import models
 from otcurate.data.records import SPLITS
@@ -27,18 +28,20 @@ def embed(args) -> None:
         raise FileNotFoundError(f"{args.data}/train-*.parquet")
     n = 0
     with atomic_dir(args.out) as out:
-        for split, f in track(jobs, total=len(jobs), description="embed: shards"):
+        for _split, f in track(jobs, total=len(jobs), description="embed: shards"):
             t = pq.read_table(f, columns=["uid", "image", "caption"])
             img_e, txt_e = [], []
             for i in range(0, t.num_rows, p.batch_size):
                 part = t.slice(i, p.batch_size)
-                x, tok = models.pairs_to_tensors(part["image"].to_pylist(), part["caption"].to_pylist(), clip)
+                x, tok = models.pairs_to_tensors(
+                    part["image"].to_pylist(), part["caption"].to_pylist(), clip
+                )
                 ie, te = models.encode(clip, x, tok, batch_size=p.batch_size)
                 img_e.append(ie)
                 txt_e.append(te)
-            import torch
-
-            write_embedding_shard(out, f.stem, t["uid"].to_pylist(), torch.cat(img_e), torch.cat(txt_e))
+            write_embedding_shard(
+                out, f.stem, t["uid"].to_pylist(), torch.cat(img_e), torch.cat(txt_e)
+            )
             n += t.num_rows
     print(f"embed: {n} pairs from {len(jobs)} shards -> {args.out}")
 

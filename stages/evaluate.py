@@ -23,11 +23,14 @@ from stages._common import StageError, parser, read_params, run
 
 
 def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[str, float]:
-    images, tokens = models.pairs_to_tensors(test["image"].to_pylist(), test["caption"].to_pylist(), clip)
+    images, tokens = models.pairs_to_tensors(
+        test["image"].to_pylist(), test["caption"].to_pylist(), clip
+    )
     img, txt = models.encode(clip, images, tokens, batch_size=batch_size)
     out = ev.retrieval_recall(img, txt, test["caption"].to_pylist(), ks)
     labels = torch.tensor(test["label"].to_pylist())
     if info is not None and (labels >= 0).all():
+
         def embed_text(prompts):
             return models.encode(clip, tokens=clip.tokenizer(prompts), batch_size=batch_size)[1]
 
@@ -47,7 +50,9 @@ def evaluate(args) -> None:
     info = read_classes(args.data)
     rows = {}
     for name, folder in (("base", args.base), ("finetune", args.finetuned)):
-        rows[name] = _model_metrics(models.load(folder, device=device), test, info, p.recall_at, p.batch_size)
+        rows[name] = _model_metrics(
+            models.load(folder, device=device), test, info, p.recall_at, p.batch_size
+        )
 
     scores = pq.read_table(f"{args.detect}/scores.parquet")
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
@@ -56,14 +61,20 @@ def evaluate(args) -> None:
     s = np.asarray(scores["score"].to_pylist())
     flags = np.asarray(scores["noisy"].to_pylist(), dtype=bool)
     truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
-    detection = det.quality(s, flags, truth) if truth.any() else {"est_noise_rate": float(flags.mean())}
+    detection = (
+        det.quality(s, flags, truth) if truth.any() else {"est_noise_rate": float(flags.mean())}
+    )
 
     metrics = {f"{m}_{k}": v for m, r in rows.items() for k, v in r.items()}
     metrics.update({f"detect_{k}": v for k, v in detection.items()})
     for k in rows["base"]:
         metrics[f"delta_{k}"] = rows["finetune"][k] - rows["base"][k]
 
-    shown = [k for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10") if k in rows["base"]]
+    shown = [
+        k
+        for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
+        if k in rows["base"]
+    ]
     lines = [
         "# otcurate: base vs fine-tuned",
         "",
@@ -81,8 +92,12 @@ def evaluate(args) -> None:
     with atomic_dir(args.results) as res:
         (res / "plots").mkdir()
         ev.plot_comparison(res / "plots" / "comparison.png", rows, shown)
-        ev.plot_score_hist(res / "plots" / "scores.png", s, truth if truth.any() else None,
-                           "detection scores on train")
+        ev.plot_score_hist(
+            res / "plots" / "scores.png",
+            s,
+            truth if truth.any() else None,
+            "detection scores on train",
+        )
         write_text(res / "report.md", "\n".join(lines))
         write_json(res / "metrics.json", metrics)
     print("\n".join(lines[4 : 6 + len(shown)]))

@@ -30,22 +30,44 @@ def finetune(args) -> None:
     distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
     data = pa.concat_tables([chosen, distilled])
     if data.num_rows < 2:
-        raise StageError(f"only {data.num_rows} pairs to fine-tune on (coreset + distilled); raise coreset.fraction or distill.ipc.")
+        raise StageError(
+            f"only {data.num_rows} pairs to fine-tune on (coreset + distilled); raise coreset.fraction or distill.ipc."
+        )
     clip = models.load(args.model, device=device)
-    images, tokens = models.pairs_to_tensors(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
+    images, tokens = models.pairs_to_tensors(
+        data["image"].to_pylist(), data["caption"].to_pylist(), clip
+    )
     res = FINETUNE_METHODS[p.method](
-        clip.model, images, tokens, steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup,
-        weight_decay=p.weight_decay, seed=base.seed, log=live_logger(),
+        clip.model,
+        images,
+        tokens,
+        steps=p.steps,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        warmup=p.warmup,
+        weight_decay=p.weight_decay,
+        seed=base.seed,
+        log=live_logger(),
     )
     with atomic_dir(args.out) as out:
         models.save(clip, out)
-    metrics = {"pairs": data.num_rows, "coreset_pairs": chosen.num_rows, "distilled_pairs": distilled.num_rows,
-               "steps": p.steps, "final_loss": res.losses[-1]}
+    metrics = {
+        "pairs": data.num_rows,
+        "coreset_pairs": chosen.num_rows,
+        "distilled_pairs": distilled.num_rows,
+        "steps": p.steps,
+        "final_loss": res.losses[-1],
+    }
     with atomic_dir(args.results) as r:
         (r / "plots").mkdir()
-        write_tsv(r / "plots" / "loss.tsv", {"step": range(len(res.losses)), "loss": res.losses, "lr": res.lrs})
+        write_tsv(
+            r / "plots" / "loss.tsv",
+            {"step": range(len(res.losses)), "loss": res.losses, "lr": res.lrs},
+        )
         write_json(r / "metrics.json", metrics)
-    print(f"finetune ({p.method}): {p.steps} steps on {data.num_rows} pairs, final loss {res.losses[-1]:.4f}")
+    print(
+        f"finetune ({p.method}): {p.steps} steps on {data.num_rows} pairs, final loss {res.losses[-1]:.4f}"
+    )
 
 
 def main(argv=None) -> int:

@@ -42,9 +42,17 @@ def _raw_pairs(p, seed: int):
         h = p.hf
         try:
             pairs, info, n = load_pairs(
-                h.path, name=h.name, data_dir=h.data_dir, data_files=h.data_files, split=h.split,
-                image_column=h.image_column, caption_column=h.caption_column, label_column=h.label_column,
-                image_root=h.image_root, class_names=h.class_names, limit=p.size,
+                h.path,
+                name=h.name,
+                data_dir=h.data_dir,
+                data_files=h.data_files,
+                split=h.split,
+                image_column=h.image_column,
+                caption_column=h.caption_column,
+                label_column=h.label_column,
+                image_root=h.image_root,
+                class_names=h.class_names,
+                limit=p.size,
             )
         except SourceError as exc:
             raise StageError(str(exc)) from exc
@@ -83,7 +91,9 @@ def ingest(args) -> None:
         captions.append(pair.caption)
         labels.append(pair.label)
     if not uids:
-        raise StageError(f"the source gave no usable pairs ({len(rejects)} rejected); see the reasons above.")
+        raise StageError(
+            f"the source gave no usable pairs ({len(rejects)} rejected); see the reasons above."
+        )
 
     uids_a = np.array(uids, dtype=object)
     splits = assign_splits(uids, p.val_fraction, p.test_fraction, base.seed)
@@ -97,7 +107,9 @@ def ingest(args) -> None:
 
     with atomic_dir(args.out) as out:
         metrics: dict[str, float] = {
-            "pairs": len(uids), "rejected": len(rejects), "duplicates": duplicates,
+            "pairs": len(uids),
+            "rejected": len(rejects),
+            "duplicates": duplicates,
         }
         for s in SPLITS:
             idx = np.flatnonzero(splits == s)
@@ -109,26 +121,35 @@ def ingest(args) -> None:
                 planted = plant_noise(caps, p.noise.rate, base.seed)
                 caps, noisy, src = planted.captions, planted.noisy, planted.caption_from
                 metrics["noise_rate_planted"] = float(noisy.mean())
-            table = pa.table({
-                "uid": pa.array(uids_a[idx].tolist(), pa.string()),
-                "split": pa.array([s] * len(idx), pa.string()),
-                "image": pa.array([images[i] for i in idx], pa.binary()),
-                "caption": pa.array(caps, pa.string()),
-                "label": pa.array([labels[i] for i in idx], pa.int32()),
-                "noisy": pa.array(noisy, pa.bool_()),
-                "caption_from": pa.array(uids_a[idx][src].tolist(), pa.string()),
-            })
+            table = pa.table(
+                {
+                    "uid": pa.array(uids_a[idx].tolist(), pa.string()),
+                    "split": pa.array([s] * len(idx), pa.string()),
+                    "image": pa.array([images[i] for i in idx], pa.binary()),
+                    "caption": pa.array(caps, pa.string()),
+                    "label": pa.array([labels[i] for i in idx], pa.int32()),
+                    "noisy": pa.array(noisy, pa.bool_()),
+                    "caption_from": pa.array(uids_a[idx][src].tolist(), pa.string()),
+                }
+            )
             write_split(out, s, table, p.shard_size)
             metrics[f"{s}_pairs"] = len(idx)
         metrics.setdefault("noise_rate_planted", 0.0)
         write_classes(out, info)
-        (out / "rejects.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+        (out / "rejects.jsonl").write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
+        )
 
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
     if rejects:
-        print(f"ingest: skipped {len(rejects)} bad records, listed in {args.out}/rejects.jsonl", file=sys.stderr)
-    print(f"ingest: {len(uids)} pairs -> {dict(counts)}; planted noise {metrics['noise_rate_planted']:.3f}")
+        print(
+            f"ingest: skipped {len(rejects)} bad records, listed in {args.out}/rejects.jsonl",
+            file=sys.stderr,
+        )
+    print(
+        f"ingest: {len(uids)} pairs -> {dict(counts)}; planted noise {metrics['noise_rate_planted']:.3f}"
+    )
 
 
 def main(argv=None) -> int:

@@ -25,26 +25,47 @@ def pretrain(args) -> None:
         clip = models.create(p.arch, p.pretrained, device=device)
     except (ValueError, FileNotFoundError) as exc:
         raise StageError(f"pretrain: {exc}") from exc
-    metrics = {"params_m": sum(t.numel() for t in clip.model.parameters()) / 1e6, "trained_steps": 0}
+    metrics = {
+        "params_m": sum(t.numel() for t in clip.model.parameters()) / 1e6,
+        "trained_steps": 0,
+    }
     curve = None
     if p.pretrained is None:
         train = read_split(args.data, "train", columns=["image", "caption"])
         if train.num_rows < 2:
-            raise StageError(f"the train split in {args.data} has {train.num_rows} pairs; pre-training needs at least 2.")
-        images, tokens = models.pairs_to_tensors(train["image"].to_pylist(), train["caption"].to_pylist(), clip)
+            raise StageError(
+                f"the train split in {args.data} has {train.num_rows} pairs; pre-training needs at least 2."
+            )
+        images, tokens = models.pairs_to_tensors(
+            train["image"].to_pylist(), train["caption"].to_pylist(), clip
+        )
         res = train_contrastive(
-            clip.model, images, tokens, steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup,
-            weight_decay=p.weight_decay, seed=base.seed, log=live_logger(), description="pretrain",
+            clip.model,
+            images,
+            tokens,
+            steps=p.steps,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            warmup=p.warmup,
+            weight_decay=p.weight_decay,
+            seed=base.seed,
+            log=live_logger(),
+            description="pretrain",
         )
         n_seen = p.steps * min(p.batch_size, train.num_rows)
-        metrics.update(trained_steps=p.steps, final_loss=res.losses[-1], epochs=n_seen / train.num_rows)
+        metrics.update(
+            trained_steps=p.steps, final_loss=res.losses[-1], epochs=n_seen / train.num_rows
+        )
         curve = res
     with atomic_dir(args.out) as out:
         models.save(clip, out)
     with atomic_dir(args.results) as res_dir:
         if curve is not None:
             (res_dir / "plots").mkdir()
-            write_tsv(res_dir / "plots" / "loss.tsv", {"step": range(len(curve.losses)), "loss": curve.losses})
+            write_tsv(
+                res_dir / "plots" / "loss.tsv",
+                {"step": range(len(curve.losses)), "loss": curve.losses},
+            )
         write_json(res_dir / "metrics.json", metrics)
     print(f"pretrain: saved {p.arch} to {args.out} ({metrics})")
 

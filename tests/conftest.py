@@ -19,8 +19,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 TINY = {
     "base": {"seed": 0, "device": "cpu", "threads": 2},
-    "ingest": {"source": "shapes", "size": 400, "val_fraction": 0.15, "test_fraction": 0.15,
-               "shard_size": 128, "noise": {"rate": 0.3}},
+    "ingest": {
+        "source": "shapes",
+        "size": 400,
+        "val_fraction": 0.15,
+        "test_fraction": 0.15,
+        "shard_size": 128,
+        "noise": {"rate": 0.3},
+    },
     "pretrain": {"steps": 12, "batch_size": 32, "warmup": 2},
     "embed": {"batch_size": 64},
     "detect": {"fraction": 0.3},
@@ -34,7 +40,9 @@ TINY = {
 def merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -73,14 +81,42 @@ STAGE_PATHS = {
     "ingest": {"out": "data/ingest", "results": "results/ingest"},
     "pretrain": {"data": "data/ingest", "out": "models/pretrain", "results": "results/pretrain"},
     "embed": {"data": "data/ingest", "model": "models/pretrain", "out": "data/embed"},
-    "detect": {"embed": "data/embed", "data": "data/ingest", "out": "data/detect", "results": "results/detect"},
-    "coreset": {"embed": "data/embed", "detect": "data/detect", "out": "data/coreset", "results": "results/coreset"},
-    "distill": {"data": "data/ingest", "embed": "data/embed", "detect": "data/detect", "coreset": "data/coreset",
-                "out": "data/distill", "results": "results/distill"},
-    "finetune": {"model": "models/pretrain", "data": "data/ingest", "coreset": "data/coreset", "detect": "data/detect",
-                 "distill": "data/distill", "out": "models/finetune", "results": "results/finetune"},
-    "evaluate": {"data": "data/ingest", "base": "models/pretrain", "finetuned": "models/finetune",
-                 "detect": "data/detect", "results": "results/evaluate"},
+    "detect": {
+        "embed": "data/embed",
+        "data": "data/ingest",
+        "out": "data/detect",
+        "results": "results/detect",
+    },
+    "coreset": {
+        "embed": "data/embed",
+        "detect": "data/detect",
+        "out": "data/coreset",
+        "results": "results/coreset",
+    },
+    "distill": {
+        "data": "data/ingest",
+        "embed": "data/embed",
+        "detect": "data/detect",
+        "coreset": "data/coreset",
+        "out": "data/distill",
+        "results": "results/distill",
+    },
+    "finetune": {
+        "model": "models/pretrain",
+        "data": "data/ingest",
+        "coreset": "data/coreset",
+        "detect": "data/detect",
+        "distill": "data/distill",
+        "out": "models/finetune",
+        "results": "results/finetune",
+    },
+    "evaluate": {
+        "data": "data/ingest",
+        "base": "models/pretrain",
+        "finetuned": "models/finetune",
+        "detect": "data/detect",
+        "results": "results/evaluate",
+    },
 }
 
 

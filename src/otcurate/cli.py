@@ -11,15 +11,22 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+os.environ.setdefault(
+    "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
+)  # no phoning home; it also races sqlite on first start
 import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from otcurate.params import ParamsError, SECTIONS, load_all
+from otcurate.params import SECTIONS, ParamsError, load_all
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Make a noisily pre-trained CLIP robust with optimal transport, reproducibly.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Make a noisily pre-trained CLIP robust with optimal transport, reproducibly.",
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -30,7 +37,9 @@ def find_root(start: Path | None = None) -> Path:
     for d in (here, *here.parents):
         if (d / "dvc.yaml").exists():
             return d
-    err.print("[red]error:[/] no dvc.yaml here or in any parent folder; run otcurate inside the project.")
+    err.print(
+        "[red]error:[/] no dvc.yaml here or in any parent folder; run otcurate inside the project."
+    )
     raise typer.Exit(2)
 
 
@@ -53,11 +62,15 @@ def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
     changed = []
     for item in overrides:
         if "=" not in item:
-            raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. --set finetune.lr=5e-5")
+            raise ParamsError(
+                f"--set {item!r}: expected section.key=value, e.g. --set finetune.lr=5e-5"
+            )
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) < 2 or parts[0] not in SECTIONS:
-            raise ParamsError(f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)}).")
+            raise ParamsError(
+                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)})."
+            )
         value = _parse_value(text)
         node, pnode = doc, plain
         for part in parts[:-1]:
@@ -88,7 +101,12 @@ def _validate_params(root: Path) -> None:
 
 @app.command()
 def run(
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a param in params.yaml: section.key=value (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", help="Override a param in params.yaml: section.key=value (repeatable)."
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the MLflow parent run.")] = None,
 ) -> None:
     """Run the pipeline (a Prefect flow over the DVC stages); only what changed reruns."""
@@ -109,7 +127,9 @@ def run(
     try:
         results = pipeline(str(root), run_name=name)
     except StageFailed as exc:
-        err.print(f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}); its last good outputs were restored.\n{exc.tail}")
+        err.print(
+            f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}); its last good outputs were restored.\n{exc.tail}"
+        )
         raise typer.Exit(1) from None
     table = Table(title=f"pipeline run ({time.perf_counter() - t0:.1f} s)")
     table.add_column("stage")
@@ -117,7 +137,9 @@ def run(
     table.add_column("seconds", justify="right")
     style = {"ran": "green", "restored": "cyan", "skipped": "dim"}
     for r in results:
-        table.add_row(r["stage"], f"[{style.get(r['outcome'], '')}]{r['outcome']}[/]", f"{r['seconds']:.1f}")
+        table.add_row(
+            r["stage"], f"[{style.get(r['outcome'], '')}]{r['outcome']}[/]", f"{r['seconds']:.1f}"
+        )
     console.print(table)
     report = root / "results" / "evaluate" / "report.md"
     if report.exists():
@@ -126,7 +148,11 @@ def run(
 
 def _print_comparison(root: Path) -> None:
     m = json.loads((root / "results" / "evaluate" / "metrics.json").read_text())
-    keys = [k for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10") if f"base_{k}" in m]
+    keys = [
+        k
+        for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
+        if f"base_{k}" in m
+    ]
     t = Table(title="base vs fine-tuned (clean test split)")
     for c in ("metric", "base", "fine-tuned", "change"):
         t.add_column(c, justify="left" if c == "metric" else "right")
@@ -134,7 +160,7 @@ def _print_comparison(root: Path) -> None:
         b, f = m[f"base_{k}"], m[f"finetune_{k}"]
         t.add_row(k, f"{b:.4f}", f"{f:.4f}", f"[{'green' if f >= b else 'red'}]{f - b:+.4f}[/]")
     console.print(t)
-    det = {k[len("detect_"):]: v for k, v in m.items() if k.startswith("detect_")}
+    det = {k[len("detect_") :]: v for k, v in m.items() if k.startswith("detect_")}
     if det:
         console.print("detection: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(det.items())))
     console.print(f"report: {root / 'results' / 'evaluate' / 'report.md'}")
@@ -145,7 +171,9 @@ def status() -> None:
     """What would rerun, and why (DVC's view of changed deps, params and outputs)."""
     root = find_root()
     bindir = Path(sys.executable).parent
-    proc = subprocess.run([str(bindir / "dvc"), "status", "--json"], cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(bindir / "dvc"), "status", "--json"], cwd=root, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         err.print(proc.stderr)
         raise typer.Exit(proc.returncode)
@@ -180,10 +208,14 @@ def _lineage(root: Path, target: str) -> dict:
 
     lock = read_lock(root)
     target = os.path.normpath(target)
-    producers = {os.path.normpath(o["path"]): name for name, e in lock.items() for o in e.get("outs", [])}
+    producers = {
+        os.path.normpath(o["path"]): name for name, e in lock.items() for o in e.get("outs", [])
+    }
     if target not in producers:
         known = ", ".join(sorted(producers)) or "none (run the pipeline first)"
-        raise typer.BadParameter(f"{target} is not an output of any stage in dvc.lock; outputs: {known}")
+        raise typer.BadParameter(
+            f"{target} is not an output of any stage in dvc.lock; outputs: {known}"
+        )
     runs = _mlflow_runs(root)
     seen: dict[str, dict] = {}
 
@@ -197,11 +229,19 @@ def _lineage(root: Path, target: str) -> dict:
             "outs": {o["path"]: o.get("md5") for o in e.get("outs", [])},
             "deps": {d["path"]: d.get("md5") for d in e.get("deps", [])},
             "params": lock_params(e),
-            "mlflow_runs": runs.get((name, tuple(sorted((o["path"], o.get("md5")) for o in e.get("outs", [])))), []),
+            "mlflow_runs": runs.get(
+                (name, tuple(sorted((o["path"], o.get("md5")) for o in e.get("outs", [])))), []
+            ),
             "upstream": [],
         }
         seen[name] = node
-        ups = sorted({producers[os.path.normpath(d["path"])] for d in e.get("deps", []) if os.path.normpath(d["path"]) in producers})
+        ups = sorted(
+            {
+                producers[os.path.normpath(d["path"])]
+                for d in e.get("deps", [])
+                if os.path.normpath(d["path"]) in producers
+            }
+        )
         node["upstream"] = [visit(u) for u in ups]
         return node
 
@@ -222,14 +262,24 @@ def _mlflow_runs(root: Path) -> dict:
         if exp is None:
             return {}
         out: dict = {}
-        for r in client.search_runs([exp.experiment_id], "tags.`dvc.stage` != ''", max_results=5000):
+        for r in client.search_runs(
+            [exp.experiment_id], "tags.`dvc.stage` != ''", max_results=5000
+        ):
             tags = r.data.tags
-            outs = tuple(sorted((k[len("dvc.out."):], v) for k, v in tags.items() if k.startswith("dvc.out.")))
-            out.setdefault((tags["dvc.stage"], outs), []).append({
-                "run_id": r.info.run_id, "parent_run_id": tags.get("mlflow.parentRunId"),
-                "outcome": tags.get("dvc.outcome"), "git_commit": tags.get("git.commit"),
-                "start_time": r.info.start_time,
-            })
+            outs = tuple(
+                sorted(
+                    (k[len("dvc.out.") :], v) for k, v in tags.items() if k.startswith("dvc.out.")
+                )
+            )
+            out.setdefault((tags["dvc.stage"], outs), []).append(
+                {
+                    "run_id": r.info.run_id,
+                    "parent_run_id": tags.get("mlflow.parentRunId"),
+                    "outcome": tags.get("dvc.outcome"),
+                    "git_commit": tags.get("git.commit"),
+                    "start_time": r.info.start_time,
+                }
+            )
         return out
     except Exception as exc:  # noqa: BLE001
         err.print(f"(MLflow store not readable: {exc})")
@@ -263,11 +313,17 @@ def lineage(
         for p, md5 in node["deps"].items():
             if not p.startswith(("stages/", "src/")):
                 b.add(f"dep {p}  md5 {md5}")
-        params = {k: v for k, v in node["params"].items() if not k.startswith("base.") or node["stage"] == "ingest"}
+        params = {
+            k: v
+            for k, v in node["params"].items()
+            if not k.startswith("base.") or node["stage"] == "ingest"
+        }
         if params:
             b.add("params " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
         for r in node["mlflow_runs"][-3:]:
-            b.add(f"mlflow run {r['run_id']} ({r['outcome']}, parent {r['parent_run_id']}, git {str(r['git_commit'])[:10]})")
+            b.add(
+                f"mlflow run {r['run_id']} ({r['outcome']}, parent {r['parent_run_id']}, git {str(r['git_commit'])[:10]})"
+            )
         for up in node["upstream"]:
             add(up, b)
 

@@ -34,7 +34,9 @@ def budget(n_train: int, n_candidates: int, *, fraction: float | None, size: int
     """The number of pairs to select; a budget larger than the candidate pool is an error."""
     k = int(round(fraction * n_train)) if fraction is not None else int(size)
     if k < 1:
-        raise ValueError(f"the coreset budget rounds to {k} pairs; raise coreset.fraction or coreset.size.")
+        raise ValueError(
+            f"the coreset budget rounds to {k} pairs; raise coreset.fraction or coreset.size."
+        )
     if k > n_candidates:
         raise ValueError(
             f"the coreset budget is {k} pairs but only {n_candidates} candidates remain "
@@ -46,7 +48,9 @@ def budget(n_train: int, n_candidates: int, *, fraction: float | None, size: int
 
 def _finish(indices: np.ndarray, scores: np.ndarray) -> Selection:
     order = np.argsort(indices)
-    return Selection(indices[order].astype(np.int64), np.ones(len(indices)), scores[order].astype(np.float64))
+    return Selection(
+        indices[order].astype(np.int64), np.ones(len(indices)), scores[order].astype(np.float64)
+    )
 
 
 def random(pool: Pool, k: int, *, seed: int) -> Selection:

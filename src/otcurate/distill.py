@@ -23,7 +23,9 @@ def clusters(text: np.ndarray, k: int, *, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     k = min(k, len(text))
-    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(np.asarray(text, dtype=np.float64))
+    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(
+        np.asarray(text, dtype=np.float64)
+    )
 
 
 def random_real(classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: int) -> Distilled:
@@ -45,7 +47,9 @@ def random_real(classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: 
 METHODS: dict[str, Callable[..., Distilled]] = {"random_real": random_real}
 
 
-def distill(method: str, classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: int) -> Distilled:
+def distill(
+    method: str, classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: int
+) -> Distilled:
     if method not in METHODS:
         raise ValueError(f"unknown distill method {method!r}; known: {', '.join(sorted(METHODS))}.")
     return METHODS[method](classes, candidates, ipc, seed=seed)

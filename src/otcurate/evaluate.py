@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 
-def class_embeddings(text_embed_fn, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def class_embeddings(
+    text_embed_fn, class_names: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
     """(C, d) zero-shot classifier: the mean of each class's prompt embeddings, renormalised.
 
     `text_embed_fn(list[str]) -> (m, d)` L2-normalised text embeddings.
@@ -22,7 +24,9 @@ def class_embeddings(text_embed_fn, class_names: Sequence[str], templates: Seque
     return torch.nn.functional.normalize(e, dim=-1)
 
 
-def zero_shot_accuracy(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> float:
+def zero_shot_accuracy(
+    image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, topk: int = 1
+) -> float:
     """Fraction of images whose label is among the top-k classes by cosine similarity."""
     if len(image) == 0:
         raise ValueError("zero-shot accuracy needs at least one image.")
@@ -72,8 +76,16 @@ def plot_score_hist(path, scores: np.ndarray, truth: np.ndarray | None, title: s
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-9, 40)
     if truth is not None and truth.any():
-        ax.hist(scores[~truth], bins=bins, alpha=0.6, label=f"clean ({(~truth).sum()})", color="tab:blue")
-        ax.hist(scores[truth], bins=bins, alpha=0.6, label=f"noisy ({truth.sum()})", color="tab:red")
+        ax.hist(
+            scores[~truth],
+            bins=bins,
+            alpha=0.6,
+            label=f"clean ({(~truth).sum()})",
+            color="tab:blue",
+        )
+        ax.hist(
+            scores[truth], bins=bins, alpha=0.6, label=f"noisy ({truth.sum()})", color="tab:red"
+        )
         ax.legend()
     else:
         ax.hist(scores, bins=bins, color="tab:blue")

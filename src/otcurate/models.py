@@ -4,8 +4,11 @@ A saved model is a folder with `open_clip_config.json` ({"model_cfg", "preproces
 and `model.safetensors`, so any open_clip tool opens it with
 `open_clip.create_model_and_transforms("local-dir:<folder>")`.
 
-`otcurate-tiny` (about 3.6M parameters, 32 px images, 16-token context) is
-registered here for the built-in default: it pre-trains in about a minute on 2 CPU cores.
+`otcurate-tiny` (4.6M parameters, most of them the 49k-token embedding table;
+a small ModifiedResNet image tower for 32 px images, a 2-layer text transformer with a
+16-token context) is registered here for the built-in default: it pre-trains in about a
+minute on 2 CPU cores. A small ResNet beat same-cost ViTs here (patch 8 and patch 4):
+zero-shot 0.49 vs 0.20 and 0.18 on shapes after the same steps.
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ def create(arch: str, pretrained: str | None = None, device: str | torch.device 
         name, pre = f"local-dir:{Path(pretrained).resolve()}", None
         model_cfg = json.loads((Path(pretrained) / CONFIG_FILE).read_text())["model_cfg"]
     elif model_cfg is None:
-        raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}.")
+        raise ValueError(
+            f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}."
+        )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pre, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pre, device=device
+        )
     except RuntimeError as exc:
         if pretrained and "download" in str(exc).lower():
             raise ValueError(
@@ -104,7 +111,10 @@ def images_to_tensor(images: list[Image.Image], preprocess: Any) -> torch.Tensor
 
 @torch.no_grad()
 def encode(
-    clip: Clip, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None, batch_size: int = 512
+    clip: Clip,
+    images: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    batch_size: int = 512,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """L2-normalised image (N, d) and text (N, d) embeddings, computed in batches, on CPU."""
     clip.model.eval()
@@ -114,17 +124,24 @@ def encode(
         if x is None:
             out.append(None)
             continue
-        parts = [fn(x[i : i + batch_size].to(dev), normalize=True).float().cpu() for i in range(0, len(x), batch_size)]
+        parts = [
+            fn(x[i : i + batch_size].to(dev), normalize=True).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
         out.append(torch.cat(parts) if parts else torch.empty(0))
     return out[0], out[1]
 
 
-def pairs_to_tensors(images: list[bytes], captions: list[str], clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
+def pairs_to_tensors(
+    images: list[bytes], captions: list[str], clip: Clip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode encoded images and tokenize captions: ((N, 3, H, W) float, (N, L) long)."""
     from otcurate.data.records import decode_rgb
 
     if not images:
         size = clip.preprocess_cfg.get("size", [32, 32])
-        return torch.empty(0, 3, *size), torch.empty(0, clip.model_cfg["text_cfg"].get("context_length", 77), dtype=torch.long)
+        return torch.empty(0, 3, *size), torch.empty(
+            0, clip.model_cfg["text_cfg"].get("context_length", 77), dtype=torch.long
+        )
     x = images_to_tensor([decode_rgb(b) for b in images], clip.preprocess)
     return x, clip.tokenizer(list(captions))

@@ -88,7 +88,9 @@ class Ingest:
         if self.size is not None:
             _positive("ingest.size", self.size)
         if self.source == "shapes" and self.size is None:
-            raise ParamsError("ingest.size must be set for source 'shapes' (how many pairs to generate).")
+            raise ParamsError(
+                "ingest.size must be set for source 'shapes' (how many pairs to generate)."
+            )
         if self.source == "hf" and not (self.hf.path):
             raise ParamsError(
                 "ingest.source is 'hf' but ingest.hf.path is empty: set it to a hub dataset name or a "
@@ -206,7 +208,9 @@ class Evaluate:
     def check(self) -> None:
         _positive("evaluate.batch_size", self.batch_size)
         if not self.recall_at or any(k < 1 for k in self.recall_at):
-            raise ParamsError(f"evaluate.recall_at must be a non-empty list of ints >= 1; got {self.recall_at}.")
+            raise ParamsError(
+                f"evaluate.recall_at must be a non-empty list of ints >= 1; got {self.recall_at}."
+            )
 
 
 SECTIONS: dict[str, type] = {
@@ -269,14 +273,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ParamsError as exc:
                 errors.append(exc)
-        raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+        raise ParamsError(
+            f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})."
+        )
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
         raise ParamsError(f"{key}: expected one of {_type_name(tp)}, got {value!r}.")
     if origin is list:
         if not isinstance(value, list):
-            raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+            raise ParamsError(
+                f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})."
+            )
         (arg,) = typing.get_args(tp)
         return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):

@@ -10,7 +10,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], *, total: int | None, description: str, every: float = 0.1) -> Iterator[T]:
+def track(
+    items: Iterable[T], *, total: int | None, description: str, every: float = 0.1
+) -> Iterator[T]:
     """Yield from `items` showing progress: a rich bar on a terminal, else a line every 10%."""
     if sys.stderr.isatty():
         from rich.progress import track as rich_track
@@ -26,6 +28,9 @@ def track(items: Iterable[T], *, total: int | None, description: str, every: flo
         if total and done / total >= next_mark - 1e-9:
             rate = done / max(time.perf_counter() - start, 1e-9)
             eta = (total - done) / rate if rate > 0 else 0.0
-            print(f"{description}: {done}/{total} ({100 * done / total:.0f}%, {rate:.1f}/s, eta {eta:.0f}s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{description}: {done}/{total} ({100 * done / total:.0f}%, {rate:.1f}/s, eta {eta:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
             next_mark += every

@@ -14,7 +14,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("base.device is 'cuda' but no CUDA device is visible; set base.device: auto or cpu.")
+        raise ValueError(
+            "base.device is 'cuda' but no CUDA device is visible; set base.device: auto or cpu."
+        )
     return torch.device(name)
 
 

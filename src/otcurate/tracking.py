@@ -35,11 +35,20 @@ def artifact_root(root: Path) -> str:
 def git_state(root: Path) -> tuple[str, bool]:
     """(HEAD commit or 'none', whether tracked files differ from it)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "none", True
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True).stdout.strip() != ""
+    dirty = (
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        != ""
+    )
     return commit, dirty
 
 
@@ -76,13 +85,17 @@ def lock_params(entry: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(d) if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {
+        k: float(v) for k, v in flatten(d) if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 class Tracker:
     """Parent/child MLflow runs for one flow run. Every call swallows and reports tracking errors."""
 
-    def __init__(self, root: Path, run_name: str | None = None, tags: Mapping[str, str] | None = None):
+    def __init__(
+        self, root: Path, run_name: str | None = None, tags: Mapping[str, str] | None = None
+    ):
         self.root = Path(root).resolve()
         self.uri = tracking_uri(self.root)
         self.client = None
@@ -92,11 +105,20 @@ class Tracker:
 
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(EXPERIMENT)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                EXPERIMENT, artifact_location=artifact_root(self.root))
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(
+                    EXPERIMENT, artifact_location=artifact_root(self.root)
+                )
+            )
             commit, dirty = git_state(self.root)
             self.git = {"git.commit": commit, "git.dirty": str(dirty).lower()}
-            run = self.client.create_run(exp_id, run_name=run_name, tags={**self.git, **(tags or {}), "otcurate.kind": "pipeline"})
+            run = self.client.create_run(
+                exp_id,
+                run_name=run_name,
+                tags={**self.git, **(tags or {}), "otcurate.kind": "pipeline"},
+            )
             self.parent_id = run.info.run_id
             self.exp_id = exp_id
         except Exception as exc:  # noqa: BLE001
@@ -105,7 +127,10 @@ class Tracker:
 
     @staticmethod
     def _warn(what: str, exc: BaseException) -> None:
-        print(f"otcurate: tracking: {what}: {exc} (results are kept; only the MLflow record is missing)", file=sys.stderr)
+        print(
+            f"otcurate: tracking: {what}: {exc} (results are kept; only the MLflow record is missing)",
+            file=sys.stderr,
+        )
 
     def env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.uri}
@@ -114,8 +139,11 @@ class Tracker:
         if self.client is None:
             return None
         try:
-            run = self.client.create_run(self.exp_id, run_name=name, tags={
-                "mlflow.parentRunId": self.parent_id, "dvc.stage": name, **self.git})
+            run = self.client.create_run(
+                self.exp_id,
+                run_name=name,
+                tags={"mlflow.parentRunId": self.parent_id, "dvc.stage": name, **self.git},
+            )
             return run.info.run_id
         except Exception as exc:  # noqa: BLE001
             self._warn(f"could not start the run of stage {name}", exc)
@@ -162,7 +190,9 @@ class Tracker:
             self.client.get_registered_model(REGISTERED_MODEL)
         except Exception:  # noqa: BLE001 - not registered yet
             self.client.create_registered_model(
-                REGISTERED_MODEL, description="open_clip checkpoints fine-tuned by otcurate (open_clip_config.json + model.safetensors).")
+                REGISTERED_MODEL,
+                description="open_clip checkpoints fine-tuned by otcurate (open_clip_config.json + model.safetensors).",
+            )
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id)
 
@@ -173,7 +203,10 @@ class Tracker:
             if summary:
                 from mlflow.entities import RunTag
 
-                self.client.log_batch(self.parent_id, tags=[RunTag(f"outcome.{k}", str(v)) for k, v in summary.items()])
+                self.client.log_batch(
+                    self.parent_id,
+                    tags=[RunTag(f"outcome.{k}", str(v)) for k, v in summary.items()],
+                )
             self.client.set_terminated(self.parent_id, status)
         except Exception as exc:  # noqa: BLE001
             self._warn("could not close the parent run", exc)

@@ -53,9 +53,14 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        exclude = (
+            p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        )
         (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
 
 
 def train_contrastive(
@@ -80,11 +85,15 @@ def train_contrastive(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
+    )
     loss_fn = ClipLoss()
     model.train()
     losses, lrs = [], []
-    for step, idx in enumerate(track(batches(len(images), batch_size, steps, gen), total=steps, description=description)):
+    for step, idx in enumerate(
+        track(batches(len(images), batch_size, steps, gen), total=steps, description=description)
+    ):
         out = model(images[idx].to(device), tokens[idx].to(device))
         if isinstance(out, dict):
             img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]

@@ -20,13 +20,19 @@ from otcurate.data.records import SCHEMA
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_ingest_outputs(tiny):
     d = Path(tiny.p("data/ingest"))
-    splits = {s: pq.read_table([f for f in sorted(d.glob(f"{s}-*.parquet"))][0]) for s in ("train", "val", "test")}
+    splits = {
+        s: pq.read_table([f for f in sorted(d.glob(f"{s}-*.parquet"))][0])
+        for s in ("train", "val", "test")
+    }
     for s, t in splits.items():
         assert t.schema.equals(SCHEMA), s
     train = pq.ParquetDataset(sorted(d.glob("train-*.parquet"))).read()
@@ -50,7 +56,10 @@ def test_ingest_outputs(tiny):
 def test_planted_noise_matches_the_clean_captions(tiny, tmp_path):
     """Re-ingest without noise: every noisy pair's caption is exactly the clean caption of caption_from."""
     params = write_params(tmp_path, {"ingest": {"noise": {"rate": 0.0}}})
-    assert tiny.run("ingest", params=params, out=str(tmp_path / "clean"), results=str(tmp_path / "r")) == 0
+    assert (
+        tiny.run("ingest", params=params, out=str(tmp_path / "clean"), results=str(tmp_path / "r"))
+        == 0
+    )
     read = lambda f: pq.ParquetDataset(sorted(Path(f).glob("train-*.parquet"))).read().to_pylist()  # noqa: E731
     clean = {r["uid"]: r["caption"] for r in read(tmp_path / "clean")}
     noisy_rows = read(tiny.p("data/ingest"))
@@ -93,14 +102,19 @@ def test_detect_coreset_distill_finetune_evaluate_outputs(tiny):
     sub = pq.read_table(tiny.p("data/coreset/subset.parquet"))
     assert sub.column_names == ["uid", "weight", "score"]
     assert sub.num_rows == round(0.4 * scores.num_rows)
-    flagged = {u for u, f in zip(scores["uid"].to_pylist(), scores["noisy"].to_pylist(), strict=True) if f}
+    flagged = {
+        u for u, f in zip(scores["uid"].to_pylist(), scores["noisy"].to_pylist(), strict=True) if f
+    }
     assert not flagged & set(sub["uid"].to_pylist())
     dist = pq.read_table(sorted(Path(tiny.p("data/distill")).glob("train-*.parquet"))[0])
     assert dist.schema.equals(SCHEMA)
     assert max(np.bincount(dist["label"].to_pylist())) <= 2
     ft = Path(tiny.p("models/finetune"))
     assert (ft / "model.safetensors").exists()
-    assert (tree_digest(ft)["model.safetensors"] != tree_digest(Path(tiny.p("models/pretrain")))["model.safetensors"])
+    assert (
+        tree_digest(ft)["model.safetensors"]
+        != tree_digest(Path(tiny.p("models/pretrain")))["model.safetensors"]
+    )
     em = json.loads(Path(tiny.p("results/evaluate/metrics.json")).read_text())
     for k in ("base_zs_acc", "finetune_zs_acc", "base_i2t_r1", "finetune_t2i_r10", "detect_auroc"):
         assert 0.0 <= em[k] <= 1.0
@@ -119,7 +133,9 @@ def test_rerun_is_byte_identical(tiny, stage, tmp_path):
     redirected = {**paths, **{k: str(tmp_path / k) for k in outs}}
     assert tiny.run(stage, **redirected) == 0
     for k, rel in outs.items():
-        assert tree_digest(tmp_path / k) == tree_digest(Path(tiny.p(rel))), f"{stage} {k} differs on rerun"
+        assert tree_digest(tmp_path / k) == tree_digest(Path(tiny.p(rel))), (
+            f"{stage} {k} differs on rerun"
+        )
 
 
 def _bad_params(tmp_path, overrides):
@@ -129,15 +145,37 @@ def _bad_params(tmp_path, overrides):
 @pytest.mark.parametrize(
     ("stage", "overrides", "expected"),
     [
-        ("pretrain", {"pretrain": {"stepz": 3}}, "pretrain.stepz: unknown key. Did you mean 'steps'?"),
-        ("pretrain", {"pretrain": {"steps": "ten"}}, "pretrain.steps: expected an integer, got 'ten'"),
-        ("detect", {"detect": {"fraction": 0.2, "threshold": 0.1}}, "set exactly one of detect.fraction and detect.threshold"),
-        ("coreset", {"coreset": {"fraction": None, "size": 100000}}, "the coreset budget is 100000 pairs but only"),
-        ("detect", {"detect": {"method": "magic"}}, "detect.method: unknown method 'magic'. Known: clip_score"),
+        (
+            "pretrain",
+            {"pretrain": {"stepz": 3}},
+            "pretrain.stepz: unknown key. Did you mean 'steps'?",
+        ),
+        (
+            "pretrain",
+            {"pretrain": {"steps": "ten"}},
+            "pretrain.steps: expected an integer, got 'ten'",
+        ),
+        (
+            "detect",
+            {"detect": {"fraction": 0.2, "threshold": 0.1}},
+            "set exactly one of detect.fraction and detect.threshold",
+        ),
+        (
+            "coreset",
+            {"coreset": {"fraction": None, "size": 100000}},
+            "the coreset budget is 100000 pairs but only",
+        ),
+        (
+            "detect",
+            {"detect": {"method": "magic"}},
+            "detect.method: unknown method 'magic'. Known: clip_score",
+        ),
         ("ingest", {"ingest": {"source": "digits", "size": 5000}}, "exceeds the 1797 images"),
     ],
 )
-def test_bad_params_fail_clearly_and_keep_outputs(tiny, tmp_path, capsys, stage, overrides, expected):
+def test_bad_params_fail_clearly_and_keep_outputs(
+    tiny, tmp_path, capsys, stage, overrides, expected
+):
     paths = STAGE_PATHS[stage]
     before = {k: tree_digest(Path(tiny.p(v))) for k, v in paths.items() if k in ("out", "results")}
     code = tiny.run(stage, params=_bad_params(tmp_path, overrides), **paths)
@@ -161,17 +199,39 @@ def _imagefolder(root: Path, corrupt: bool = False, empty_caption: bool = False)
     return root
 
 
-@pytest.mark.parametrize(("corrupt", "empty", "reason"), [(True, False, "undecodable image"), (False, True, "empty caption")])
+@pytest.mark.parametrize(
+    ("corrupt", "empty", "reason"),
+    [(True, False, "undecodable image"), (False, True, "empty caption")],
+)
 def test_bad_records_skip_or_fail(tmp_path, capsys, corrupt, empty, reason):
     from conftest import TinyRun
 
     run = TinyRun(tmp_path)
     folder = _imagefolder(tmp_path / "src", corrupt=corrupt, empty_caption=empty)
-    hf = {"path": "imagefolder", "data_dir": str(folder), "label_column": "label", "class_names": ["even", "odd"]}
-    skip = write_params(tmp_path, {"ingest": {"source": "hf", "size": None, "on_bad_record": "skip", "hf": hf,
-                                              "val_fraction": 0.2, "test_fraction": 0.2}})
+    hf = {
+        "path": "imagefolder",
+        "data_dir": str(folder),
+        "label_column": "label",
+        "class_names": ["even", "odd"],
+    }
+    skip = write_params(
+        tmp_path,
+        {
+            "ingest": {
+                "source": "hf",
+                "size": None,
+                "on_bad_record": "skip",
+                "hf": hf,
+                "val_fraction": 0.2,
+                "test_fraction": 0.2,
+            }
+        },
+    )
     assert run.run("ingest", params=skip, out="data/ingest", results="results/ingest") == 0
-    rejects = [json.loads(line) for line in Path(run.p("data/ingest/rejects.jsonl")).read_text().splitlines()]
+    rejects = [
+        json.loads(line)
+        for line in Path(run.p("data/ingest/rejects.jsonl")).read_text().splitlines()
+    ]
     assert len(rejects) == 1 and reason in rejects[0]["reason"]
     m = json.loads(Path(run.p("results/ingest/metrics.json")).read_text())
     assert m["rejected"] == 1 and m["pairs"] == 39
@@ -182,9 +242,16 @@ def test_bad_records_skip_or_fail(tmp_path, capsys, corrupt, empty, reason):
     y = yaml.safe_load(skip.read_text())
     y["ingest"]["on_bad_record"] = "fail"
     (fail / "params.yaml").write_text(yaml.safe_dump(y))
-    assert run.run("ingest", params=fail / "params.yaml", out="data/ingest", results="results/ingest") == 2
+    assert (
+        run.run("ingest", params=fail / "params.yaml", out="data/ingest", results="results/ingest")
+        == 2
+    )
     err = capsys.readouterr().err
-    assert f"bad record {rejects[0]['index']}" in err and reason in err and "on_bad_record: skip" in err
+    assert (
+        f"bad record {rejects[0]['index']}" in err
+        and reason in err
+        and "on_bad_record: skip" in err
+    )
     assert tree_digest(Path(run.p("data/ingest"))) == before
 
 

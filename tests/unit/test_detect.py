@@ -21,7 +21,9 @@ def planted(n=300, d=32, rate=0.2, seed=0):
 
 def test_clip_score_is_the_pair_cosine():
     img, txt, _ = planted(20)
-    np.testing.assert_allclose(det.score("clip_score", img, txt), (img * txt).sum(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        det.score("clip_score", img, txt), (img * txt).sum(1).numpy(), rtol=1e-6
+    )
 
 
 def test_clip_score_recovers_planted_noise():

@@ -45,7 +45,9 @@ def test_plots_write_pngs(tmp_path):
 
     s = np.random.default_rng(0).normal(size=200)
     ev.plot_score_hist(tmp_path / "h.png", s, s < -1, "t")
-    ev.plot_comparison(tmp_path / "c.png", {"base": {"zs_acc": 0.3}, "finetune": {"zs_acc": 0.5}}, ["zs_acc"])
+    ev.plot_comparison(
+        tmp_path / "c.png", {"base": {"zs_acc": 0.3}, "finetune": {"zs_acc": 0.5}}, ["zs_acc"]
+    )
     for f in ("h.png", "c.png"):
         with Image.open(tmp_path / f) as im:
             assert im.format == "PNG"

@@ -38,4 +38,7 @@ def test_json_and_parquet_are_byte_deterministic(tmp_path):
 
 
 def test_non_finite_metrics_become_null():
-    assert dumps_json({"x": float("nan"), "y": [float("inf")]}) == '{\n  "x": null,\n  "y": [\n    null\n  ]\n}\n'
+    assert (
+        dumps_json({"x": float("nan"), "y": [float("inf")]})
+        == '{\n  "x": null,\n  "y": [\n    null\n  ]\n}\n'
+    )

@@ -29,12 +29,24 @@ def test_shipped_params_are_valid_and_complete():
         ({"finetune": {"lr": "fast"}}, "finetune.lr: expected a number, got 'fast' (str)"),
         ({"finetune": {"steps": 1.5}}, "finetune.steps: expected an integer"),
         ({"finetune": {"steps": True}}, "finetune.steps: expected an integer"),
-        ({"ingest": {"noise": {"rat": 0.1}}}, "ingest.noise.rat: unknown key. Did you mean 'rate'?"),
-        ({"ingest": {"source": "web"}}, "ingest.source: expected one of 'shapes' or 'digits' or 'hf'"),
+        (
+            {"ingest": {"noise": {"rat": 0.1}}},
+            "ingest.noise.rat: unknown key. Did you mean 'rate'?",
+        ),
+        (
+            {"ingest": {"source": "web"}},
+            "ingest.source: expected one of 'shapes' or 'digits' or 'hf'",
+        ),
         ({"ingest": {"noise": {"rate": 1.5}}}, "ingest.noise.rate must be in [0, 1)"),
         ({"ingest": {"val_fraction": 0.6, "test_fraction": 0.5}}, "so that a train split remains"),
-        ({"coreset": {"fraction": 0.1, "size": 10}}, "set exactly one of coreset.fraction and coreset.size"),
-        ({"coreset": {"fraction": None, "size": None}}, "set exactly one of coreset.fraction and coreset.size"),
+        (
+            {"coreset": {"fraction": 0.1, "size": 10}},
+            "set exactly one of coreset.fraction and coreset.size",
+        ),
+        (
+            {"coreset": {"fraction": None, "size": None}},
+            "set exactly one of coreset.fraction and coreset.size",
+        ),
         ({"finetune": {"method": "magic"}}, "finetune.method: unknown method 'magic'. Known: clip"),
         ({"evaluate": {"recall_at": [0]}}, "evaluate.recall_at must be"),
         ({"pretrain": {"pretrained": None, "steps": 0}}, "nothing would be trained"),

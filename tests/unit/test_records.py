@@ -81,7 +81,9 @@ def test_shapes_are_deterministic_and_captioned():
     assert shape in a.caption
     with Image.open(io.BytesIO(a.image)) as im:
         assert im.size == (32, 32)
-    assert " a orange" not in " " + " ".join(builtin.shapes_record(0, i).caption for i in range(300))
+    assert " a orange" not in " " + " ".join(
+        builtin.shapes_record(0, i).caption for i in range(300)
+    )
 
 
 def test_digits_labels_and_captions():

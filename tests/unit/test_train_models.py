@@ -43,8 +43,9 @@ def test_training_lowers_the_loss_and_clamps_the_temperature(tiny_clip):
     x, t = _data(tiny_clip)
     with torch.no_grad():
         tiny_clip.model.logit_scale.fill_(math.log(100) + 0.5)  # out of range: must come back
-    r = train_contrastive(tiny_clip.model, x, t, steps=15, batch_size=16, lr=2e-3, warmup=0,
-                          weight_decay=0.0, seed=0)
+    r = train_contrastive(
+        tiny_clip.model, x, t, steps=15, batch_size=16, lr=2e-3, warmup=0, weight_decay=0.0, seed=0
+    )
     assert np.mean(r.losses[-3:]) < r.losses[0]
     assert float(tiny_clip.model.logit_scale) <= math.log(100) + 1e-6
 
@@ -55,7 +56,9 @@ def test_training_is_reproducible():
         torch.manual_seed(1)
         clip = models.create("otcurate-tiny")
         x, t = _data(clip, 8)
-        r = train_contrastive(clip.model, x, t, steps=3, batch_size=8, lr=1e-3, warmup=1, weight_decay=0.1, seed=4)
+        r = train_contrastive(
+            clip.model, x, t, steps=3, batch_size=8, lr=1e-3, warmup=1, weight_decay=0.1, seed=4
+        )
         outs.append((r.losses, clip.model.visual.conv1.weight.detach().clone()))
     assert outs[0][0] == outs[1][0]
     assert torch.equal(outs[0][1], outs[1][1])
@@ -64,7 +67,9 @@ def test_training_is_reproducible():
 def test_save_load_roundtrip_in_open_clip_format(tiny_clip, tmp_path):
     models.save(tiny_clip, tmp_path)
     loaded = models.load(tmp_path)
-    for (k, a), (_, b) in zip(tiny_clip.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+    for (k, a), (_, b) in zip(
+        tiny_clip.model.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), k
     m, _, pre = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
     x, t = _data(loaded, 4)

@@ -168,7 +168,9 @@ def digits(seed: int, size: int | None = None, image_size: int = 32) -> Iterator
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         img8 = (d.images[i] / 16.0 * 255.0).astype(np.uint8)
-        img = Image.fromarray(img8, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        img = Image.fromarray(img8, mode="L").resize(
+            (image_size, image_size), Image.Resampling.BILINEAR
+        )
         img = img.convert("RGB")
         label = int(d.target[i])
         template = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))]

@@ -94,15 +94,25 @@ def load_pairs(
     if name:
         kwargs["name"] = name
     if data_dir:
-        if not os.path.isdir(data_dir) and path in {"imagefolder", "csv", "json", "parquet", "webdataset"}:
-            raise SourceError(f"ingest.hf.data_dir {data_dir!r} is not a folder; point it at the folder with your files.")
+        if not os.path.isdir(data_dir) and path in {
+            "imagefolder",
+            "csv",
+            "json",
+            "parquet",
+            "webdataset",
+        }:
+            raise SourceError(
+                f"ingest.hf.data_dir {data_dir!r} is not a folder; point it at the folder with your files."
+            )
         kwargs["data_dir"] = data_dir
     if data_files:
         kwargs["data_files"] = data_files
     try:
         ds = datasets.load_dataset(path, **kwargs)
     except FileNotFoundError as exc:
-        raise SourceError(f"ingest.hf: cannot open {path!r}: {exc}. Check ingest.hf.path, data_dir and data_files.") from exc
+        raise SourceError(
+            f"ingest.hf: cannot open {path!r}: {exc}. Check ingest.hf.path, data_dir and data_files."
+        ) from exc
     except (ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise SourceError(f"ingest.hf: cannot load {path!r} (split {split!r}): {exc}") from exc
     except ConnectionError as exc:
@@ -119,7 +129,9 @@ def load_pairs(
                 f"set ingest.hf.{key} to one of them."
             )
     if label_column is not None and label_column not in columns:
-        raise SourceError(f"ingest.hf.label_column is {label_column!r} but the source has columns {columns}.")
+        raise SourceError(
+            f"ingest.hf.label_column is {label_column!r} but the source has columns {columns}."
+        )
     if ds.num_rows == 0:
         raise SourceError(f"ingest.hf: the source {path!r} split {split!r} has no rows.")
 
@@ -142,17 +154,36 @@ def load_pairs(
     n = ds.num_rows if limit is None else min(limit, ds.num_rows)
 
     def gen() -> Iterator[RawPair]:
-        for i, row in enumerate(ds.select_columns([c for c in (image_column, caption_column, label_column) if c])):
+        for i, row in enumerate(
+            ds.select_columns([c for c in (image_column, caption_column, label_column) if c])
+        ):
             if i >= n:
                 return
             image, reason = _image_bytes(row[image_column], root)
             caption = row[caption_column]
             if reason is None:
                 reason = check_record(image, caption)
-            label = int(row[label_column]) if label_column is not None and row[label_column] is not None else -1
+            label = (
+                int(row[label_column])
+                if label_column is not None and row[label_column] is not None
+                else -1
+            )
             if info is not None and not (0 <= label < len(info.class_names)):
-                reason = reason or f"label {row[label_column]!r} outside 0..{len(info.class_names) - 1}"
-            uid = content_uid(image or b"", caption if isinstance(caption, str) else "") if reason is None else f"row-{i}"
-            yield RawPair(i, uid, image, caption.strip() if isinstance(caption, str) else caption, label, reason)
+                reason = (
+                    reason or f"label {row[label_column]!r} outside 0..{len(info.class_names) - 1}"
+                )
+            uid = (
+                content_uid(image or b"", caption if isinstance(caption, str) else "")
+                if reason is None
+                else f"row-{i}"
+            )
+            yield RawPair(
+                i,
+                uid,
+                image,
+                caption.strip() if isinstance(caption, str) else caption,
+                label,
+                reason,
+            )
 
     return gen(), info, n

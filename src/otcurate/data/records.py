@@ -41,7 +41,11 @@ SPLITS = ("train", "val", "test")
 def check_record(image: bytes | None, caption: object) -> str | None:
     """Why a raw pair is unusable, or None when it is fine."""
     if not isinstance(caption, str) or not caption.strip():
-        return "empty caption" if isinstance(caption, str) or caption is None else f"caption is not text ({type(caption).__name__})"
+        return (
+            "empty caption"
+            if isinstance(caption, str) or caption is None
+            else f"caption is not text ({type(caption).__name__})"
+        )
     if not image:
         return "missing image bytes"
     try:
@@ -59,7 +63,9 @@ def decode_rgb(image: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def assign_splits(uids: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def assign_splits(
+    uids: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
     """Split by a hash of (seed, uid): stable per pair, so new data never moves old pairs.
 
     Returns an array of "train" / "val" / "test" strings, aligned with `uids`.
@@ -68,7 +74,9 @@ def assign_splits(uids: Sequence[str], val_fraction: float, test_fraction: float
     for i, uid in enumerate(uids):
         h = hashlib.sha1(f"{seed}:{uid}".encode()).digest()
         u = int.from_bytes(h[:8], "big") / 2**64
-        out[i] = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        out[i] = (
+            "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        )
     return out
 
 

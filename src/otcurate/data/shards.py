@@ -49,7 +49,9 @@ def select_uids(table: pa.Table, uids: list[str] | pa.Array) -> pa.Table:
 
 
 def write_classes(out_dir: Path, info: ClassInfo | None) -> None:
-    payload = None if info is None else {"class_names": info.class_names, "templates": info.templates}
+    payload = (
+        None if info is None else {"class_names": info.class_names, "templates": info.templates}
+    )
     (out_dir / CLASSES_FILE).write_text(dumps_json(payload))
 
 
@@ -68,7 +70,10 @@ def read_classes(data_dir: str | Path) -> ClassInfo | None:
 def write_embedding_shard(out_dir: Path, name: str, uids: list[str], image, text) -> None:
     from safetensors.torch import save_file
 
-    save_file({"image": image.contiguous(), "text": text.contiguous()}, str(out_dir / f"{name}.safetensors"))
+    save_file(
+        {"image": image.contiguous(), "text": text.contiguous()},
+        str(out_dir / f"{name}.safetensors"),
+    )
     write_parquet(out_dir / f"{name}.uids.parquet", pa.table({"uid": pa.array(uids, pa.string())}))
 
 
@@ -86,5 +91,9 @@ def read_embeddings(emb_dir: str | Path, split: str):
         t = load_file(str(f))
         imgs.append(t["image"])
         txts.append(t["text"])
-        uids.extend(pq.read_table(f.with_name(f.name.replace(".safetensors", ".uids.parquet")))["uid"].to_pylist())
+        uids.extend(
+            pq.read_table(f.with_name(f.name.replace(".safetensors", ".uids.parquet")))[
+                "uid"
+            ].to_pylist()
+        )
     return uids, torch.cat(imgs), torch.cat(txts)
