@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +30,12 @@ def finetune(args) -> None:
     distilled = read_split(args.distill, "train", columns=["uid", "image", "caption"])
     distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
     data = pa.concat_tables([chosen, distilled])
+    # detect's flags for the coreset part; distilled examples are treated as clean.
+    det = pq.read_table(f"{args.detect}/scores.parquet", columns=["uid", "noisy"])
+    flagged = set(det.filter(det["noisy"])["uid"].to_pylist())
+    noisy = np.array(
+        [u in flagged for u in chosen["uid"].to_pylist()] + [False] * distilled.num_rows
+    )
     if data.num_rows < 2:
         raise StageError(
             f"only {data.num_rows} pairs to fine-tune on (coreset + distilled); raise coreset.fraction or distill.ipc."
@@ -41,6 +48,7 @@ def finetune(args) -> None:
         clip.model,
         images,
         tokens,
+        noisy=noisy,
         steps=p.steps,
         batch_size=p.batch_size,
         lr=p.lr,
@@ -48,10 +56,12 @@ def finetune(args) -> None:
         weight_decay=p.weight_decay,
         seed=base.seed,
         log=live_logger(),
+        **p.method_kwargs(),
     )
     with atomic_dir(args.out) as out:
         models.save(clip, out)
     metrics = {
+        "flagged_pairs": int(noisy.sum()),
         "pairs": data.num_rows,
         "coreset_pairs": chosen.num_rows,
         "distilled_pairs": distilled.num_rows,

@@ -184,6 +184,33 @@ class Distill:
 
 
 @dataclass(frozen=True)
+class NCUParams:
+    # Where noisy rows come from: detect's global flags, or the reference's per-batch rule.
+    nc_source: Literal["detect", "batch"] = "detect"
+    nc_ratio: float = (
+        0.1  # per-batch rule: flag the lowest round(nc_ratio * B) own-caption probabilities
+    )
+    phase_a_fraction: float = (
+        0.2  # share of the steps spent learning the negation prompt (2 of 10 epochs)
+    )
+    n_ctx: int = 4  # prompt vectors after the start token (reference: 8 with a 77-token context)
+    lr_phase_a: float = 2e-4  # text tower in phase A (reference ratio 1e-4 : 5e-5 to phase B)
+    lr_prompt: float = 6e-4  # prompt in phase A (reference ratio 3e-4 : 5e-5)
+    reg: float = 0.03  # entropic strength of the unlearning OT
+    gamma: float = 0.7  # weight of the OT plan in the targets
+    frozen_text_blocks: int = 1  # first text blocks frozen in phase B (reference: 5 of 12)
+
+    def check(self) -> None:
+        _frac("finetune.ncu.nc_ratio", self.nc_ratio)
+        _frac("finetune.ncu.phase_a_fraction", self.phase_a_fraction)
+        _positive("finetune.ncu.n_ctx", self.n_ctx)
+        _positive("finetune.ncu.reg", self.reg)
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ParamsError(f"finetune.ncu.gamma must be in [0, 1]; got {self.gamma}.")
+        _nonneg("finetune.ncu.frozen_text_blocks", self.frozen_text_blocks)
+
+
+@dataclass(frozen=True)
 class Finetune:
     method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
     steps: int = 150
@@ -191,8 +218,20 @@ class Finetune:
     lr: float = 1e-4
     warmup: int = 15
     weight_decay: float = 0.2
+    # gradient_ascent: weight of the (capped) ascent term on flagged pairs.
+    ascent_weight: float = 0.1
+    ncu: NCUParams = field(default_factory=NCUParams)
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The extra keyword arguments of the chosen method."""
+        if self.method == "ncu":
+            return dataclasses.asdict(self.ncu)
+        if self.method == "gradient_ascent":
+            return {"ascent_weight": self.ascent_weight}
+        return {}
 
     def check(self) -> None:
+        _nonneg("finetune.ascent_weight", self.ascent_weight)
         _positive("finetune.steps", self.steps)
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.lr", self.lr)

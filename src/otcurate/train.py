@@ -11,7 +11,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from open_clip import ClipLoss
 
 from otcurate.models import clamp_logit_scale
@@ -113,9 +115,92 @@ def train_contrastive(
     return TrainResult(losses, lrs)
 
 
-def finetune_clip(model, images, tokens, **kw) -> TrainResult:
-    """Plain fine-tuning with the contrastive loss: the baseline every method is compared with."""
+def finetune_clip(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
+    """Plain fine-tuning with the contrastive loss on every pair: the baseline every method is compared with."""
     return train_contrastive(model, images, tokens, description="finetune (clip)", **kw)
 
 
-FINETUNE_METHODS: dict[str, Callable[..., TrainResult]] = {"clip": finetune_clip}
+def finetune_filter(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
+    """Drop the pairs `detect` flagged noisy, then plain contrastive fine-tuning."""
+    if noisy is None:
+        raise ValueError("finetune.method 'filter' needs the detect flags of the training pairs.")
+    keep = torch.as_tensor(~np.asarray(noisy, dtype=bool))
+    return train_contrastive(
+        model, images[keep], tokens[keep], description="finetune (filter)", **kw
+    )
+
+
+def finetune_gradient_ascent(
+    model,
+    images,
+    tokens,
+    *,
+    noisy=None,
+    ascent_weight: float = 0.1,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
+    seed: int,
+    log=None,
+    **_: object,
+) -> TrainResult:
+    """Descend the contrastive loss on the unflagged pairs and ascend it on the flagged ones.
+
+    Per-pair InfoNCE (both directions) over the whole batch; the ascent term is capped at
+    chance level (log B) so that it cannot diverge: loss = mean_clean − w · mean_noisy(min(ℓ, log B)).
+    """
+    if noisy is None:
+        raise ValueError(
+            "finetune.method 'gradient_ascent' needs the detect flags of the training pairs."
+        )
+    flags = torch.as_tensor(np.asarray(noisy, dtype=bool))
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
+    )
+    model.train()
+    losses, lrs = [], []
+    it = batches(len(images), batch_size, steps, gen)
+    for step, idx in enumerate(track(it, total=steps, description="finetune (gradient_ascent)")):
+        img = F.normalize(model.encode_image(images[idx].to(device)), dim=-1)
+        txt = F.normalize(model.encode_text(tokens[idx].to(device)), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(idx), device=device)
+        per_pair = 0.5 * (
+            F.cross_entropy(logits, target, reduction="none")
+            + F.cross_entropy(logits.T, target, reduction="none")
+        )
+        nz = flags[idx].to(device)
+        loss = per_pair[~nz].mean() if (~nz).any() else per_pair.sum() * 0
+        if nz.any():
+            loss = loss - ascent_weight * per_pair[nz].clamp(max=math.log(len(idx))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        clamp_logit_scale(model)
+        losses.append(loss.item())
+        lrs.append(sched.get_last_lr()[0])
+        if log is not None:
+            log("loss", losses[-1], step)
+    model.eval()
+    return TrainResult(losses, lrs)
+
+
+def finetune_ncu(model, images, tokens, *, noisy=None, **kw):
+    """NCU noisy-correspondence unlearning (see otcurate.ncu)."""
+    from otcurate.ncu import finetune_ncu as _ncu
+
+    return _ncu(model, images, tokens, noisy=noisy, **kw)
+
+
+FINETUNE_METHODS: dict[str, Callable[..., TrainResult]] = {
+    "clip": finetune_clip,
+    "filter": finetune_filter,
+    "gradient_ascent": finetune_gradient_ascent,
+    "ncu": finetune_ncu,
+}

@@ -1,0 +1,285 @@
+"""Property tests of the OT layer (geomloss / ott style): marginals, symmetry, cost shifts,
+known permutations, agreement with POT (exact and entropic), masks, zero weights, batches."""
+
+import warnings
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+
+from otcurate.ot import (
+    ConvergenceWarning,
+    OTResult,
+    cost_cosine,
+    emd,
+    normalize_cost,
+    sinkhorn_log,
+)
+
+F = torch.nn.functional
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny problems: extra threads only add contention on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def problem(n=17, m=29, *, seed=0, dtype=torch.float64, zeros_a=(), zeros_b=()):
+    """Random marginals (optionally with zero entries) and a normalised cosine cost."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
+    y = F.normalize(torch.randn(m, 8, generator=g, dtype=torch.float64), dim=1)
+    a = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(m, generator=g, dtype=torch.float64) + 0.1
+    a[list(zeros_a)] = 0.0
+    b[list(zeros_b)] = 0.0
+    M = normalize_cost(cost_cosine(x, y))
+    return (a / a.sum()).to(dtype), (b / b.sum()).to(dtype), M.to(dtype)
+
+
+def check_marginals(P, a, b, atol):
+    torch.testing.assert_close(P.sum(-1), a, atol=atol, rtol=0)
+    torch.testing.assert_close(P.sum(-2), b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "n, m, dtype, reg, atol",
+    [
+        (17, 29, torch.float64, 0.05, 1e-9),
+        (29, 17, torch.float64, 0.02, 1e-9),
+        (17, 29, torch.float32, 0.05, 1e-6),
+        (1, 7, torch.float64, 0.05, 1e-12),  # a single source: the plan is b itself
+    ],
+)
+def test_plan_marginals_equal_a_and_b(n, m, dtype, reg, atol):
+    a, b, M = problem(n, m, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-6
+    r = sinkhorn_log(a, b, M, reg, max_iter=5000, tol=tol)
+    assert isinstance(r, OTResult) and r.plan.shape == (n, m) and r.plan.dtype == dtype
+    check_marginals(r.plan, a, b, atol)
+    assert (r.plan >= 0).all()
+    assert float(r.err) < tol * 2
+    torch.testing.assert_close(r.cost, (r.plan * M).sum())
+
+
+def test_swapping_source_and_target_transposes_the_plan():
+    a, b, M = problem()
+    fwd = sinkhorn_log(a, b, M, 0.03, max_iter=5000, tol=1e-12)
+    bwd = sinkhorn_log(b, a, M.T, 0.03, max_iter=5000, tol=1e-12)
+    torch.testing.assert_close(bwd.plan.T, fwd.plan, atol=1e-10, rtol=0)
+    torch.testing.assert_close(bwd.cost, fwd.cost, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [0.5, -3.0, 10.0])
+def test_constant_added_to_the_cost_shifts_the_cost_and_keeps_the_plan(shift):
+    a, b, M = problem()
+    r = sinkhorn_log(a, b, M, 0.02, max_iter=5000, tol=1e-12)
+    s = sinkhorn_log(a, b, M + shift, 0.02, max_iter=5000, tol=1e-12)
+    torch.testing.assert_close(s.plan, r.plan, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s.cost, r.cost + shift, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cost_built_around_a_permutation_returns_it(dtype):
+    n = 23
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(n, generator=g)
+    M = 0.3 + 0.7 * torch.rand(n, n, generator=g, dtype=torch.float64)
+    M[torch.arange(n), perm] = 0.0  # the permutation is the only zero-cost matching
+    r = sinkhorn_log(None, None, M.to(dtype), 0.01, max_iter=1000, tol=1e-6)
+    torch.testing.assert_close(r.plan.argmax(1), perm)
+    torch.testing.assert_close(r.plan * n, torch.eye(n, dtype=dtype)[perm], atol=1e-6, rtol=0)
+    torch.testing.assert_close(emd(None, None, M).plan * n, torch.eye(n, dtype=M.dtype)[perm])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_reg_approaches_the_exact_plan_and_stays_finite(dtype):
+    # reg = 1e-3 on a cost in [0, 1]: exp(-M / reg) underflows outside the log domain.
+    a, b, M = problem(12, 15, seed=1, dtype=dtype)
+    exact = emd(a.double(), b.double(), M.double())
+    tol = 1e-8 if dtype == torch.float64 else 1e-5
+    r = sinkhorn_log(a, b, M, 1e-3, max_iter=20000, tol=tol)
+    assert torch.isfinite(r.plan).all() and torch.isfinite(r.cost)
+    # Entropic bias: 0 <= <P_reg, M> - OT <= reg * (H(a) + H(b)) <= reg * log(n m).
+    gap = float(r.cost) - float(exact.cost)
+    assert -1e-5 <= gap <= 1e-3 * np.log(12 * 15)
+    torch.testing.assert_close(r.plan.double(), exact.plan, atol=5e-3, rtol=0)
+
+
+def test_masked_cells_carry_no_mass_and_marginals_hold():
+    n = 17
+    g = torch.Generator().manual_seed(4)
+    a, b, M = problem(n, n, seed=4)
+    mask = torch.rand(n, n, generator=g) < 0.4
+    keep = torch.randperm(n, generator=g)
+    mask[torch.arange(n), keep] = False  # a permutation stays allowed, so it is feasible
+    r = sinkhorn_log(None, None, M, 0.05, mask=mask, max_iter=5000, tol=1e-10)
+    assert float(r.plan[mask].max()) < 1e-300  # exp(-1e6) underflows to exactly 0
+    check_marginals(
+        r.plan, torch.full((n,), 1 / n, dtype=M.dtype), torch.full((n,), 1 / n, dtype=M.dtype), 1e-9
+    )
+
+
+def test_ncu_shaped_mask_routes_noisy_rows_to_the_extra_column():
+    # NCU phase B: B x (B+1), the extra column forbidden for clean rows, noisy rows may not
+    # keep their own caption; marginals 1/B and 1/(B+1).
+    B, noisy = 9, torch.tensor([2, 5])
+    _, _, M = problem(B, B + 1, seed=5)
+    mask = torch.zeros(B, B + 1, dtype=torch.bool)
+    mask[:, B] = True
+    mask[noisy, B] = False
+    mask[noisy, noisy] = True
+    a = torch.full((B,), 1 / B, dtype=M.dtype)
+    b = torch.full((B + 1,), 1 / (B + 1), dtype=M.dtype)
+    r = sinkhorn_log(a, b, M, 0.03, mask=mask, max_iter=5000, tol=1e-10)
+    assert float(r.plan[mask].max()) < 1e-300
+    check_marginals(r.plan, a, b, 1e-9)
+    torch.testing.assert_close(r.plan[noisy, B].sum(), b[B], atol=1e-9, rtol=0)
+
+
+def test_zero_weights_get_no_mass_and_match_the_reduced_problem():
+    za, zb = (0, 8, 16), (3, 4, 28)
+    a, b, M = problem(17, 29, zeros_a=za, zeros_b=zb)
+    r = sinkhorn_log(a, b, M, 0.05, max_iter=5000, tol=1e-11)
+    assert float(r.plan[list(za)].abs().max()) == 0.0
+    assert float(r.plan[:, list(zb)].abs().max()) == 0.0
+    rows = [i for i in range(17) if i not in za]
+    cols = [j for j in range(29) if j not in zb]
+    reduced = sinkhorn_log(a[rows], b[cols], M[rows][:, cols], 0.05, max_iter=5000, tol=1e-11)
+    torch.testing.assert_close(r.plan[rows][:, cols], reduced.plan, atol=1e-11, rtol=0)
+    check_marginals(r.plan, a, b, 1e-10)
+
+
+def test_zero_weights_keep_gradients_finite():
+    a, b, M = problem(7, 9, zeros_a=(2,), zeros_b=(0,))
+    a.requires_grad_(True)
+    M.requires_grad_(True)
+    sinkhorn_log(a, b, M, 0.05, max_iter=300, tol=1e-10).cost.backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(M.grad).all()
+
+
+@pytest.mark.parametrize("reg", [0.1, 0.02])
+def test_agrees_with_pot_sinkhorn_log_in_numpy_and_torch(reg):
+    a, b, M = problem(17, 29, seed=6)
+    ref = pot.sinkhorn(
+        a.numpy(), b.numpy(), M.numpy(), reg, method="sinkhorn_log", numItermax=10000, stopThr=1e-13
+    )
+    ours_t = sinkhorn_log(a, b, M, reg, max_iter=10000, tol=1e-11)
+    ours_np = sinkhorn_log(a.numpy(), b.numpy(), M.numpy(), reg, max_iter=10000, tol=1e-11)
+    assert isinstance(ours_np.plan, np.ndarray) and isinstance(ours_t.plan, torch.Tensor)
+    np.testing.assert_allclose(ours_t.plan.numpy(), ref, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(ours_np.plan, ref, atol=1e-10, rtol=0)
+    assert ours_np.n_iter == ours_t.n_iter
+
+
+def test_batched_result_equals_per_item_results():
+    items = [problem(17, 29, seed=s) for s in range(3)]
+    a, b, M = (torch.stack(x) for x in zip(*items, strict=True))
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(3, 17, 29, generator=g) < 0.2
+    batched = sinkhorn_log(a, b, M, 0.03, mask=mask, max_iter=5000, tol=1e-10)
+    assert batched.plan.shape == (3, 17, 29) and batched.cost.shape == (3,)
+    assert batched.err.shape == (3,)
+    for k in range(3):
+        one = sinkhorn_log(a[k], b[k], M[k], 0.03, mask=mask[k], max_iter=5000, tol=1e-10)
+        torch.testing.assert_close(batched.plan[k], one.plan, atol=1e-10, rtol=0)
+        torch.testing.assert_close(batched.cost[k], one.cost, atol=1e-10, rtol=0)
+
+
+def test_shared_marginals_broadcast_over_the_batch():
+    a, b, _ = problem(17, 29)
+    M = torch.stack([problem(17, 29, seed=s)[2] for s in range(4)]).reshape(2, 2, 17, 29)
+    r = sinkhorn_log(a, b, M, 0.05, max_iter=5000, tol=1e-10)
+    assert r.plan.shape == (2, 2, 17, 29) and r.cost.shape == (2, 2)
+    check_marginals(r.plan, a.expand(2, 2, 17), b.expand(2, 2, 29), 1e-9)
+    uniform = sinkhorn_log(None, None, M, 0.05, max_iter=5000, tol=1e-10)
+    check_marginals(
+        uniform.plan,
+        torch.full((2, 2, 17), 1 / 17, dtype=M.dtype),
+        torch.full((2, 2, 29), 1 / 29, dtype=M.dtype),
+        1e-9,
+    )
+
+
+def test_float32_agrees_with_float64():
+    a, b, M = problem(17, 29, seed=8)
+    r64 = sinkhorn_log(a, b, M, 0.02, max_iter=5000, tol=1e-9)
+    r32 = sinkhorn_log(a.float(), b.float(), M.float(), 0.02, max_iter=5000, tol=1e-5)
+    torch.testing.assert_close(r32.plan.double(), r64.plan, atol=2e-5, rtol=0)
+    torch.testing.assert_close(r32.cost.double(), r64.cost, atol=1e-5, rtol=0)
+
+
+def test_warns_when_it_does_not_converge_and_not_when_it_does():
+    a, b, M = problem()
+    with pytest.warns(ConvergenceWarning, match="did not converge in 3 iterations"):
+        r = sinkhorn_log(a, b, M, 0.005, max_iter=3, tol=1e-9)
+    assert r.n_iter == 3 and float(r.err) > 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = sinkhorn_log(a, b, M, 0.1, max_iter=1000, tol=1e-9)
+    assert 0 < ok.n_iter < 1000 and float(ok.err) < 1e-9
+
+
+def test_gradient_of_the_unrolled_solver_is_exact():
+    a, b, M = problem(3, 4, seed=9)
+    M.requires_grad_(True)
+
+    def cost(M):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # tol 0: fixed iteration count
+            return sinkhorn_log(a, b, M, 0.1, max_iter=50, tol=0.0).cost
+
+    assert torch.autograd.gradcheck(cost, (M,))
+
+
+def test_invalid_arguments_are_errors():
+    a, b, M = problem(5, 6)
+    with pytest.raises(ValueError, match="reg must be > 0"):
+        sinkhorn_log(a, b, M, 0.0)
+    with pytest.raises(ValueError, match="marginals must match"):
+        sinkhorn_log(b, a, M, 0.1)
+
+
+def test_cost_cosine_and_normalize_cost_are_batched():
+    g = torch.Generator().manual_seed(10)
+    x = F.normalize(torch.randn(2, 5, 4, generator=g), dim=-1)
+    y = F.normalize(torch.randn(2, 7, 4, generator=g), dim=-1)
+    M = cost_cosine(x, y)
+    assert M.shape == (2, 5, 7)
+    torch.testing.assert_close(M[1], 1 - x[1] @ y[1].T)
+    torch.testing.assert_close(
+        cost_cosine(x[0], x[0]).diagonal(), torch.zeros(5), atol=1e-6, rtol=0
+    )
+    N = normalize_cost(M)
+    torch.testing.assert_close(N.amax(dim=(-2, -1)), torch.ones(2))
+    torch.testing.assert_close(N * M.amax(dim=(-2, -1), keepdim=True), M)
+    zero = torch.zeros(3, 3)
+    torch.testing.assert_close(normalize_cost(zero), zero)
+    np.testing.assert_allclose(normalize_cost(M.numpy()), N.numpy(), rtol=1e-6)
+
+
+def test_emd_wraps_pot_for_numpy_and_torch():
+    a, b, M = problem(17, 29, zeros_a=(1,), zeros_b=(2,))
+    r = emd(a, b, M)
+    ref = pot.emd(a.numpy(), b.numpy(), M.numpy())
+    np.testing.assert_allclose(r.plan.numpy(), ref, atol=1e-12)
+    assert r.n_iter is None and float(r.err) < 1e-12
+    torch.testing.assert_close(
+        r.cost, torch.as_tensor(pot.emd2(a.numpy(), b.numpy(), M.numpy()), dtype=M.dtype)
+    )
+    rn = emd(a.numpy(), b.numpy(), M.numpy())
+    np.testing.assert_allclose(rn.plan, ref, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stays_on_the_callers_device():
+    a, b, M = (t.cuda() for t in problem(17, 29))
+    r = sinkhorn_log(a, b, M, 0.05, mask=M > 0.9, max_iter=2000, tol=1e-9)
+    assert r.plan.device == M.device and r.cost.device == M.device
+    cpu = sinkhorn_log(a.cpu(), b.cpu(), M.cpu(), 0.05, mask=M.cpu() > 0.9, max_iter=2000, tol=1e-9)
+    torch.testing.assert_close(r.plan.cpu(), cpu.plan, atol=1e-10, rtol=0)
