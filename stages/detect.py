@@ -19,6 +19,14 @@ from otcurate.runtime import make_reproducible
 from stages._common import StageError, parser, read_params, run
 
 
+def model_logit_scale(model_dir: str) -> float:
+    """exp(logit_scale) of the pretrained model, read from its weights alone."""
+    from safetensors import safe_open
+
+    with safe_open(f"{model_dir}/model.safetensors", framework="pt") as f:
+        return float(f.get_tensor("logit_scale").exp().clamp(max=100.0))
+
+
 def detect(args) -> None:
     base, p = read_params(args.params, "detect")
     make_reproducible(base.seed, base.threads)
@@ -29,9 +37,18 @@ def detect(args) -> None:
             f"{args.embed} does not match {args.data} (different train uids); rerun embed (dvc repro embed)."
         )
     truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
-    result = det.detect(p.method, image, text, fraction=p.fraction, threshold=p.threshold)
+    kwargs = p.method_kwargs()
+    if "logit_scale" not in kwargs:
+        kwargs["logit_scale"] = model_logit_scale(args.model)
+    result = det.detect(
+        p.method, image, text, fraction=p.fraction, threshold=p.threshold, seed=base.seed, **kwargs
+    )
 
-    metrics: dict[str, float] = {"pairs": len(uids), "flagged": int(result.noisy.sum())}
+    metrics: dict[str, float] = {
+        "pairs": len(uids),
+        "flagged": int(result.noisy.sum()),
+        "logit_scale": kwargs["logit_scale"],
+    }
     has_truth = bool(truth.any())
     if has_truth:
         metrics.update(det.quality(result.scores, result.noisy, truth))
@@ -70,6 +87,7 @@ def main(argv=None) -> int:
     ap = parser("detect", __doc__)
     ap.add_argument("--embed", required=True, help="embed output folder")
     ap.add_argument("--data", required=True, help="ingest output folder (ground truth)")
+    ap.add_argument("--model", required=True, help="pretrain output folder (its temperature)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--results", required=True)
     return run("detect", detect, ap.parse_args(argv))

@@ -84,6 +84,7 @@ STAGE_PATHS = {
     "detect": {
         "embed": "data/embed",
         "data": "data/ingest",
+        "model": "models/pretrain",
         "out": "data/detect",
         "results": "results/detect",
     },

@@ -137,8 +137,34 @@ class Detect:
     # Flag exactly one of: the lowest-scoring `fraction` of train pairs, or scores below `threshold`.
     fraction: float | None = 0.2
     threshold: float | None = None
+    # Minibatch scorers (ot, ncu_batch, gmm_loss, infoot): random batches, averaged over passes.
+    batch_size: int = 256
+    passes: int = 4
+    reg: float = 0.02  # ot, infoot: entropic strength on the max-normalised 1 - cosine cost
+    max_iter: int = 1000
+    tol: float = 1e-4
+    logit_scale: float | None = (
+        None  # ncu_batch, gmm_loss: the temperature s; null = the model's own
+    )
+    lam: float = 0.01  # infoot: weight of the mutual-information term
+    h: float = 0.5  # infoot: kernel bandwidth (relative to the median distance)
+    outer_iter: int = 5  # infoot: Sinkhorn solves on the linearised objective
+
+    def method_kwargs(self) -> dict[str, Any]:
+        keys = ("batch_size", "passes", "reg", "max_iter", "tol", "lam", "h", "outer_iter")
+        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
+        if self.logit_scale is not None:
+            out["logit_scale"] = self.logit_scale
+        return out
 
     def check(self) -> None:
+        _positive("detect.batch_size", self.batch_size)
+        _positive("detect.passes", self.passes)
+        _positive("detect.reg", self.reg)
+        if self.logit_scale is not None and not 0 < self.logit_scale <= 100:
+            raise ParamsError(
+                f"detect.logit_scale must be in (0, 100] (CLIP clamps it there); got {self.logit_scale}."
+            )
         if (self.fraction is None) == (self.threshold is None):
             raise ParamsError(
                 "detect: set exactly one of detect.fraction and detect.threshold "

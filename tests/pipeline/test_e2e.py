@@ -41,7 +41,12 @@ def _env(tmp: Path) -> dict[str, str]:
 def make_scratch(dest: Path) -> Path:
     """A fresh clone-like copy of the working tree (files git tracks or would track), tiny params, one commit."""
     files = (
-        subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
         .stdout.decode()
         .split("\0")
     )

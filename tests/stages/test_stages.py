@@ -168,7 +168,7 @@ def _bad_params(tmp_path, overrides):
         (
             "detect",
             {"detect": {"method": "magic"}},
-            "detect.method: unknown method 'magic'. Known: clip_score",
+            "detect.method: unknown method 'magic'. Known: clip_score, gmm_loss, infoot, ncu_batch, ot",
         ),
         ("ingest", {"ingest": {"source": "digits", "size": 5000}}, "exceeds the 1797 images"),
     ],
@@ -276,3 +276,52 @@ def test_crashed_write_leaves_previous_output(tiny, tmp_path):
     assert tiny.run("ingest", out=str(out), results=str(tmp_path / "r")) == 0
     assert not stale.exists()
     assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("method", ["ot", "ncu_batch", "gmm_loss", "infoot"])
+def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
+    params = write_params(tmp_path, {"detect": {"method": method, "passes": 2, "batch_size": 64}})
+    paths = {
+        **STAGE_PATHS["detect"],
+        "out": str(tmp_path / "out"),
+        "results": str(tmp_path / "res"),
+    }
+    assert tiny.run("detect", params=params, **paths) == 0
+    m = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    # quality is tested on planted embeddings (unit tests); a 12-step model barely separates pairs
+    assert 0.0 <= m["auroc"] <= 1.0 and m["flagged"] == round(0.3 * m["pairs"])
+    assert 0 < m["logit_scale"] <= 100  # the pretrained model's temperature
+
+
+@pytest.mark.parametrize(
+    ("method", "source"),
+    [("ncu", "detect"), ("ncu", "batch"), ("filter", "detect"), ("gradient_ascent", "detect")],
+)
+def test_finetune_methods_run_through_the_stage(tiny, tmp_path, method, source):
+    """On a coreset that keeps the flagged pairs, so each method sees noisy rows."""
+    params = write_params(
+        tmp_path,
+        {
+            "coreset": {"exclude_flagged": False, "fraction": 1.0},
+            "finetune": {"method": method, "steps": 5, "ncu": {"nc_source": source}},
+        },
+    )
+    cs = {
+        **STAGE_PATHS["coreset"],
+        "out": str(tmp_path / "coreset"),
+        "results": str(tmp_path / "cres"),
+    }
+    assert tiny.run("coreset", params=params, **cs) == 0
+    ft = {
+        **STAGE_PATHS["finetune"],
+        "coreset": str(tmp_path / "coreset"),
+        "out": str(tmp_path / "model"),
+        "results": str(tmp_path / "res"),
+    }
+    assert tiny.run("finetune", params=params, **ft) == 0
+    m = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert m["flagged_pairs"] == round(0.3 * m["coreset_pairs"]) > 0
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert len((tmp_path / "res" / "plots" / "loss.tsv").read_text().splitlines()) == 1 + 5 - (
+        0 if method != "filter" else 0
+    )

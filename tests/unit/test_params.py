@@ -47,7 +47,10 @@ def test_shipped_params_are_valid_and_complete():
             {"coreset": {"fraction": None, "size": None}},
             "set exactly one of coreset.fraction and coreset.size",
         ),
-        ({"finetune": {"method": "magic"}}, "finetune.method: unknown method 'magic'. Known: clip"),
+        (
+            {"finetune": {"method": "magic"}},
+            "finetune.method: unknown method 'magic'. Known: clip, filter, gradient_ascent, ncu",
+        ),
         ({"evaluate": {"recall_at": [0]}}, "evaluate.recall_at must be"),
         ({"pretrain": {"pretrained": None, "steps": 0}}, "nothing would be trained"),
         ({"ingest": {"source": "hf"}}, "ingest.hf.path is empty"),
