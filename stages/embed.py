@@ -21,8 +21,9 @@ from stages._common import parser, read_params, run
 
 def embed(args) -> None:
     base, p = read_params(args.params, "embed")
-    make_reproducible(base.seed, base.threads)
-    clip = models.load(args.model, device=resolve_device(base.device))
+    device = resolve_device(base.device)
+    make_reproducible(base.seed, base.threads, device)
+    clip = models.load(args.model, device=device)
     jobs = [(s, f) for s in SPLITS for f in shard_files(args.data, s)]
     if not jobs:
         raise FileNotFoundError(f"{args.data}/train-*.parquet")

@@ -42,8 +42,8 @@ def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[s
 
 def evaluate(args) -> None:
     base, p = read_params(args.params, "evaluate")
-    make_reproducible(base.seed, base.threads)
     device = resolve_device(base.device)
+    make_reproducible(base.seed, base.threads, device)
     test = read_split(args.data, "test", columns=["image", "caption", "label"])
     if test.num_rows == 0:
         raise StageError(f"the test split in {args.data} is empty; raise ingest.test_fraction.")

@@ -23,7 +23,7 @@ from stages._common import StageError, live_logger, parser, read_params, run
 def finetune(args) -> None:
     base, p = read_params(args.params, "finetune")
     device = resolve_device(base.device)
-    make_reproducible(base.seed, base.threads)
+    make_reproducible(base.seed, base.threads, device)
     train = read_split(args.data, "train", columns=["uid", "image", "caption"])
     subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
     chosen = select_uids(train, subset["uid"])

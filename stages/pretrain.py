@@ -20,7 +20,7 @@ from stages._common import StageError, live_logger, parser, read_params, run
 def pretrain(args) -> None:
     base, p = read_params(args.params, "pretrain")
     device = resolve_device(base.device)
-    make_reproducible(base.seed, base.threads)
+    make_reproducible(base.seed, base.threads, device)
     try:
         clip = models.create(p.arch, p.pretrained, device=device)
     except (ValueError, FileNotFoundError) as exc:

@@ -143,5 +143,30 @@ def pairs_to_tensors(
         return torch.empty(0, 3, *size), torch.empty(
             0, clip.model_cfg["text_cfg"].get("context_length", 77), dtype=torch.long
         )
-    x = images_to_tensor([decode_rgb(b) for b in images], clip.preprocess)
+    pil = [decode_rgb(b) for b in images]
+    x = _fast_tensor(pil, clip.preprocess_cfg)
+    if x is None:
+        x = images_to_tensor(pil, clip.preprocess)
     return x, clip.tokenizer(list(captions))
+
+
+def _fast_tensor(images: list[Image.Image], cfg: dict) -> torch.Tensor | None:
+    """The eval transform for images already at the model's size, vectorised.
+
+    open_clip's eval transform is resize + centre crop (identities at the model's size),
+    ToTensor and Normalize; at the model's size only the last two act, so they are
+    applied to the whole batch at once. Returns None when the shortcut does not apply.
+    """
+    import numpy as np
+
+    size = cfg.get("size")
+    size = (size, size) if isinstance(size, int) else tuple(size or ())
+    if len(size) != 2 or any(im.size != (size[1], size[0]) for im in images):
+        return None
+    if cfg.get("resize_mode", "shortest") not in ("shortest", "squash", "longest"):
+        return None
+    arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+    x = arr.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1)
+    return (x - mean) / std

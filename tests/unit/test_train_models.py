@@ -89,3 +89,17 @@ def test_unknown_arch_and_missing_weights_are_clear(tmp_path):
         models.create("ViT-Nope")
     with pytest.raises(FileNotFoundError):
         models.load(tmp_path / "missing")
+
+
+def test_fast_image_path_matches_open_clip_transform(tiny_clip):
+    from otcurate.data import builtin
+    from otcurate.data.records import decode_rgb
+
+    recs = [builtin.shapes_record(0, i) for i in range(6)]
+    fast, _ = models.pairs_to_tensors([r.image for r in recs], [r.caption for r in recs], tiny_clip)
+    slow = models.images_to_tensor([decode_rgb(r.image) for r in recs], tiny_clip.preprocess)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    # other sizes go through open_clip's own transform
+    big = [builtin.shapes_record(0, i, image_size=48) for i in range(2)]
+    x, _ = models.pairs_to_tensors([r.image for r in big], [r.caption for r in big], tiny_clip)
+    assert x.shape == (2, 3, 32, 32)
