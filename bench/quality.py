@@ -48,7 +48,9 @@ class Workspace:
     def __init__(self, root: Path, overrides: dict):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+        from otcurate.params import parse_yaml
+
+        self.params = merge(parse_yaml((ROOT / "params.yaml").read_text()), overrides)
 
     def run(self, stage: str, over: dict | None = None, **paths: str) -> float:
         import importlib

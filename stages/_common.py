@@ -15,9 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from otcurate.params import ParamsError, load
+from otcurate.params import ParamsError, load, parse_yaml
 
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -42,8 +40,8 @@ def read_params(path: str | Path, *sections: str) -> list[Any]:
             f"params file {path} not found; run from the repository root or pass --params."
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = parse_yaml(path.read_text()) or {}
+    except Exception as exc:  # noqa: BLE001 - ruamel raises several parser error types
         raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections; got {type(raw).__name__}.")

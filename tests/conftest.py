@@ -48,7 +48,9 @@ def merge(base: dict, over: dict) -> dict:
 
 def write_params(folder: Path, overrides: dict | None = None) -> Path:
     """A params.yaml: the repo's defaults, then TINY, then `overrides`."""
-    params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), overrides or {})
+    from otcurate.params import parse_yaml
+
+    params = merge(merge(parse_yaml((ROOT / "params.yaml").read_text()), TINY), overrides or {})
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -15,12 +15,11 @@ import typer
 os.environ.setdefault(
     "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
 )  # no phoning home; it also races sqlite on first start
-import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from otcurate.params import SECTIONS, ParamsError, load_all
+from otcurate.params import SECTIONS, ParamsError, load_all, parse_yaml
 
 app = typer.Typer(
     add_completion=False,
@@ -45,8 +44,8 @@ def find_root(start: Path | None = None) -> Path:
 
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return parse_yaml(text)
+    except Exception:  # noqa: BLE001 - not YAML: keep the text
         return text
 
 
@@ -58,7 +57,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(path.read_text())
-    plain = yaml.safe_load(path.read_text()) or {}
+    plain = parse_yaml(path.read_text()) or {}
     changed = []
     for item in overrides:
         if "=" not in item:
@@ -88,6 +87,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
 
         buf = StringIO()
         ry.dump(doc, buf)
+        load_all(parse_yaml(buf.getvalue()))  # what is written must read back valid, too
         tmp = path.with_name(path.name + ".tmp-set")
         tmp.write_text(buf.getvalue())
         os.replace(tmp, path)
@@ -95,8 +95,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
 
 
 def _validate_params(root: Path) -> None:
-    raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    load_all(raw)
+    load_all(parse_yaml((root / "params.yaml").read_text()) or {})
 
 
 @app.command()
@@ -306,7 +305,13 @@ def lineage(
     commit, dirty = git_state(root)
     tree = Tree(f"[bold]{path}[/]  (git {commit[:10]}{' dirty' if dirty else ''})")
 
+    shown: set[str] = set()
+
     def add(node: dict, branch: Tree) -> None:
+        if node["stage"] in shown:  # a DAG, not a tree: each stage is printed once
+            branch.add(f"[cyan]{node['stage']}[/] (shown above)")
+            return
+        shown.add(node["stage"])
         b = branch.add(f"[bold cyan]{node['stage']}[/]: {node['cmd']}")
         for p, md5 in node["outs"].items():
             b.add(f"out {p}  md5 {md5}")

@@ -415,6 +415,13 @@ def _registry(spec: str) -> dict[str, Any]:
     return getattr(importlib.import_module(module), attr)
 
 
+def parse_yaml(text: str) -> Any:
+    """Parse params YAML the way DVC does (YAML 1.2: `5e-05` and `1e-3` are numbers)."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load(params: Mapping[str, Any], section: str) -> Any:
     """The typed, validated `section` of a parsed params.yaml mapping."""
     if section not in SECTIONS:

@@ -112,7 +112,9 @@ def test_second_run_is_a_no_op(scratch):
 def test_param_change_reruns_only_downstream(scratch):
     root, _, md5 = scratch
     status = sh(root, str(BIN / "otcurate"), "status")
-    changed = sh(root, str(BIN / "otcurate"), "run", "--set", "finetune.lr=0.0003")
+    changed = sh(
+        root, str(BIN / "otcurate"), "run", "--set", "finetune.lr=3e-4"
+    )  # YAML 1.2 number, as DVC reads it
     assert outcomes(changed.stdout) == {
         **{s: "skipped" for s in STAGES[:6]},
         "finetune": "ran",
@@ -218,6 +220,9 @@ def test_mlflow_records_parent_and_child_runs_with_lineage_tags(scratch):
 def test_lineage_reaches_the_ingest_source(scratch):
     root, _, _ = scratch
     out = sh(root, str(BIN / "otcurate"), "lineage", "models/finetune").stdout
+    assert (
+        out.count("ingest: python -m stages.ingest") == 1
+    )  # each stage once, however many paths lead to it
     for needle in ("finetune", "pretrain", "ingest", "ingest.source=shapes", "mlflow run", "md5"):
         assert needle in out, needle
     chain = json.loads(

@@ -78,3 +78,10 @@ def test_missing_keys_take_defaults_and_ints_widen_to_float():
     p = load({"finetune": {"lr": 1}}, "finetune")
     assert p.lr == 1.0 and isinstance(p.lr, float)
     assert p.steps == 150
+
+
+def test_exponent_floats_read_as_numbers_like_dvc():
+    from otcurate.params import parse_yaml
+
+    p = load(parse_yaml("finetune:\n  lr: 5e-05\n"), "finetune")
+    assert p.lr == 5e-05
