@@ -95,3 +95,20 @@ def live_logger() -> Callable[[str, float, int], None] | None:
             pass
 
     return log
+
+
+def save_model_and_curve(clip, out_dir: str, results_dir: str, metrics: dict, curve=None) -> None:
+    """Write a trained model (open_clip folder) and its results (metrics, loss curve), each atomically."""
+    from otcurate import models
+    from otcurate.io import atomic_dir, write_json, write_tsv
+
+    with atomic_dir(out_dir) as out:
+        models.save(clip, out)
+    with atomic_dir(results_dir) as res:
+        if curve is not None:
+            (res / "plots").mkdir()
+            steps = range(len(curve.losses))
+            write_tsv(
+                res / "plots" / "loss.tsv", {"step": steps, "loss": curve.losses, "lr": curve.lrs}
+            )
+        write_json(res / "metrics.json", metrics)

@@ -14,10 +14,9 @@ import pyarrow.parquet as pq
 
 from otcurate import models
 from otcurate.data.shards import read_split, select_uids
-from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate.train import FINETUNE_METHODS
-from stages._common import StageError, live_logger, parser, read_params, run
+from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
 
 def finetune(args) -> None:
@@ -58,8 +57,6 @@ def finetune(args) -> None:
         log=live_logger(),
         **p.method_kwargs(),
     )
-    with atomic_dir(args.out) as out:
-        models.save(clip, out)
     metrics = {
         "flagged_pairs": int(noisy.sum()),
         "pairs": data.num_rows,
@@ -68,13 +65,7 @@ def finetune(args) -> None:
         "steps": p.steps,
         "final_loss": res.losses[-1],
     }
-    with atomic_dir(args.results) as r:
-        (r / "plots").mkdir()
-        write_tsv(
-            r / "plots" / "loss.tsv",
-            {"step": range(len(res.losses)), "loss": res.losses, "lr": res.lrs},
-        )
-        write_json(r / "metrics.json", metrics)
+    save_model_and_curve(clip, args.out, args.results, metrics, res)
     print(
         f"finetune ({p.method}): {p.steps} steps on {data.num_rows} pairs, final loss {res.losses[-1]:.4f}"
     )

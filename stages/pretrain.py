@@ -11,10 +11,9 @@ import sys
 
 from otcurate import models
 from otcurate.data.shards import read_split
-from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate.train import train_contrastive
-from stages._common import StageError, live_logger, parser, read_params, run
+from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
 
 def pretrain(args) -> None:
@@ -57,16 +56,7 @@ def pretrain(args) -> None:
             trained_steps=p.steps, final_loss=res.losses[-1], epochs=n_seen / train.num_rows
         )
         curve = res
-    with atomic_dir(args.out) as out:
-        models.save(clip, out)
-    with atomic_dir(args.results) as res_dir:
-        if curve is not None:
-            (res_dir / "plots").mkdir()
-            write_tsv(
-                res_dir / "plots" / "loss.tsv",
-                {"step": range(len(curve.losses)), "loss": curve.losses},
-            )
-        write_json(res_dir / "metrics.json", metrics)
+    save_model_and_curve(clip, args.out, args.results, metrics, curve)
     print(f"pretrain: saved {p.arch} to {args.out} ({metrics})")
 
 

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otcurate.models import clamp_logit_scale
 from otcurate.ot import sinkhorn_log
 from otcurate.progress import track
 
@@ -310,7 +309,7 @@ def finetune_ncu(
 
     noisy: (N,) bool global flags (``nc_source='detect'``), or None with ``nc_source='batch'``.
     """
-    from otcurate.train import _param_groups, batches, warmup_cosine
+    from otcurate.train import _param_groups, batches, make_optimizer, update
 
     if nc_source not in ("detect", "batch"):
         raise ValueError(f"nc_source must be 'detect' or 'batch'; got {nc_source!r}.")
@@ -345,11 +344,8 @@ def finetune_ncu(
             groups = _param_groups(model, weight_decay)
             for g in groups:
                 g["lr"] = lr
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
-        w = min(warmup, n_steps // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s, n=n_steps, w=w: warmup_cosine(s, steps=n, warmup=w)
-        )
+        # Each group keeps its own lr; the schedule multiplies them all.
+        opt, sched = make_optimizer(groups, lr=lr, steps=n_steps, warmup=min(warmup, n_steps // 2))
         for _ in track(range(n_steps), total=n_steps, description=f"finetune (ncu, phase {phase})"):
             idx = next(batch_iter)
             x, t = images[idx].to(device), tokens[idx].to(device)
@@ -370,14 +366,9 @@ def finetune_ncu(
                 out = phase_a_losses(img_e[clean], txt_e[clean], neg_e[clean], scale)
             else:
                 out = phase_b_losses(img_e, txt_e, neg_e, scale, nz, reg=reg, gamma=gamma)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            sched.step()
-            clamp_logit_scale(model)
+            lrs.append(update(model, opt, sched, out["loss"]))
             step = len(losses)
             losses.append(out["loss"].item())
-            lrs.append(sched.get_last_lr()[0])
             if log is not None:
                 for k, v in out.items():
                     log(f"ncu_{phase}_{k}", v.item(), step)

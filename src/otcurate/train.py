@@ -65,10 +65,29 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def train_contrastive(
+def make_optimizer(groups: list[dict], *, lr: float, steps: int, warmup: int) -> tuple:
+    """AdamW (betas 0.9/0.98, as open_clip and NCU) with linear warm-up then cosine decay."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
+    )
+    return opt, sched
+
+
+def update(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> float:
+    """One optimisation step, then the temperature clamp; returns the learning rate used."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    clamp_logit_scale(model)
+    return sched.get_last_lr()[0]
+
+
+def _loop(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    tokens: torch.Tensor,
+    n: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
     *,
     steps: int,
     batch_size: int,
@@ -76,43 +95,52 @@ def train_contrastive(
     warmup: int,
     weight_decay: float,
     seed: int,
-    betas: tuple[float, float] = (0.9, 0.98),
-    log: Callable[[str, float, int], None] | None = None,
-    description: str = "train",
+    log: Callable[[str, float, int], None] | None,
+    description: str,
 ) -> TrainResult:
-    """CLIP's symmetric InfoNCE (open_clip `ClipLoss`) on (images[i], tokens[i]) pairs.
-
-    images: (N, 3, H, W) float, tokens: (N, L) long, on any device (batches move to the model's).
-    """
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
+    opt, sched = make_optimizer(
+        _param_groups(model, weight_decay), lr=lr, steps=steps, warmup=warmup
     )
-    loss_fn = ClipLoss()
     model.train()
     losses, lrs = [], []
     for step, idx in enumerate(
-        track(batches(len(images), batch_size, steps, gen), total=steps, description=description)
+        track(batches(n, batch_size, steps, gen), total=steps, description=description)
     ):
-        out = model(images[idx].to(device), tokens[idx].to(device))
-        if isinstance(out, dict):
-            img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        else:
-            img_f, txt_f, scale = out[:3]
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        clamp_logit_scale(model)
+        loss = batch_loss(idx)
+        lrs.append(update(model, opt, sched, loss))
         losses.append(loss.item())
-        lrs.append(sched.get_last_lr()[0])
         if log is not None:
             log("loss", losses[-1], step)
     model.eval()
     return TrainResult(losses, lrs)
+
+
+def train_contrastive(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    description: str = "train",
+    **kw,
+) -> TrainResult:
+    """CLIP's symmetric InfoNCE (open_clip `ClipLoss`) on (images[i], tokens[i]) pairs.
+
+    images: (N, 3, H, W) float, tokens: (N, L) long, on any device (batches move to the model's).
+    Keywords: steps, batch_size, lr, warmup, weight_decay, seed, log.
+    """
+    device = next(model.parameters()).device
+    loss_fn = ClipLoss()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        out = model(images[idx].to(device), tokens[idx].to(device))
+        if isinstance(out, dict):
+            return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        return loss_fn(*out[:3])
+
+    return _loop(
+        model, len(images), batch_loss, description=description, log=kw.pop("log", None), **kw
+    )
 
 
 def finetune_clip(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
@@ -131,20 +159,7 @@ def finetune_filter(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
 
 
 def finetune_gradient_ascent(
-    model,
-    images,
-    tokens,
-    *,
-    noisy=None,
-    ascent_weight: float = 0.1,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup: int,
-    weight_decay: float,
-    seed: int,
-    log=None,
-    **_: object,
+    model, images, tokens, *, noisy=None, ascent_weight: float = 0.1, **kw
 ) -> TrainResult:
     """Descend the contrastive loss on the unflagged pairs and ascend it on the flagged ones.
 
@@ -157,15 +172,8 @@ def finetune_gradient_ascent(
         )
     flags = torch.as_tensor(np.asarray(noisy, dtype=bool))
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
-    )
-    model.train()
-    losses, lrs = [], []
-    it = batches(len(images), batch_size, steps, gen)
-    for step, idx in enumerate(track(it, total=steps, description="finetune (gradient_ascent)")):
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         img = F.normalize(model.encode_image(images[idx].to(device)), dim=-1)
         txt = F.normalize(model.encode_text(tokens[idx].to(device)), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
@@ -178,17 +186,16 @@ def finetune_gradient_ascent(
         loss = per_pair[~nz].mean() if (~nz).any() else per_pair.sum() * 0
         if nz.any():
             loss = loss - ascent_weight * per_pair[nz].clamp(max=math.log(len(idx))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        clamp_logit_scale(model)
-        losses.append(loss.item())
-        lrs.append(sched.get_last_lr()[0])
-        if log is not None:
-            log("loss", losses[-1], step)
-    model.eval()
-    return TrainResult(losses, lrs)
+        return loss
+
+    return _loop(
+        model,
+        len(images),
+        batch_loss,
+        description="finetune (gradient_ascent)",
+        log=kw.pop("log", None),
+        **kw,
+    )
 
 
 def finetune_ncu(model, images, tokens, *, noisy=None, **kw):
