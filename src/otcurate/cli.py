@@ -12,9 +12,11 @@ from typing import Annotated
 
 import typer
 
-os.environ.setdefault(
-    "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
-)  # no phoning home; it also races sqlite on first start
+# No phoning home (there may be no network; it also raced sqlite on a first start).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The serverless (ephemeral) Prefect API migrates a fresh sqlite database on its first start;
+# on 2 busy cores that took longer than Prefect's default 20 s wait, so wait longer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
