@@ -20,5 +20,5 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src stages flows tests
-	$(VENV)/bin/ruff format --check src stages flows tests
+	$(VENV)/bin/ruff check src stages flows tests bench
+	$(VENV)/bin/ruff format --check src stages flows tests bench

@@ -41,7 +41,14 @@ def detect(args) -> None:
     if "logit_scale" not in kwargs:
         kwargs["logit_scale"] = model_logit_scale(args.model)
     result = det.detect(
-        p.method, image, text, fraction=p.fraction, threshold=p.threshold, seed=base.seed, **kwargs
+        p.method,
+        image,
+        text,
+        fraction=p.fraction,
+        threshold=p.threshold,
+        auto=p.auto,
+        seed=base.seed,
+        **kwargs,
     )
 
     metrics: dict[str, float] = {

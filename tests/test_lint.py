@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUFF = Path(sys.executable).parent / "ruff"
-TARGETS = ["src", "stages", "flows", "tests"]
+TARGETS = ["src", "stages", "flows", "tests", "bench"]
 
 
 def test_ruff_check():

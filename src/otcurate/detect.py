@@ -459,13 +459,37 @@ def score(method: str, image: torch.Tensor, text: torch.Tensor, **kwargs: object
     return METHODS[method](image, text, **kwargs).detach().cpu().double().numpy()
 
 
+def mixture_flags(scores: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Noisy flags from a two-component Gaussian mixture on the scores themselves.
+
+    The pair is flagged when the posterior of the lower-mean component exceeds 1/2; the
+    flagged share is then an estimate of the noise rate. Constant scores flag nothing.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    if len(x) < 2 or not float(x.max()) > float(x.min()):
+        return np.zeros(len(x), dtype=bool)
+    gmm = GaussianMixture(n_components=2, random_state=int(seed), reg_covar=1e-6).fit(x)
+    low = int(np.argmin(gmm.means_.ravel()))
+    return gmm.predict_proba(x)[:, low] > 0.5
+
+
 def flag(
-    scores: np.ndarray, *, fraction: float | None = None, threshold: float | None = None
+    scores: np.ndarray,
+    *,
+    fraction: float | None = None,
+    threshold: float | None = None,
+    auto: bool = False,
+    seed: int = 0,
 ) -> np.ndarray:
-    """Noisy flags: the lowest round(fraction * n) scores (ties by position), or scores < threshold."""
-    if (fraction is None) == (threshold is None):
-        raise ValueError("give exactly one of fraction and threshold.")
+    """Noisy flags by exactly one rule: the lowest round(fraction * n) scores (ties by
+    position), scores < threshold, or `auto` (a two-component mixture on the scores)."""
+    if sum([fraction is not None, threshold is not None, bool(auto)]) != 1:
+        raise ValueError("give exactly one of fraction, threshold and auto.")
     n = len(scores)
+    if auto:
+        return mixture_flags(scores, seed=seed)
     if threshold is not None:
         return np.asarray(scores) < threshold
     if not 0.0 <= fraction <= 1.0:
@@ -483,10 +507,12 @@ def detect(
     *,
     fraction: float | None = None,
     threshold: float | None = None,
+    auto: bool = False,
     **kwargs: object,
 ) -> Detection:
     s = score(method, image, text, **kwargs)
-    return Detection(s, flag(s, fraction=fraction, threshold=threshold))
+    seed = int(kwargs.get("seed", 0))
+    return Detection(s, flag(s, fraction=fraction, threshold=threshold, auto=auto, seed=seed))
 
 
 def quality(scores: np.ndarray, flags: np.ndarray, truth: np.ndarray) -> dict[str, float]:

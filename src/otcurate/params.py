@@ -134,9 +134,11 @@ class Embed:
 @dataclass(frozen=True)
 class Detect:
     method: str = field(default="clip_score", metadata=_choices("otcurate.detect:METHODS"))
-    # Flag exactly one of: the lowest-scoring `fraction` of train pairs, or scores below `threshold`.
+    # Flag by exactly one of: the lowest-scoring `fraction` of train pairs, scores below
+    # `threshold`, or `auto` (a two-component mixture on the scores estimates the noise rate).
     fraction: float | None = 0.2
     threshold: float | None = None
+    auto: bool = False
     # Minibatch scorers (ot, ncu_batch, gmm_loss, infoot): random batches, averaged over passes.
     batch_size: int = 256
     passes: int = 4
@@ -165,10 +167,11 @@ class Detect:
             raise ParamsError(
                 f"detect.logit_scale must be in (0, 100] (CLIP clamps it there); got {self.logit_scale}."
             )
-        if (self.fraction is None) == (self.threshold is None):
+        if sum([self.fraction is not None, self.threshold is not None, self.auto]) != 1:
             raise ParamsError(
-                "detect: set exactly one of detect.fraction and detect.threshold "
-                f"(got fraction={self.fraction}, threshold={self.threshold}); set the other to null."
+                "detect: set exactly one of detect.fraction and detect.threshold, or detect.auto: true "
+                f"(got fraction={self.fraction}, threshold={self.threshold}, auto={self.auto}); "
+                "set the others to null/false."
             )
         if self.fraction is not None:
             _frac("detect.fraction", self.fraction)

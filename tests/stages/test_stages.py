@@ -325,3 +325,17 @@ def test_finetune_methods_run_through_the_stage(tiny, tmp_path, method, source):
     assert len((tmp_path / "res" / "plots" / "loss.tsv").read_text().splitlines()) == 1 + 5 - (
         0 if method != "filter" else 0
     )
+
+
+def test_detect_auto_flagging_through_the_stage(tiny, tmp_path):
+    params = write_params(tmp_path, {"detect": {"fraction": None, "auto": True}})
+    paths = {
+        **STAGE_PATHS["detect"],
+        "out": str(tmp_path / "out"),
+        "results": str(tmp_path / "res"),
+    }
+    assert tiny.run("detect", params=params, **paths) == 0
+    m = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert 0 <= m["flagged"] < m["pairs"] and m["est_noise_rate"] == pytest.approx(
+        m["flagged"] / m["pairs"]
+    )

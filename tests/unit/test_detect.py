@@ -65,3 +65,13 @@ def test_shape_mismatch_is_an_error():
 def test_quality_without_both_classes_has_no_auroc():
     q = det.quality(np.array([0.1, 0.2]), np.array([False, True]), np.array([False, False]))
     assert "auroc" not in q and q["precision"] == 0.0
+
+
+def test_auto_flags_estimate_the_noise_rate():
+    img, txt, noisy = planted(n=600, rate=0.3)
+    r = det.detect("clip_score", img, txt, auto=True, seed=0)
+    q = det.quality(r.scores, r.noisy, noisy)
+    assert abs(q["est_noise_rate"] - 0.3) < 0.05 and q["f1"] > 0.9
+    with pytest.raises(ValueError, match="exactly one"):
+        det.flag(r.scores, fraction=0.2, auto=True)
+    assert not det.flag(np.ones(10), auto=True).any()  # nothing to separate

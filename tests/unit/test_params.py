@@ -85,3 +85,9 @@ def test_exponent_floats_read_as_numbers_like_dvc():
 
     p = load(parse_yaml("finetune:\n  lr: 5e-05\n"), "finetune")
     assert p.lr == 5e-05
+
+
+def test_detect_auto_excludes_fraction_and_threshold():
+    assert load({"detect": {"auto": True, "fraction": None}}, "detect").auto
+    with pytest.raises(ParamsError, match="or detect.auto: true"):
+        load({"detect": {"auto": True, "fraction": 0.2}}, "detect")
