@@ -98,8 +98,17 @@ class Ingest:
             )
 
 
+class _Optimised:
+    """Sections that train a model share these keys: steps, batch_size, lr, warmup, weight_decay."""
+
+    def optim_kwargs(self) -> dict[str, Any]:
+        return {
+            k: getattr(self, k) for k in ("steps", "batch_size", "lr", "warmup", "weight_decay")
+        }
+
+
 @dataclass(frozen=True)
-class Pretrain:
+class Pretrain(_Optimised):
     # An open_clip architecture name, or "otcurate-tiny" (registered by otcurate).
     arch: str = "otcurate-tiny"
     # An open_clip pretrained tag, a checkpoint file/folder, or null to train `arch` from scratch.
@@ -240,7 +249,7 @@ class NCUParams:
 
 
 @dataclass(frozen=True)
-class Finetune:
+class Finetune(_Optimised):
     method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
     steps: int = 150
     batch_size: int = 128
