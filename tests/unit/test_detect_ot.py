@@ -14,19 +14,15 @@ from otcurate import detect as det
 from otcurate.ot import ConvergenceWarning, cost_cosine, normalize_cost, sinkhorn_log
 
 F = torch.nn.functional
-# Convergence is not what these tests check (test_ot.py does; the exact-formula tests
-# give both sides the same max_iter); the warn-once test records warnings itself.
-pytestmark = pytest.mark.filterwarnings("ignore::otcurate.ot.ConvergenceWarning")
 RANDOM_METHODS = ["ot", "ncu_batch", "gmm_loss", "infoot"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small batched problems: extra threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Convergence is not what these tests check (test_ot.py does; the exact-formula tests
+# give both sides the same max_iter); the warn-once test records warnings itself.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::otcurate.ot.ConvergenceWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def planted(n=300, d=32, rate=0.2, noise=0.15, seed=0):

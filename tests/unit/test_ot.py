@@ -20,13 +20,7 @@ from otcurate.ot import (
 F = torch.nn.functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny problems: extra threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(n=17, m=29, *, seed=0, dtype=torch.float64, zeros_a=(), zeros_b=()):
