@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, write_params
+from otcurate_support import ROOT, write_params
 
 BIN = Path(sys.executable).parent
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]

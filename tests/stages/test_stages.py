@@ -13,7 +13,7 @@ import open_clip
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import STAGE_PATHS, write_params
+from otcurate_support import STAGE_PATHS, TinyRun, write_params
 from PIL import Image
 
 from otcurate.data.records import SCHEMA
@@ -204,7 +204,6 @@ def _imagefolder(root: Path, corrupt: bool = False, empty_caption: bool = False)
     [(True, False, "undecodable image"), (False, True, "empty caption")],
 )
 def test_bad_records_skip_or_fail(tmp_path, capsys, corrupt, empty, reason):
-    from conftest import TinyRun
 
     run = TinyRun(tmp_path)
     folder = _imagefolder(tmp_path / "src", corrupt=corrupt, empty_caption=empty)
@@ -256,7 +255,6 @@ def test_bad_records_skip_or_fail(tmp_path, capsys, corrupt, empty, reason):
 
 
 def test_missing_upstream_output_is_a_clear_error(tmp_path, capsys):
-    from conftest import TinyRun
 
     run = TinyRun(tmp_path)
     assert run.run("embed", data="nowhere", model="models/pretrain", out="data/embed") == 2

@@ -1,0 +1,125 @@
+"""Test support shared by the test packages: the repo on sys.path (for `stages`), tiny params,
+and `TinyRun`, which runs stage mains in a folder laid out like dvc.yaml.
+
+A plain module, not a conftest: `from conftest import ...` resolves to whichever conftest.py
+pytest imported last (tests/unit has its own), so helpers must live under a unique name."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+TINY = {
+    "base": {"seed": 0, "device": "cpu", "threads": 2},
+    "ingest": {
+        "source": "shapes",
+        "size": 400,
+        "val_fraction": 0.15,
+        "test_fraction": 0.15,
+        "shard_size": 128,
+        "noise": {"rate": 0.3},
+    },
+    "pretrain": {"steps": 12, "batch_size": 32, "warmup": 2},
+    "embed": {"batch_size": 64},
+    "detect": {"fraction": 0.3},
+    "coreset": {"fraction": 0.4},
+    "distill": {"ipc": 2},
+    "finetune": {"steps": 4, "batch_size": 32, "warmup": 1},
+    "evaluate": {"batch_size": 64},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = (
+            merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def write_params(folder: Path, overrides: dict | None = None) -> Path:
+    """A params.yaml: the repo's defaults, then TINY, then `overrides`."""
+    from otcurate.params import parse_yaml
+
+    params = merge(merge(parse_yaml((ROOT / "params.yaml").read_text()), TINY), overrides or {})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+class TinyRun:
+    """Runs stages' `main()` in a folder with the layout of dvc.yaml."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.params = write_params(root)
+
+    def p(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def args(self, stage: str, params: Path | None = None, **paths: str) -> list[str]:
+        argv = ["--params", str(params or self.params)]
+        for k, v in paths.items():
+            argv += [f"--{k}", self.p(v) if not os.path.isabs(v) else v]
+        return argv
+
+    def run(self, stage: str, params: Path | None = None, **paths: str) -> int:
+        import importlib
+
+        mod = importlib.import_module(f"stages.{stage}")
+        return mod.main(self.args(stage, params, **paths))
+
+
+STAGE_PATHS = {
+    "ingest": {"out": "data/ingest", "results": "results/ingest"},
+    "pretrain": {"data": "data/ingest", "out": "models/pretrain", "results": "results/pretrain"},
+    "embed": {"data": "data/ingest", "model": "models/pretrain", "out": "data/embed"},
+    "detect": {
+        "embed": "data/embed",
+        "data": "data/ingest",
+        "model": "models/pretrain",
+        "out": "data/detect",
+        "results": "results/detect",
+    },
+    "coreset": {
+        "embed": "data/embed",
+        "detect": "data/detect",
+        "out": "data/coreset",
+        "results": "results/coreset",
+    },
+    "distill": {
+        "data": "data/ingest",
+        "embed": "data/embed",
+        "detect": "data/detect",
+        "coreset": "data/coreset",
+        "out": "data/distill",
+        "results": "results/distill",
+    },
+    "finetune": {
+        "model": "models/pretrain",
+        "data": "data/ingest",
+        "coreset": "data/coreset",
+        "detect": "data/detect",
+        "distill": "data/distill",
+        "out": "models/finetune",
+        "results": "results/finetune",
+    },
+    "evaluate": {
+        "data": "data/ingest",
+        "base": "models/pretrain",
+        "finetuned": "models/finetune",
+        "detect": "data/detect",
+        "results": "results/evaluate",
+    },
+}
