@@ -112,3 +112,11 @@ def save_model_and_curve(clip, out_dir: str, results_dir: str, metrics: dict, cu
                 res / "plots" / "loss.tsv", {"step": steps, "loss": curve.losses, "lr": curve.lrs}
             )
         write_json(res / "metrics.json", metrics)
+
+
+def model_logit_scale(model_dir: str) -> float:
+    """exp(logit_scale) of a saved model, read from its weights alone (no open_clip import)."""
+    from safetensors import safe_open
+
+    with safe_open(f"{model_dir}/model.safetensors", framework="pt") as f:
+        return float(f.get_tensor("logit_scale").exp().clamp(max=100.0))

@@ -1,6 +1,7 @@
 """coreset: choose the train pairs to fine-tune on (uids, never copies of images).
 
-Writes `<out>/subset.parquet` (uid, weight, score) and `<results>/metrics.json`.
+The target of `goracs` is the val split (clean by construction: noise is planted in train
+only). Writes `<out>/subset.parquet` (uid, weight, score) and `<results>/metrics.json`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from otcurate import coreset as cs
-from otcurate.data.shards import read_embeddings
+from otcurate.data.shards import read_embeddings, read_split
 from otcurate.io import atomic_dir, write_json, write_parquet
 from otcurate.runtime import make_reproducible
-from stages._common import StageError, parser, read_params, run
+from stages._common import StageError, model_logit_scale, parser, read_params, run
+
+
+def _labels(data_dir: str, split: str, uids: list[str]) -> np.ndarray:
+    t = read_split(data_dir, split, columns=["uid", "label"])
+    if t["uid"].to_pylist() != uids:
+        raise StageError(f"{data_dir} ({split}) does not match the embeddings; rerun embed.")
+    return np.asarray(t["label"].to_pylist(), dtype=np.int64)
 
 
 def coreset(args) -> None:
@@ -34,7 +42,29 @@ def coreset(args) -> None:
         k = cs.budget(len(uids), len(candidates), fraction=p.fraction, size=p.size)
     except ValueError as exc:
         raise StageError(str(exc)) from exc
-    sel = cs.select(p.method, cs.Pool(candidates, image, text, scores), k, seed=base.seed)
+    extra = {}
+    if p.method == "goracs":
+        try:
+            v_uids, v_image, v_text = read_embeddings(args.embed, "val")
+        except FileNotFoundError:
+            v_uids, v_image, v_text = [], None, None
+        if not v_uids:
+            raise StageError(
+                "coreset.method goracs needs a clean target: the val split is empty; "
+                "raise ingest.val_fraction."
+            )
+        extra = dict(
+            labels=_labels(args.data, "train", uids),
+            target_image=v_image,
+            target_text=v_text,
+            target_labels=_labels(args.data, "val", v_uids),
+            logit_scale=model_logit_scale(args.model),
+        )
+    pool = cs.Pool(candidates, image, text, scores, **extra)
+    try:
+        sel = cs.select(p.method, pool, k, seed=base.seed, **p.method_kwargs())
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
     u = np.asarray(uids, dtype=object)
     with atomic_dir(args.out) as out:
         write_parquet(
@@ -53,6 +83,7 @@ def coreset(args) -> None:
         "train_pairs": len(uids),
         "fraction_of_train": len(sel.indices) / len(uids),
         "mean_score": float(np.mean(sel.scores)),
+        **sel.info,
     }
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
@@ -65,6 +96,8 @@ def main(argv=None) -> int:
     ap = parser("coreset", __doc__)
     ap.add_argument("--embed", required=True)
     ap.add_argument("--detect", required=True)
+    ap.add_argument("--data", required=True, help="ingest output folder (labels for groups)")
+    ap.add_argument("--model", required=True, help="pretrain output folder (temperature)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--results", required=True)
     return run("coreset", coreset, ap.parse_args(argv))

@@ -16,15 +16,7 @@ from otcurate.data.shards import read_embeddings, read_split
 from otcurate.evaluate import plot_score_hist
 from otcurate.io import atomic_dir, write_json, write_parquet, write_tsv
 from otcurate.runtime import make_reproducible
-from stages._common import StageError, parser, read_params, run
-
-
-def model_logit_scale(model_dir: str) -> float:
-    """exp(logit_scale) of the pretrained model, read from its weights alone."""
-    from safetensors import safe_open
-
-    with safe_open(f"{model_dir}/model.safetensors", framework="pt") as f:
-        return float(f.get_tensor("logit_scale").exp().clamp(max=100.0))
+from stages._common import StageError, model_logit_scale, parser, read_params, run
 
 
 def detect(args) -> None:

@@ -1,7 +1,9 @@
 """distill: a few examples per class, written in the ingest record format so
-`finetune` consumes them like real data.
+`finetune` consumes them like real data: real picks (`random_real`) or images synthesised
+from the class's Wasserstein barycenter in the base model's feature space (`wmdd`).
 
-Writes `<out>/train-00000.parquet` (+ classes.json) and `<results>/metrics.json`.
+Writes `<out>/train-00000.parquet` (+ classes.json) and `<results>/metrics.json`
+(wmdd adds `plots/synthetic.png` and `plots/loss.tsv`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from otcurate import distill as dist
+from otcurate.data.builtin import ClassInfo, png_bytes
+from otcurate.data.records import SCHEMA
 from otcurate.data.shards import (
     read_classes,
     read_embeddings,
@@ -21,9 +25,9 @@ from otcurate.data.shards import (
     write_classes,
     write_split,
 )
-from otcurate.io import atomic_dir, write_json
-from otcurate.runtime import make_reproducible
-from stages._common import StageError, parser, read_params, run
+from otcurate.io import atomic_dir, write_json, write_tsv
+from otcurate.runtime import make_reproducible, resolve_device
+from stages._common import StageError, live_logger, parser, read_params, run
 
 
 def distill(args) -> None:
@@ -44,19 +48,148 @@ def distill(args) -> None:
     # Candidates: pairs detect did not flag, outside the coreset (so the two add up).
     in_subset = pc.is_in(train["uid"], value_set=subset["uid"]).to_numpy(zero_copy_only=False)
     ok = ~np.asarray(flagged["noisy"].to_pylist(), dtype=bool) & ~in_subset
-    picked = dist.distill(p.method, classes, np.flatnonzero(ok), p.ipc, seed=base.seed)
-    table = train.take(pa.array(picked.indices, pa.int64()))
+    candidates = np.flatnonzero(ok)
+    extra: dict = {}
+    if p.method == "wmdd" and p.ipc > 0 and len(candidates):
+        table, metrics, extra = _wmdd(args, base, p, train, classes, candidates, info)
+    else:
+        picked = dist.distill("random_real", classes, candidates, p.ipc, seed=base.seed)
+        table = train.take(pa.array(picked.indices, pa.int64()))
+        metrics = {"pairs": table.num_rows, "classes": int(len(np.unique(picked.classes)))}
+    metrics["ipc"] = p.ipc
     with atomic_dir(args.out) as out:
         write_split(out, "train", table, shard_size=max(1, table.num_rows))
         write_classes(out, info)
-    metrics = {
-        "pairs": table.num_rows,
-        "classes": int(len(np.unique(picked.classes))),
-        "ipc": p.ipc,
-    }
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
+        if extra:
+            (res / "plots").mkdir()
+            from otcurate.evaluate import plot_image_grid
+
+            plot_image_grid(
+                res / "plots" / "synthetic.png",
+                extra["pixels"],
+                extra["row_names"],
+                f"WMDD: {len(extra['row_names'])} synthetic images, one row per class",
+            )
+            losses = extra["losses"]
+            write_tsv(res / "plots" / "loss.tsv", {"step": range(len(losses)), "loss": losses})
     print(f"distill ({p.method}): {table.num_rows} pairs for {metrics['classes']} classes")
+
+
+def _wmdd(args, base, p, train, classes, candidates, info: ClassInfo | None):
+    """Barycenters of the candidates' image features per class, then synthesised images."""
+    import time
+
+    import torch
+
+    from otcurate import models
+    from otcurate.evaluate import class_embeddings, zero_shot_accuracy
+
+    t0 = time.perf_counter()
+    device = resolve_device(base.device)
+    uids, image, text = read_embeddings(args.embed, "train")
+    if uids != train["uid"].to_pylist():
+        raise StageError(f"{args.embed} does not match {args.data}; rerun embed.")
+    bary = dist.barycenters(
+        image, classes, candidates, p.ipc, seed=base.seed, max_iter=p.barycenter_iter
+    )
+    clip = models.load(args.model, device=device)
+    cls_ids = [int(c) for c in np.unique(bary.classes)]
+    index = {c: i for i, c in enumerate(cls_ids)}
+    captions = train["caption"].to_pylist()
+    labelled = info is not None
+    if labelled:
+        names = [info.class_names[c] for c in cls_ids]
+
+        def embed_text(prompts):
+            return models.encode(clip, tokens=clip.tokenizer(prompts), batch_size=512)[1]
+
+        classifier = class_embeddings(embed_text, names, info.templates)
+    else:  # clusters: the members' mean text embedding stands in for a class prompt
+        names = [f"cluster {c}" for c in cls_ids]
+        classifier = torch.stack(
+            [text[candidates[classes[candidates] == c]].mean(0) for c in cls_ids]
+        )
+        classifier = torch.nn.functional.normalize(classifier, dim=-1)
+    rng = np.random.default_rng(base.seed)
+    real = {}
+    images_col = train["image"]
+    for c in cls_ids:
+        members = candidates[classes[candidates] == c]
+        take = np.sort(rng.choice(members, size=min(p.stat_samples, len(members)), replace=False))
+        x, _ = models.pairs_to_tensors(
+            [images_col[int(i)].as_py() for i in take], [captions[int(i)] for i in take], clip
+        )
+        real[c] = x.to(device)
+    stats = dist.class_statistics(clip.model, real)
+    cfg = clip.preprocess_cfg
+    size = cfg.get("size", [32, 32])
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    syn = dist.synthesize(
+        clip.model,
+        bary,
+        classifier,
+        index,
+        stats,
+        size=size,
+        mean=tuple(cfg.get("mean")),
+        std=tuple(cfg.get("std")),
+        scale=float(clip.model.logit_scale.exp().clamp(max=100.0)),
+        steps=p.steps,
+        lr=p.lr,
+        w_feat=p.w_feat,
+        w_ce=p.w_ce,
+        w_stat=p.w_stat,
+        seed=base.seed,
+        log=live_logger(),
+    )
+    from PIL import Image
+
+    uid, cap, lab, png = [], [], [], []
+    count: dict[int, int] = {}
+    for j, c in enumerate(bary.classes.tolist()):
+        n = count.get(c, 0)
+        count[c] = n + 1
+        uid.append(f"wmdd-{c}-{n}")
+        if labelled:
+            cap.append(info.templates[n % len(info.templates)].format(info.class_names[c]))
+        else:  # the real caption nearest (in image features) to the barycenter point
+            cap.append(captions[int(bary.nearest[j])])
+        lab.append(c if labelled else -1)
+        arr = (syn.pixels[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        png.append(png_bytes(Image.fromarray(arr)))
+    table = pa.table(
+        {
+            "uid": uid,
+            "split": ["train"] * len(uid),
+            "image": png,
+            "caption": cap,
+            "label": pa.array(lab, pa.int32()),
+            "noisy": [False] * len(uid),
+            "caption_from": uid,
+        },
+        schema=SCHEMA,
+    )
+    # Sanity: does the base model read each synthetic image as its class?
+    x, _ = models.pairs_to_tensors(png, cap, clip)
+    img, _ = models.encode(clip, x)
+    y = torch.tensor([index[c] for c in bary.classes.tolist()])
+    metrics = {
+        "pairs": table.num_rows,
+        "classes": len(cls_ids),
+        "synthetic_zs_acc": zero_shot_accuracy(img, classifier.cpu(), y),
+        "final_loss": syn.losses[-1] if syn.losses else float("nan"),
+        **{f"final_{k}": v for k, v in syn.terms.items()},
+        "barycenter_w2": float(np.mean(list(bary.cost.values()))),
+        "seconds": time.perf_counter() - t0,
+    }
+    extra = {
+        "pixels": syn.pixels.numpy(),
+        "row_names": [names[index[c]] for c in bary.classes.tolist()],
+        "losses": syn.losses,
+    }
+    return table, metrics, extra
 
 
 def main(argv=None) -> int:
@@ -65,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--embed", required=True)
     ap.add_argument("--detect", required=True)
     ap.add_argument("--coreset", required=True)
+    ap.add_argument("--model", required=True, help="pretrain output folder (wmdd's feature space)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--results", required=True)
     return run("distill", distill, ap.parse_args(argv))

@@ -95,6 +95,8 @@ STAGE_PATHS = {
     "coreset": {
         "embed": "data/embed",
         "detect": "data/detect",
+        "data": "data/ingest",
+        "model": "models/pretrain",
         "out": "data/coreset",
         "results": "results/coreset",
     },
@@ -103,6 +105,7 @@ STAGE_PATHS = {
         "embed": "data/embed",
         "detect": "data/detect",
         "coreset": "data/coreset",
+        "model": "models/pretrain",
         "out": "data/distill",
         "results": "results/distill",
     },

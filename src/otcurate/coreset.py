@@ -2,12 +2,20 @@
 
 Every method takes the candidate pool (indices into the train split) and a
 budget `k` and returns a `Selection` of sorted, unique indices.
+
+`goracs` is GORACS (OT-guided coreset selection, reference code Mithas-114/GORACS):
+the k pairs whose uniform measure is closest, in exact OT on an embedding-distance
+minus gradient-norm cost, to the uniform measure on a clean target set; greedy
+k-median first, then swaps pruned by the OT dual potentials.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,17 +25,27 @@ import torch
 class Selection:
     indices: np.ndarray  # (k,) sorted unique indices into the train split
     weights: np.ndarray  # (k,) sample weights (1.0 unless a method says otherwise)
-    scores: np.ndarray  # (k,) the score the method ranked by (NaN when it has none)
+    scores: np.ndarray  # (k,) the chosen pairs' detection scores
+    info: dict[str, Any] = field(default_factory=dict)  # method-specific metrics
 
 
 @dataclass(frozen=True)
 class Pool:
-    """What methods may use: candidate indices and per-pair data for the whole train split."""
+    """What methods may use: candidate indices and per-pair data for the whole train split.
+
+    The target (a clean set the selection should resemble, e.g. the val split) and the
+    labels are optional; methods that need them say so.
+    """
 
     candidates: np.ndarray  # (m,) indices of eligible pairs
     image: torch.Tensor  # (n, d) image embeddings
     text: torch.Tensor  # (n, d) text embeddings
     scores: np.ndarray  # (n,) detection cleanliness scores
+    labels: np.ndarray | None = None  # (n,) class ids, -1 = unknown
+    target_image: torch.Tensor | None = None  # (t, d)
+    target_text: torch.Tensor | None = None  # (t, d)
+    target_labels: np.ndarray | None = None  # (t,)
+    logit_scale: float = 100.0  # the model's CLIP temperature (for gradient norms)
 
 
 def budget(n_train: int, n_candidates: int, *, fraction: float | None, size: int | None) -> int:
@@ -46,10 +64,13 @@ def budget(n_train: int, n_candidates: int, *, fraction: float | None, size: int
     return k
 
 
-def _finish(indices: np.ndarray, scores: np.ndarray) -> Selection:
+def _finish(indices: np.ndarray, scores: np.ndarray, info: dict | None = None) -> Selection:
     order = np.argsort(indices)
     return Selection(
-        indices[order].astype(np.int64), np.ones(len(indices)), scores[order].astype(np.float64)
+        indices[order].astype(np.int64),
+        np.ones(len(indices)),
+        scores[order].astype(np.float64),
+        info or {},
     )
 
 
@@ -68,10 +89,325 @@ def clip_score(pool: Pool, k: int, *, seed: int) -> Selection:
     return _finish(chosen, pool.scores[chosen])
 
 
-METHODS: dict[str, Callable[..., Selection]] = {"random": random, "clip_score": clip_score}
+def _features(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """One vector per pair: [image, text] / sqrt(2) (unit norm when both are)."""
+    return torch.cat([image, text], dim=1) / np.sqrt(2.0)
 
 
-def select(method: str, pool: Pool, k: int, *, seed: int) -> Selection:
+def kcenter(pool: Pool, k: int, *, seed: int) -> Selection:
+    """k-center greedy (farthest-first traversal) on the pairs' [image, text] embeddings,
+    from a seeded random first centre; ``info['radius']`` is the final covering radius."""
+    cand = pool.candidates
+    x = _features(pool.image[cand], pool.text[cand]).double()
+    first = int(np.random.default_rng(seed).integers(len(cand)))
+    chosen = [first]
+    dist = torch.cdist(x, x[first : first + 1]).squeeze(1)
+    for _ in range(k - 1):
+        nxt = int(torch.argmax(dist))
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(x, x[nxt : nxt + 1]).squeeze(1))
+    idx = cand[np.asarray(chosen)]
+    return _finish(idx, pool.scores[idx], {"radius": float(dist.max())})
+
+
+# ---------------------------------------------------------------------------- GORACS
+
+
+def contrastive_grad_norms(
+    image: torch.Tensor, text: torch.Tensor, scale: float, *, batch_size: int = 256, seed: int = 0
+) -> torch.Tensor:
+    """(n,) per-pair gradient norm of the CLIP loss, on a small parameter block.
+
+    The block is a d×d linear adapter on top of each tower, at the identity (the last-layer
+    gradient of coreset methods such as CRAIG): for pair i in a random batch,
+    ℓ_i = ½[CE(row i) + CE(column i)] of ``scale·I Tᵀ``, and the adapter's per-sample
+    gradient is ∂ℓ_i/∂e ⊗ e with ‖e‖ = 1, so its norm is ‖∂ℓ_i/∂I_i‖ ⊕ ‖∂ℓ_i/∂T_i‖. Closed
+    form, batched: no per-sample loop and no model forward (it works from stored embeddings).
+    """
+    n = len(image)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    out = torch.empty(n, dtype=image.dtype, device=image.device)
+    for idx in torch.tensor_split(perm, max(1, -(-n // batch_size))):
+        idx = idx.to(image.device)
+        i, t = image[idx], text[idx]
+        logits = scale * i @ t.T
+        p = logits.softmax(dim=1)  # image -> texts, rows
+        q = logits.softmax(dim=0)  # text -> images, columns
+        g_img = 0.5 * scale * ((p @ t - t) + (q.diagonal() - 1)[:, None] * t)
+        g_txt = 0.5 * scale * ((q.T @ i - i) + (p.diagonal() - 1)[:, None] * i)
+        out[idx] = (g_img.square().sum(1) + g_txt.square().sum(1)).sqrt()
+    return out
+
+
+def goracs_cost(
+    cand_feat: torch.Tensor, target_feat: torch.Tensor, grad: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """C = D/max D − λ·g/max g, rescaled to [0, 1] (m, t): D the Euclidean distance between
+    candidate and target features, g the candidates' gradient norms."""
+    eps = torch.finfo(cand_feat.dtype).tiny
+    d = torch.cdist(cand_feat, target_feat)
+    c = d / d.max().clamp_min(eps) - lam * (grad / grad.max().clamp_min(eps))[:, None]
+    return (c - c.min()) / (c.max() - c.min()).clamp_min(eps)
+
+
+def greedy_kmedian(cost: np.ndarray, k: int) -> np.ndarray:
+    """GORACS stage 1: k rows of ``cost`` (m, t) in [0, 1], each the one that most lowers
+    Σ_j min(C_ej, m_j) (m_j the current best cost of target j, 1 at the start).
+
+    Lazy greedy: the reduction Σ_j max(0, m_j − C_ej) only shrinks as rows are added
+    (submodular), so a stale upper bound that still tops the heap after recomputation is the
+    true argmax; the result equals plain greedy (ties to the lower row index).
+    """
+    m, _ = cost.shape
+    if not 0 < k <= m:
+        raise ValueError(f"greedy_kmedian: k must be in [1, {m}]; got {k}.")
+    best = np.ones(cost.shape[1], dtype=cost.dtype)
+    gains = (1.0 - cost).sum(axis=1)
+    heap = [(-g, i) for i, g in enumerate(gains.tolist())]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    while len(chosen) < k:
+        _, i = heapq.heappop(heap)
+        g = float(np.maximum(best - cost[i], 0.0).sum())
+        if not heap or (-g, i) <= heap[0]:
+            chosen.append(i)
+            best = np.minimum(best, cost[i])
+        else:
+            heapq.heappush(heap, (-g, i))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def ot_objective(cost_rows: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Exact OT between the uniform measures on the rows and on the columns of
+    ``cost_rows`` (k, t): (cost, dual u (k,), dual v (t,)), POT's network simplex."""
+    import ot
+
+    k, t = cost_rows.shape
+    a = np.full(k, 1.0 / k)
+    b = np.full(t, 1.0 / t)
+    c = np.ascontiguousarray(cost_rows, dtype=np.float64)
+    _, log = ot.emd(a, b, c, numItermax=10_000_000, log=True)
+    return float(log["cost"]), np.asarray(log["u"]), np.asarray(log["v"])
+
+
+def swap_refine(
+    cost: np.ndarray, chosen: np.ndarray, *, max_iters: int, cut_num: int
+) -> tuple[np.ndarray, float, int, int]:
+    """GORACS stage 2: swap a member for an outsider while the exact OT objective drops.
+
+    Candidates are pruned by the current duals (u, v): a member's estimated saving on leaving
+    is u_s; an outsider's estimated cost on joining is min_j (C_oj − v_j) (its best
+    dual-feasible potential). The ``cut_num`` members with the largest u and outsiders with the
+    smallest estimate are tried, most promising pair first; the first exact improvement is
+    taken. Stops after ``max_iters`` accepted swaps or when no tried pair improves.
+    Returns (chosen, objective, swaps accepted, exact objectives evaluated).
+    """
+    chosen = np.array(chosen, dtype=np.int64)
+    obj, u, v = ot_objective(cost[chosen])
+    inside = np.zeros(len(cost), dtype=bool)
+    inside[chosen] = True
+    swaps = evals = 0
+    while swaps < max_iters and not inside.all():
+        members = np.argsort(-u, kind="stable")[:cut_num]  # positions in `chosen`
+        outsiders = np.flatnonzero(~inside)
+        est = (cost[outsiders] - v[None, :]).min(axis=1)
+        top = np.argsort(est, kind="stable")[:cut_num]
+        pairs = sorted(
+            ((est[o] - u[s], int(s), int(outsiders[o])) for s in members for o in top),
+            key=lambda x: (x[0], x[1], x[2]),
+        )
+        improved = False
+        for _, pos, new in pairs:
+            trial = chosen.copy()
+            trial[pos] = new
+            t_obj, t_u, t_v = ot_objective(cost[trial])
+            evals += 1
+            if t_obj < obj - 1e-12:
+                inside[chosen[pos]] = False
+                inside[new] = True
+                chosen, obj, u, v = trial, t_obj, t_u, t_v
+                swaps += 1
+                improved = True
+                break
+        if not improved:
+            break
+    return chosen, obj, swaps, evals
+
+
+def split_budget(k: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """k split over groups in proportion to ``weights`` (largest remainder), never above a
+    group's ``capacity``; what a full group cannot take goes to the others by weight."""
+    weights = np.asarray(weights, dtype=np.float64)
+    capacity = np.asarray(capacity, dtype=np.int64)
+    if k > capacity.sum():
+        raise ValueError(f"budget {k} exceeds the {capacity.sum()} candidates in all groups.")
+    out = np.zeros(len(weights), dtype=np.int64)
+    left = k
+    while left > 0:
+        room = out < capacity
+        w = np.where(room, weights, 0.0)
+        if w.sum() <= 0:
+            w = room.astype(np.float64)
+        share = left * w / w.sum()
+        add = np.minimum(np.floor(share).astype(np.int64), capacity - out)
+        rest = left - add.sum()
+        if rest > 0:
+            order = np.argsort(-(share - np.floor(share)) - 2 * (w > 0), kind="stable")
+            for g in order:
+                if rest == 0:
+                    break
+                if out[g] + add[g] < capacity[g]:
+                    add[g] += 1
+                    rest -= 1
+        out += add
+        left = k - out.sum()
+    return out
+
+
+def goracs(
+    pool: Pool,
+    k: int,
+    *,
+    seed: int,
+    lam: float = 0.5,
+    max_iters: int = 50,
+    cut_num: int = 10,
+    grouped: bool = True,
+    groups: int = 10,
+    target_max: int = 2000,
+    candidate_max: int = 20000,
+    grad_batch_size: int = 256,
+) -> Selection:
+    """GORACS: stage-1 greedy and stage-2 swap refinement on the OT cost to the target,
+    per group (labels, or k-means clusters of the text embeddings) with the budget split by
+    the target's group proportions. ``target_max`` subsamples the target and
+    ``candidate_max`` pre-clusters a larger candidate pool (one representative per k-means
+    cluster, the member nearest its centre), so the cost matrix stays ≤ candidate_max × target_max.
+    """
+    if pool.target_image is None or pool.target_text is None or len(pool.target_image) == 0:
+        raise ValueError("goracs needs a non-empty target set (the clean val split).")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    cand = pool.candidates
+    grad_all = contrastive_grad_norms(
+        pool.image, pool.text, pool.logit_scale, batch_size=grad_batch_size, seed=seed
+    )
+    feat = _features(pool.image[cand], pool.text[cand]).double()
+    grad = grad_all[cand].double()
+    tgt = np.arange(len(pool.target_image))
+    if len(tgt) > target_max:
+        tgt = np.sort(rng.choice(tgt, size=target_max, replace=False))
+    tfeat = _features(pool.target_image[tgt], pool.target_text[tgt]).double()
+
+    if len(cand) > candidate_max:
+        if candidate_max < k:
+            raise ValueError(
+                f"goracs: candidate_max {candidate_max} < budget {k}; raise coreset.candidate_max."
+            )
+        keep = precluster(feat.float().numpy(), candidate_max, seed=seed)
+        if len(keep) < k:  # rounding and shared nearest members can leave a few short
+            rest = np.setdiff1d(np.arange(len(cand)), keep)
+            keep = np.sort(np.concatenate([keep, rng.choice(rest, k - len(keep), replace=False)]))
+        cand, feat, grad = cand[keep], feat[keep], grad[keep]
+
+    cand_g, tgt_g = _groups(pool, cand, tgt, grouped=grouped, groups=groups, seed=seed)
+    ids = np.unique(np.concatenate([cand_g, tgt_g]))
+    weights = np.array([(tgt_g == g).sum() for g in ids], dtype=np.float64)
+    capacity = np.array([(cand_g == g).sum() for g in ids])
+    per_group = split_budget(k, weights, capacity)
+
+    chosen_all, obj_greedy, obj_refined, sizes = [], 0.0, 0.0, {}
+    swaps = evals = 0
+    for g, kg in zip(ids, per_group, strict=True):
+        if kg == 0:
+            continue
+        rows = np.flatnonzero(cand_g == g)
+        cols = np.flatnonzero(tgt_g == g)
+        if len(cols) == 0:  # a group the target lacks: only reachable when others are full
+            cols = np.arange(len(tgt))
+        cost = goracs_cost(feat[rows], tfeat[cols], grad[rows], lam).numpy()
+        first = greedy_kmedian(cost, int(kg))
+        o_g, _, _ = ot_objective(cost[first])
+        picked, o_r, s_g, e_g = swap_refine(cost, first, max_iters=max_iters, cut_num=cut_num)
+        share = kg / k
+        obj_greedy += share * o_g
+        obj_refined += share * o_r
+        swaps += s_g
+        evals += e_g
+        sizes[str(int(g))] = int(kg)
+        chosen_all.append(rows[picked])
+    pos = np.concatenate(chosen_all)
+    idx = cand[pos]
+    info = {
+        "objective_greedy": obj_greedy,
+        "objective_refined": obj_refined,
+        "swaps": swaps,
+        "objectives_evaluated": evals,
+        "groups": len(sizes),
+        "size_per_group": sizes,
+        "target_pairs": int(len(tgt)),
+        "candidates_after_preclustering": int(len(cand)),
+        "seconds": time.perf_counter() - t0,
+    }
+    return _finish(idx, pool.scores[idx], info)
+
+
+def precluster(x: np.ndarray, n_out: int, *, seed: int) -> np.ndarray:
+    """About ``n_out`` representative rows of ``x`` (sorted indices): two-level k-means,
+    ⌈√n_out⌉ coarse clusters (mini-batch), then each split in proportion to its size; the
+    member nearest each sub-centre represents it. Cost O(n·√n_out·d) per pass instead of
+    O(n·n_out·d) for one flat k-means."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.metrics import pairwise_distances_argmin
+
+    n = len(x)
+    if n <= n_out:
+        return np.arange(n)
+    coarse = int(np.ceil(np.sqrt(n_out)))
+    top = MiniBatchKMeans(n_clusters=coarse, random_state=seed, n_init=1, batch_size=4096)
+    assign = top.fit_predict(x)
+    reps: list[np.ndarray] = []
+    for c in range(coarse):
+        members = np.flatnonzero(assign == c)
+        q = min(len(members), max(1, int(round(n_out * len(members) / n))))
+        if q == len(members):
+            reps.append(members)
+            continue
+        sub = KMeans(n_clusters=q, n_init=1, max_iter=20, random_state=seed).fit(x[members])
+        reps.append(members[np.unique(pairwise_distances_argmin(sub.cluster_centers_, x[members]))])
+    return np.sort(np.concatenate(reps))
+
+
+def _groups(
+    pool: Pool, cand: np.ndarray, tgt: np.ndarray, *, grouped: bool, groups: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group ids of the candidates and the target rows: the labels when both sides have them
+    all, else k-means clusters of the text embeddings (fitted on both); one group if not
+    ``grouped``."""
+    if not grouped:
+        return np.zeros(len(cand), np.int64), np.zeros(len(tgt), np.int64)
+    if pool.labels is not None and pool.target_labels is not None:
+        lc, lt = np.asarray(pool.labels)[cand], np.asarray(pool.target_labels)[tgt]
+        if (lc >= 0).all() and (lt >= 0).all():
+            return lc.astype(np.int64), lt.astype(np.int64)
+    from otcurate.distill import clusters
+
+    both = torch.cat([pool.text[cand], pool.target_text[tgt]]).numpy()
+    ids = clusters(both, groups, seed=seed)
+    return ids[: len(cand)].astype(np.int64), ids[len(cand) :].astype(np.int64)
+
+
+METHODS: dict[str, Callable[..., Selection]] = {
+    "random": random,
+    "clip_score": clip_score,
+    "kcenter": kcenter,
+    "goracs": goracs,
+}
+
+
+def select(method: str, pool: Pool, k: int, *, seed: int, **kwargs: Any) -> Selection:
+    """Run ``method``; ``kwargs`` are its own options (only `goracs` takes any)."""
     if method not in METHODS:
         raise ValueError(f"unknown coreset method {method!r}; known: {', '.join(sorted(METHODS))}.")
-    return METHODS[method](pool, k, seed=seed)
+    return METHODS[method](pool, k, seed=seed, **kwargs)

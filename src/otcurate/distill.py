@@ -1,15 +1,23 @@
 """Dataset distillation: a few examples per class that stand in for the data.
 
-Methods return `Distilled` index picks (real examples) per class; classes are
-the data's labels, or k-means clusters of the text embeddings when it has none.
+`random_real` returns `Distilled` index picks (real examples) per class; `wmdd` (WMDD,
+reference code Liu-Hy/WMDD) synthesises images: per class, the free-support Wasserstein
+barycenter of the real image features with `ipc` points, then pixels optimised from noise
+so that each image's features land on its barycenter point, the zero-shot head calls it
+its class, and its intermediate activations match the class's real statistics. Classes
+are the data's labels, or k-means clusters of the text embeddings when it has none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from otcurate.progress import track
 
 
 @dataclass(frozen=True)
@@ -44,12 +52,238 @@ def random_real(classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: 
     return Distilled(idx[order].astype(np.int64), c[order].astype(np.int64))
 
 
-METHODS: dict[str, Callable[..., Distilled]] = {"random_real": random_real}
+# ------------------------------------------------------------------------------ WMDD
+
+
+@dataclass(frozen=True)
+class Barycenters:
+    points: torch.Tensor  # (m, d) support points, `ipc` (or fewer) per class
+    classes: np.ndarray  # (m,) the class of each point
+    nearest: np.ndarray  # (m,) index of the real candidate nearest to each point
+    cost: dict[int, float] = field(default_factory=dict)  # W2² from the class to its points
+
+
+def barycenters(
+    features: torch.Tensor,
+    classes: np.ndarray,
+    candidates: np.ndarray,
+    ipc: int,
+    *,
+    seed: int,
+    max_iter: int = 100,
+) -> Barycenters:
+    """Per class, the free-support Wasserstein barycenter (POT
+    ``ot.lp.free_support_barycenter``, uniform weights) of the candidates' features with
+    ``min(ipc, members)`` points, initialised at seeded random members."""
+    import ot
+
+    rng = np.random.default_rng(seed)
+    pts, cls, near, cost = [], [], [], {}
+    x = features.double()
+    for c in np.unique(classes[candidates]):
+        members = candidates[classes[candidates] == c]
+        k = min(ipc, len(members))
+        xm = x[members]
+        init = xm[torch.as_tensor(rng.choice(len(members), size=k, replace=False))]
+        w = torch.full((len(members),), 1.0 / len(members), dtype=x.dtype)
+        b = torch.full((k,), 1.0 / k, dtype=x.dtype)
+        bar = ot.lp.free_support_barycenter([xm], [w], init, b=b, numItermax=max_iter)
+        cost[int(c)] = float(ot.emd2(w, b, ot.dist(xm, bar)))
+        pts.append(bar)
+        cls.append(np.full(k, c))
+        near.append(members[torch.cdist(bar, xm).argmin(dim=1).numpy()])
+    if not pts:
+        d = features.shape[1]
+        return Barycenters(torch.empty(0, d), np.empty(0, np.int64), np.empty(0, np.int64))
+    return Barycenters(
+        torch.cat(pts).float(),
+        np.concatenate(cls).astype(np.int64),
+        np.concatenate(near).astype(np.int64),
+        cost,
+    )
+
+
+def stat_modules(visual: torch.nn.Module) -> list[torch.nn.Module]:
+    """Intermediate blocks whose activation statistics WMDD matches: the residual stages of a
+    ResNet tower (BatchNorm's place), else the transformer blocks of a ViT tower."""
+    if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
+        return [getattr(visual, f"layer{i}") for i in range(1, 5)]
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    return list(blocks) if blocks is not None else []
+
+
+def _moments(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance: over (N, H, W) of (N, C, H, W); over (N, L) of (N, L, D)."""
+    dims = (0, 2, 3) if a.dim() == 4 else tuple(range(a.dim() - 1))
+    return a.mean(dim=dims), a.var(dim=dims, unbiased=False)
+
+
+class _Recorder:
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.out: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, _m, _inp, output):
+        self.out.append(output[0] if isinstance(output, tuple) else output)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def class_statistics(
+    model: torch.nn.Module, images: dict[int, torch.Tensor], batch_size: int = 256
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per class, (mean, var) of each `stat_modules` activation over that class's real images
+    (normalised model inputs)."""
+    rec = _Recorder(stat_modules(model.visual))
+    was_training = model.training
+    model.eval()  # the frozen model: BatchNorm with its running statistics
+    out = {}
+    try:
+        for c, x in images.items():
+            sums: list[list[torch.Tensor]] = []
+            n = 0
+            for i in range(0, len(x), batch_size):
+                rec.out.clear()
+                xb = x[i : i + batch_size]
+                model.encode_image(xb)
+                w = len(xb)
+                moments = [_moments(a) for a in rec.out]
+                m2 = [(mu, var + mu.square()) for mu, var in moments]  # E[a], E[a²]
+                if not sums:
+                    sums = [[mu * w, sq * w] for mu, sq in m2]
+                else:
+                    for acc, (mu, sq) in zip(sums, m2, strict=True):
+                        acc[0] += mu * w
+                        acc[1] += sq * w
+                n += w
+            out[int(c)] = [(a / n, b / n - (a / n).square()) for a, b in sums]
+    finally:
+        rec.close()
+        model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    pixels: torch.Tensor  # (m, 3, H, W) in [0, 1]
+    losses: list[float]
+    terms: dict[str, float]  # the last step's loss terms
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
+    """Random crop (pad by reflection, crop back at a random offset) and horizontal flip."""
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
+    x = xp[..., i : i + h, j : j + w]
+    if bool(torch.randint(0, 2, (1,), generator=gen)):
+        x = x.flip(-1)
+    return x
+
+
+def synthesize(
+    model: torch.nn.Module,
+    bary: Barycenters,
+    classifier: torch.Tensor,
+    class_index: dict[int, int],
+    real_stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    size: tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    scale: float,
+    steps: int,
+    lr: float,
+    w_feat: float = 1.0,
+    w_ce: float = 1.0,
+    w_stat: float = 1.0,
+    seed: int = 0,
+    log: Callable[[str, float, int], None] | None = None,
+) -> Synthetic:
+    """WMDD image synthesis: one image per barycenter point, optimised from noise.
+
+    Loss per step (batch means): w_feat·‖f(x̃_i) − point_i‖² + w_ce·CE(scale·f(x̃)·Wᵀ, y)
+    + w_stat·Σ_classes Σ_layers (‖μ̃ − μ‖ + ‖σ̃² − σ²‖)/classes, with f the L2-normalised image
+    embedding, W the zero-shot class embeddings (``classifier``, rows indexed through
+    ``class_index``), and (μ, σ²) the class's real activation statistics. Random crop/flip
+    each step; Adam betas (0.5, 0.9), cosine lr; pixels clipped to [0, 1] after each step.
+    The model's weights are not changed.
+    """
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    m = len(bary.points)
+    pix = torch.rand(m, 3, *size, generator=gen).mul_(0.2).add_(0.4).to(dev).requires_grad_(True)
+    mu = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    sd = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    target = bary.points.to(dev)
+    y = torch.tensor([class_index[int(c)] for c in bary.classes], device=dev)
+    groups = {
+        int(c): torch.as_tensor(np.flatnonzero(bary.classes == c), device=dev)
+        for c in np.unique(bary.classes)
+    }
+    opt = torch.optim.Adam([pix], lr=lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rec = _Recorder(stat_modules(model.visual))
+    losses, terms = [], {}
+    pad = max(1, size[0] // 8)
+    try:
+        for step in track(range(steps), total=steps, description="distill (wmdd): synthesis"):
+            rec.out.clear()
+            x = _augment(pix, gen, pad)
+            f = F.normalize(model.encode_image((x - mu) / sd), dim=-1)
+            feat = (f - target).square().sum(dim=1).mean()
+            ce = F.cross_entropy(scale * f @ classifier.to(dev).T, y)
+            stat = torch.zeros((), device=dev)
+            for c, rows in groups.items():
+                if c not in real_stats:
+                    continue
+                for a, (rm, rv) in zip(rec.out, real_stats[c], strict=True):
+                    sm, sv = _moments(a[rows] if a.shape[0] == m else a[:, rows])
+                    stat = (
+                        stat
+                        + torch.linalg.vector_norm(sm - rm.to(dev))
+                        + torch.linalg.vector_norm(sv - rv.to(dev))
+                    )
+            stat = stat / max(1, len(groups))
+            loss = w_feat * feat + w_ce * ce + w_stat * stat
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                pix.clamp_(0.0, 1.0)
+            losses.append(float(loss))
+            terms = {"feature": float(feat), "ce": float(ce), "statistics": float(stat)}
+            if log is not None:
+                for k, v in terms.items():
+                    log(f"wmdd_{k}", v, step)
+    finally:
+        rec.close()
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return Synthetic(pix.detach().cpu(), losses, terms)
+
+
+METHODS: dict[str, Callable[..., object]] = {"random_real": random_real, "wmdd": synthesize}
+PICKERS: dict[str, Callable[..., Distilled]] = {"random_real": random_real}
 
 
 def distill(
     method: str, classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: int
 ) -> Distilled:
-    if method not in METHODS:
-        raise ValueError(f"unknown distill method {method!r}; known: {', '.join(sorted(METHODS))}.")
-    return METHODS[method](classes, candidates, ipc, seed=seed)
+    """Index-picking methods (real examples); `wmdd` synthesises instead (`barycenters` +
+    `synthesize`)."""
+    if method not in PICKERS:
+        raise ValueError(
+            f"{method!r} does not pick real examples; pickers: {', '.join(sorted(PICKERS))}."
+        )
+    return PICKERS[method](classes, candidates, ipc, seed=seed)

@@ -118,3 +118,31 @@ def plot_comparison(path, rows: Mapping[str, Mapping[str, float]], metrics: Sequ
     ax.legend()
     _savefig(fig, path)
     plt.close(fig)
+
+
+def plot_image_grid(path, pixels: np.ndarray, rows: Sequence[str], title: str) -> None:
+    """Images (m, 3, H, W) in [0, 1] as a grid, one row per name in ``rows`` (equal counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(rows))
+    per = {n: [i for i, r in enumerate(rows) if r == n] for n in names}
+    cols = max(len(v) for v in per.values())
+    fig, axes = plt.subplots(
+        len(names), cols, figsize=(0.9 * cols + 1.2, 0.9 * len(names) + 0.4), squeeze=False
+    )
+    for r, n in enumerate(names):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if c < len(per[n]):
+                ax.imshow(np.transpose(pixels[per[n][c]], (1, 2, 0)).clip(0, 1))
+        axes[r][0].set_ylabel(n, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _savefig(fig, path)
+    plt.close(fig)

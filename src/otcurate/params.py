@@ -194,8 +194,28 @@ class Coreset:
     size: int | None = None
     # Leave out the pairs that `detect` flagged noisy.
     exclude_flagged: bool = True
+    # goracs: cost = distance/max − lam·gradnorm/max; swap refinement limits.
+    lam: float = 0.5
+    max_iters: int = 50  # accepted swaps at most
+    cut_num: int = 10  # members and outsiders tried per swap round (dual-pruned)
+    grouped: bool = True  # split the budget by the target's classes (or text clusters)
+    groups: int = 10  # k-means clusters of the text embeddings when there are no labels
+    target_max: int = 2000  # subsample the target (val) to at most this many pairs
+    candidate_max: int = 20000  # pre-cluster more candidates than this into representatives
+    grad_batch_size: int = 256  # batches for the per-pair gradient norms
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The extra keyword arguments of the chosen method (only goracs has any)."""
+        if self.method != "goracs":
+            return {}
+        keys = ("lam", "max_iters", "cut_num", "grouped", "groups", "target_max")
+        return {k: getattr(self, k) for k in (*keys, "candidate_max", "grad_batch_size")}
 
     def check(self) -> None:
+        _nonneg("coreset.lam", self.lam)
+        _nonneg("coreset.max_iters", self.max_iters)
+        for name in ("cut_num", "groups", "target_max", "candidate_max", "grad_batch_size"):
+            _positive(f"coreset.{name}", getattr(self, name))
         if (self.fraction is None) == (self.size is None):
             raise ParamsError(
                 "coreset: set exactly one of coreset.fraction and coreset.size "
@@ -215,10 +235,22 @@ class Distill:
     ipc: int = 10
     # Clusters of the text embeddings used as classes when the data has no labels.
     clusters: int = 10
+    # wmdd: barycenter iterations, then pixel optimisation (Adam betas (0.5, 0.9), cosine lr).
+    barycenter_iter: int = 100
+    steps: int = 300
+    lr: float = 0.05
+    w_feat: float = 1.0  # feature-to-barycenter distance
+    w_ce: float = 1.0  # cross-entropy against the zero-shot class embeddings
+    w_stat: float = 1.0  # per-class activation statistics matching
+    stat_samples: int = 256  # real images per class for the statistics
 
     def check(self) -> None:
         _nonneg("distill.ipc", self.ipc)
         _positive("distill.clusters", self.clusters)
+        for name in ("barycenter_iter", "steps", "lr", "stat_samples"):
+            _positive(f"distill.{name}", getattr(self, name))
+        for name in ("w_feat", "w_ce", "w_stat"):
+            _nonneg(f"distill.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,112 @@ def test_finetune_methods_run_through_the_stage(tiny, tmp_path, method, source):
     )
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_goracs_through_the_stage(tiny, tmp_path, grouped):
+    params = write_params(
+        tmp_path,
+        {"coreset": {"method": "goracs", "fraction": 0.2, "grouped": grouped, "groups": 3}},
+    )
+    paths = {**STAGE_PATHS["coreset"], "out": str(tmp_path / "cs"), "results": str(tmp_path / "r")}
+    assert tiny.run("coreset", params=params, **paths) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    sub = pq.read_table(tmp_path / "cs" / "subset.parquet")
+    det = pq.read_table(tiny.p("data/detect/scores.parquet"))
+    flagged = set(det.filter(det["noisy"])["uid"].to_pylist())
+    assert sub.num_rows == m["size"] == round(0.2 * m["train_pairs"])
+    assert not flagged & set(sub["uid"].to_pylist())  # exclude_flagged holds for goracs too
+    assert m["objective_refined"] <= m["objective_greedy"]
+    assert sum(m["size_per_group"].values()) == m["size"]
+    assert (m["groups"] > 1) == grouped  # shapes has labels: one group per shape in val
+    assert m["target_pairs"] > 0 and m["seconds"] > 0
+
+
+def test_kcenter_through_the_stage(tiny, tmp_path):
+    params = write_params(tmp_path, {"coreset": {"method": "kcenter", "fraction": 0.2}})
+    paths = {**STAGE_PATHS["coreset"], "out": str(tmp_path / "cs"), "results": str(tmp_path / "r")}
+    assert tiny.run("coreset", params=params, **paths) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["size"] == round(0.2 * m["train_pairs"]) and m["radius"] > 0
+
+
+def test_goracs_without_val_embeddings_says_so(tiny, tmp_path, capsys):
+    """ingest refuses an empty val split; an embed folder without val shards gets the fix too."""
+    import shutil
+
+    shutil.copytree(tiny.p("data/embed"), tmp_path / "embed")
+    for f in (tmp_path / "embed").glob("val-*"):
+        f.unlink()
+    params = write_params(tmp_path, {"coreset": {"method": "goracs"}})
+    cs = {
+        **STAGE_PATHS["coreset"],
+        "embed": str(tmp_path / "embed"),
+        "out": str(tmp_path / "cs"),
+        "results": str(tmp_path / "rc"),
+    }
+    assert tiny.run("coreset", params=params, **cs) == 2
+    assert "the val split is empty; raise ingest.val_fraction" in capsys.readouterr().err
+    assert not (tmp_path / "cs").exists()
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_wmdd_through_the_stage_feeds_finetune(tiny, tmp_path, labelled):
+    """Synthetic pairs in the ingest format; without classes.json, k-means clusters stand in."""
+    import shutil
+
+    from otcurate.data.records import SCHEMA, check_record
+    from otcurate.data.shards import read_split
+
+    params = write_params(
+        tmp_path,
+        {
+            "distill": {"method": "wmdd", "ipc": 2, "steps": 5, "stat_samples": 16, "clusters": 3},
+            "finetune": {"steps": 2},
+        },
+    )
+    data = tiny.p("data/ingest")
+    if not labelled:
+        shutil.copytree(data, tmp_path / "ingest")
+        (tmp_path / "ingest" / "classes.json").unlink()
+        data = str(tmp_path / "ingest")
+    paths = {
+        **STAGE_PATHS["distill"],
+        "data": data,
+        "out": str(tmp_path / "d"),
+        "results": str(tmp_path / "r"),
+    }
+    assert tiny.run("distill", params=params, **paths) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    syn = read_split(tmp_path / "d", "train")
+    assert syn.schema.equals(SCHEMA)
+    assert syn.num_rows == m["pairs"] == 2 * m["classes"] and m["classes"] == (7 if labelled else 3)
+    assert all(u.startswith("wmdd-") for u in syn["uid"].to_pylist())
+    assert all(
+        check_record(b, c) is None
+        for b, c in zip(syn["image"].to_pylist(), syn["caption"].to_pylist(), strict=True)
+    )
+    train_captions = set(read_split(data, "train", columns=["caption"])["caption"].to_pylist())
+    if labelled:
+        assert min(syn["label"].to_pylist()) >= 0
+        assert not set(syn["caption"].to_pylist()) & train_captions  # from the class templates
+    else:
+        assert set(syn["label"].to_pylist()) == {-1}
+        assert set(syn["caption"].to_pylist()) <= train_captions  # nearest real captions
+    assert (tmp_path / "r" / "plots" / "synthetic.png").stat().st_size > 0
+    assert len((tmp_path / "r" / "plots" / "loss.tsv").read_text().splitlines()) == 1 + 5
+    assert 0.0 <= m["synthetic_zs_acc"] <= 1.0 and m["barycenter_w2"] >= 0
+    ft = {
+        **STAGE_PATHS["finetune"],
+        "data": data,
+        "distill": str(tmp_path / "d"),
+        "out": str(tmp_path / "model"),
+        "results": str(tmp_path / "rf"),
+    }
+    assert tiny.run("finetune", params=params, **ft) == 0
+    assert (
+        json.loads((tmp_path / "rf" / "metrics.json").read_text())["distilled_pairs"] == m["pairs"]
+    )
+
+
 def test_detect_auto_flagging_through_the_stage(tiny, tmp_path):
     params = write_params(tmp_path, {"detect": {"fraction": None, "auto": True}})
     paths = {

@@ -11,7 +11,8 @@ def pool(n=50, flagged=()):
     e = torch.randn(n, 8, generator=g)
     scores = np.linspace(0, 1, n)[::-1].copy()
     cand = np.array([i for i in range(n) if i not in set(flagged)])
-    return cs.Pool(cand, e, e, scores)
+    target = torch.randn(10, 8, generator=g)
+    return cs.Pool(cand, e, e, scores, target_image=target, target_text=target)
 
 
 @pytest.mark.parametrize("method", sorted(cs.METHODS))

@@ -1,0 +1,345 @@
+"""Curation benchmark: coreset selection and dataset distillation against their baselines,
+through the pipeline's own stages (`stages.<name>.main` with params overrides).
+
+For each dataset x seed (noise 0.2), in a scratch folder:
+- ingest -> pretrain (the base) -> embed -> detect (clip_score, flagging the planted rate);
+- coreset at each budget with random / clip_score / kcenter / goracs (unflagged candidates),
+  then `finetune` (clip) on the coreset alone; plus `all_clean` (every truly clean train pair);
+- distill at each ipc with random_real / wmdd, then a model fine-tuned from the base on the
+  distilled set alone, and one trained from scratch on it (`pretrain` on the distilled data);
+- every model evaluated on the clean test split (zs_acc, i2t_r1, t2i_r1).
+Then selection time of `goracs` on synthetic 512-d embeddings at 10k, 100k, 1M pairs and the
+fitted scaling exponent.
+
+Writes bench/results/curation.json (flat rows) and curation.md. One command:
+
+    .venv/bin/python bench/curation.py                                  # the full grid
+    .venv/bin/python bench/curation.py --datasets shapes --seeds 0 --scale 10000   # a slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import DATASETS, PRETRAIN, Workspace, evaluate_model  # noqa: E402
+
+CORESETS = ["random", "clip_score", "kcenter", "goracs"]
+DISTILLERS = ["random_real", "wmdd"]
+METRICS = ("zs_acc", "i2t_r1", "t2i_r1")
+
+
+def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from otcurate.data.shards import read_split
+
+    rows: list[dict] = []
+
+    def row(stage: str, setting, method: str, metric: str, value) -> None:
+        rows.append(
+            {
+                "bench": "curation",
+                "dataset": dataset,
+                "noise": args.noise,
+                "seed": seed,
+                "stage": stage,
+                "setting": setting,
+                "method": method,
+                "metric": metric,
+                "value": float(value),
+            }
+        )
+
+    common = {
+        "base": {"seed": seed},
+        "ingest": DATASETS[dataset] | {"noise": {"rate": args.noise}},
+        "pretrain": PRETRAIN[dataset],
+        "detect": {"method": "clip_score", "fraction": args.noise},
+        "finetune": {"method": "clip", "steps": args.steps, "lr": args.lr},
+    }
+    ws = Workspace(work / f"{dataset}-{seed}", common)
+    ws.run("ingest", out="ingest", results="r-ingest")
+    ws.run("pretrain", data="ingest", out="base", results="r-base")
+    ws.run("embed", data="ingest", model="base", out="embed")
+    ws.run("detect", embed="embed", data="ingest", model="base", out="detect", results="r-detect")
+
+    def evaluate(stage: str, setting, method: str, model: str) -> None:
+        for k, v in evaluate_model(ws, "ingest", model).items():
+            if k in METRICS:
+                row(stage, setting, method, k, v)
+
+    evaluate("base", "-", "base", "base")
+
+    def write_subset(name: str, uids: list[str]) -> str:
+        (ws.root / name).mkdir(parents=True, exist_ok=True)
+        n = len(uids)
+        table = pa.table(
+            {"uid": pa.array(uids, pa.string()), "weight": [1.0] * n, "score": [0.0] * n}
+        )
+        pq.write_table(table, ws.root / name / "subset.parquet")
+        return name
+
+    def finetune(coreset: str, distill: str, out: str) -> None:
+        ws.run(
+            "finetune",
+            model="base",
+            data="ingest",
+            coreset=coreset,
+            detect="detect",
+            distill=distill,
+            out=out,
+            results=f"r-{out}",
+        )
+
+    def distill(method: str, ipc: int, coreset: str, out: str) -> float:
+        return ws.run(
+            "distill",
+            {"distill": {"method": method, "ipc": ipc}},
+            data="ingest",
+            embed="embed",
+            detect="detect",
+            coreset=coreset,
+            model="base",
+            out=out,
+            results=f"r-{out}",
+        )
+
+    # Coreset alone: an empty distilled set beside it (bench-only empty subset file).
+    empty = write_subset("coreset-empty", [])
+    distill("random_real", 0, empty, "distill-none")
+    for budget in args.budgets:
+        for method in CORESETS:
+            tag = f"coreset-{method}-{budget}"
+            sec = ws.run(
+                "coreset",
+                {"coreset": {"method": method, "fraction": budget}},
+                embed="embed",
+                detect="detect",
+                data="ingest",
+                model="base",
+                out=tag,
+                results=f"r-{tag}",
+            )
+            row("coreset", budget, method, "seconds", sec)
+            if method == "goracs":
+                m = json.loads((ws.root / f"r-{tag}" / "metrics.json").read_text())
+                for k in ("objective_greedy", "objective_refined", "swaps"):
+                    row("coreset", budget, method, k, m[k])
+            finetune(tag, "distill-none", f"ft-{tag}")
+            evaluate("finetune_coreset", budget, method, f"ft-{tag}")
+    truth = read_split(ws.root / "ingest", "train", columns=["uid", "noisy"])
+    pairs = zip(truth["uid"].to_pylist(), truth["noisy"].to_pylist(), strict=True)
+    clean = write_subset("coreset-all_clean", [u for u, noisy in pairs if not noisy])
+    finetune(clean, "distill-none", "ft-all_clean")
+    evaluate("finetune_coreset", "all", "all_clean", "ft-all_clean")
+
+    # Distilled set alone: fine-tuned from the base, and trained from scratch.
+    for ipc in args.ipc:
+        for method in DISTILLERS:
+            tag = f"distill-{method}-{ipc}"
+            row("distill", ipc, method, "seconds", distill(method, ipc, empty, tag))
+            m = json.loads((ws.root / f"r-{tag}" / "metrics.json").read_text())
+            if "synthetic_zs_acc" in m:
+                row("distill", ipc, method, "synthetic_zs_acc", m["synthetic_zs_acc"])
+            finetune(empty, tag, f"ft-{tag}")
+            evaluate("finetune_distill", ipc, method, f"ft-{tag}")
+            scratch = {"pretrain": {"steps": args.scratch_steps, "batch_size": 64, "warmup": 10}}
+            ws.run("pretrain", scratch, data=tag, out=f"scratch-{tag}", results=f"r-scratch-{tag}")
+            evaluate("scratch_distill", ipc, method, f"scratch-{tag}")
+    return rows
+
+
+def scaling(sizes: list[int], seed: int, frac: float) -> list[dict]:
+    """goracs selection seconds on synthetic 512-d embeddings (clustered, unit norm)."""
+    import numpy as np
+    import torch
+
+    from otcurate import coreset as cs
+
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.nn.functional.normalize(torch.randn(50, 512, generator=g), dim=1)
+        lab = torch.randint(0, 50, (n,), generator=g)
+        img = torch.nn.functional.normalize(
+            centres[lab] + 0.3 * torch.randn(n, 512, generator=g), dim=1
+        )
+        txt = torch.nn.functional.normalize(
+            centres[lab] + 0.3 * torch.randn(n, 512, generator=g), dim=1
+        )
+        tl = torch.randint(0, 50, (2000,), generator=g)
+        t_img = torch.nn.functional.normalize(
+            centres[tl] + 0.3 * torch.randn(2000, 512, generator=g), dim=1
+        )
+        t_txt = torch.nn.functional.normalize(
+            centres[tl] + 0.3 * torch.randn(2000, 512, generator=g), dim=1
+        )
+        pool = cs.Pool(
+            np.arange(n),
+            img,
+            txt,
+            np.zeros(n),
+            target_image=t_img,
+            target_text=t_txt,
+            logit_scale=50.0,
+        )
+        k = max(10, int(frac * n))
+        t0 = time.perf_counter()
+        sel = cs.select(
+            "goracs", pool, k, seed=seed, groups=10, target_max=1000, candidate_max=20000
+        )
+        sec = time.perf_counter() - t0
+        print(
+            f"[curation] goracs n={n} k={k}: {sec:.1f} s, candidates {sel.info['candidates_after_preclustering']}",
+            flush=True,
+        )
+        for metric, value in (
+            ("seconds", sec),
+            ("k", k),
+            ("candidates_after_preclustering", sel.info["candidates_after_preclustering"]),
+        ):
+            rows.append(
+                {
+                    "bench": "curation",
+                    "case": "goracs_selection",
+                    "n": n,
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
+    if len(sizes) > 1:
+        x = np.log([r["n"] for r in rows if r["metric"] == "seconds"])
+        y = np.log([r["value"] for r in rows if r["metric"] == "seconds"])
+        rows.append(
+            {
+                "bench": "curation",
+                "case": "goracs_selection",
+                "n": max(sizes),
+                "metric": "scaling_exponent",
+                "value": float(np.polyfit(x, y, 1)[0]),
+            }
+        )
+    return rows
+
+
+SECTIONS = (
+    ("base", "the base model (pre-trained on the noisy train split)", list(METRICS)),
+    (
+        "coreset",
+        "coreset selection (budget = fraction of train)",
+        ["seconds", "objective_greedy", "objective_refined", "swaps"],
+    ),
+    ("finetune_coreset", "fine-tuned from the base on the coreset alone", list(METRICS)),
+    ("distill", "distillation (ipc = images per class)", ["seconds", "synthetic_zs_acc"]),
+    ("finetune_distill", "fine-tuned from the base on the distilled set alone", list(METRICS)),
+    ("scratch_distill", "trained from scratch on the distilled set alone", list(METRICS)),
+)
+
+
+def table(rows: list[dict]) -> str:
+    from collections import defaultdict
+
+    import numpy as np
+
+    agg: dict = defaultdict(list)
+    for r in rows:
+        if "dataset" in r:
+            agg[(r["stage"], r["dataset"], str(r["setting"]), r["method"], r["metric"])].append(
+                r["value"]
+            )
+    out = [
+        "# Curation benchmark",
+        "",
+        "Mean ± std over seeds (n = seeds); clean test split; planted noise as in the rows' `noise`. "
+        "Generated by `bench/curation.py` (its arguments decide the slice).",
+        "",
+    ]
+    for stage, title, metrics in SECTIONS:
+        keys = sorted({(d, k, m) for (s, d, k, m, _) in agg if s == stage})
+        if not keys:
+            continue
+        out += [
+            f"## {title}",
+            "",
+            "| dataset | setting | method | " + " | ".join(metrics) + " | n |",
+            "|---|---|---|" + "---:|" * (len(metrics) + 1),
+        ]
+        for d, k, m in keys:
+            vals = [agg.get((stage, d, k, m, x), []) for x in metrics]
+            cells = ["—" if not v else f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in vals]
+            out.append(
+                f"| {d} | {k} | {m} | " + " | ".join(cells) + f" | {max(len(v) for v in vals)} |"
+            )
+        out.append("")
+    scale = [r for r in rows if r.get("case") == "goracs_selection"]
+    if scale:
+        out += [
+            "## goracs selection time (synthetic 512-d, k = 1% of n, target 1000, candidates pre-clustered to about 20000)",
+            "",
+            "| n | k | candidates after pre-clustering | seconds |",
+            "|---:|---:|---:|---:|",
+        ]
+        for n in sorted({r["n"] for r in scale if r["metric"] == "seconds"}):
+            get = {
+                r["metric"]: r["value"]
+                for r in scale
+                if r["n"] == n and r["metric"] != "scaling_exponent"
+            }
+            out.append(
+                f"| {n} | {get['k']:.0f} | {get['candidates_after_preclustering']:.0f} | {get['seconds']:.1f} |"
+            )
+        exp = [r["value"] for r in scale if r["metric"] == "scaling_exponent"]
+        if exp:
+            out += ["", f"Fitted scaling exponent (log seconds on log n): {exp[0]:.2f}"]
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    ap.add_argument("--ipc", nargs="+", type=int, default=[1, 10])
+    ap.add_argument(
+        "--steps", type=int, default=200, help="fine-tuning steps, equal for every method"
+    )
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--scratch-steps", type=int, default=300)
+    ap.add_argument("--scale", nargs="*", type=int, default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "curation")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    rows: list[dict] = []
+
+    def save():
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "curation.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / "curation.md").write_text(table(rows))
+
+    for d in args.datasets:
+        for s in args.seeds:
+            t0 = time.perf_counter()
+            rows += one(d, s, args.work, args)
+            print(f"[curation] {d} seed={s}: {time.perf_counter() - t0:.0f} s", flush=True)
+            save()
+    if args.scale:
+        rows += scaling(args.scale, 0, 0.01)
+        save()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
