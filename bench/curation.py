@@ -70,7 +70,14 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     ws.run("ingest", out="ingest", results="r-ingest")
     ws.run("pretrain", data="ingest", out="base", results="r-base")
     ws.run("embed", data="ingest", model="base", out="embed")
-    ws.run("detect", embed="embed", data="ingest", model="base", out="detect", results="r-detect")
+    ws.run(
+        "detect",
+        embed="embed",
+        data="ingest",
+        model="base",
+        out="detect-clip_score",
+        results="r-detect",
+    )
 
     def evaluate(stage: str, setting, method: str, model: str) -> None:
         for k, v in evaluate_model(ws, "ingest", model).items():
@@ -94,7 +101,7 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
             model="base",
             data="ingest",
             coreset=coreset,
-            detect="detect",
+            detect="detect-clip_score",
             distill=distill,
             out=out,
             results=f"r-{out}",
@@ -106,7 +113,7 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
             {"distill": {"method": method, "ipc": ipc}},
             data="ingest",
             embed="embed",
-            detect="detect",
+            detect="detect-clip_score",
             coreset=coreset,
             model="base",
             out=out,
@@ -123,7 +130,7 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
                 "coreset",
                 {"coreset": {"method": method, "fraction": budget}},
                 embed="embed",
-                detect="detect",
+                detect="detect-clip_score",
                 data="ingest",
                 model="base",
                 out=tag,
