@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from otcurate import distill as dist
-from otcurate.data.builtin import ClassInfo, png_bytes
+from otcurate.data.builtin import png_bytes
 from otcurate.data.records import SCHEMA
 from otcurate.data.shards import (
     read_classes,
@@ -40,18 +40,23 @@ def distill(args) -> None:
     if flagged["uid"].to_pylist() != train["uid"].to_pylist():
         raise StageError(f"{args.detect} does not match {args.data}; rerun detect.")
     labels = np.asarray(train["label"].to_pylist())
-    if info is None or (labels < 0).any():
-        _, _, text = read_embeddings(args.embed, "train")
-        classes = dist.clusters(text.numpy(), p.clusters, seed=base.seed)
-    else:
-        classes = labels
+    labelled = info is not None and bool((labels >= 0).all())
+    wmdd = p.method == "wmdd" and p.ipc > 0
+    image = text = None
+    if wmdd or not labelled:  # read once: clusters need the text, wmdd both
+        uids, image, text = read_embeddings(args.embed, "train")
+        if uids != train["uid"].to_pylist():
+            raise StageError(f"{args.embed} does not match {args.data}; rerun embed.")
+    classes = labels if labelled else dist.clusters(text.numpy(), p.clusters, seed=base.seed)
     # Candidates: pairs detect did not flag, outside the coreset (so the two add up).
     in_subset = pc.is_in(train["uid"], value_set=subset["uid"]).to_numpy(zero_copy_only=False)
     ok = ~np.asarray(flagged["noisy"].to_pylist(), dtype=bool) & ~in_subset
     candidates = np.flatnonzero(ok)
     extra: dict = {}
-    if p.method == "wmdd" and p.ipc > 0 and len(candidates):
-        table, metrics, extra = _wmdd(args, base, p, train, classes, candidates, info)
+    if wmdd and len(candidates):
+        table, metrics, extra = _wmdd(
+            args, base, p, train, image, text, classes, candidates, info if labelled else None
+        )
     else:
         picked = dist.distill("random_real", classes, candidates, p.ipc, seed=base.seed)
         table = train.take(pa.array(picked.indices, pa.int64()))
@@ -77,8 +82,11 @@ def distill(args) -> None:
     print(f"distill ({p.method}): {table.num_rows} pairs for {metrics['classes']} classes")
 
 
-def _wmdd(args, base, p, train, classes, candidates, info: ClassInfo | None):
-    """Barycenters of the candidates' image features per class, then synthesised images."""
+def _wmdd(args, base, p, train, image, text, classes, candidates, info):
+    """Barycenters of the candidates' image features per class, then synthesised images.
+
+    ``info`` is None when ``classes`` are text clusters (no usable labels)."""
+    import functools
     import time
 
     import torch
@@ -88,9 +96,6 @@ def _wmdd(args, base, p, train, classes, candidates, info: ClassInfo | None):
 
     t0 = time.perf_counter()
     device = resolve_device(base.device)
-    uids, image, text = read_embeddings(args.embed, "train")
-    if uids != train["uid"].to_pylist():
-        raise StageError(f"{args.embed} does not match {args.data}; rerun embed.")
     bary = dist.barycenters(
         image, classes, candidates, p.ipc, seed=base.seed, max_iter=p.barycenter_iter
     )
@@ -101,10 +106,7 @@ def _wmdd(args, base, p, train, classes, candidates, info: ClassInfo | None):
     labelled = info is not None
     if labelled:
         names = [info.class_names[c] for c in cls_ids]
-
-        def embed_text(prompts):
-            return models.encode(clip, tokens=clip.tokenizer(prompts), batch_size=512)[1]
-
+        embed_text = functools.partial(models.encode_texts, clip, batch_size=512)
         classifier = class_embeddings(embed_text, names, info.templates)
     else:  # clusters: the members' mean text embedding stands in for a class prompt
         names = [f"cluster {c}" for c in cls_ids]
@@ -124,8 +126,7 @@ def _wmdd(args, base, p, train, classes, candidates, info: ClassInfo | None):
         real[c] = x.to(device)
     stats = dist.class_statistics(clip.model, real)
     cfg = clip.preprocess_cfg
-    size = cfg.get("size", [32, 32])
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = models.input_size(cfg) or (32, 32)
     syn = dist.synthesize(
         clip.model,
         bary,

@@ -7,6 +7,7 @@ and detection quality from `detect`. Writes `<results>/metrics.json`,
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -30,10 +31,7 @@ def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[s
     out = ev.retrieval_recall(img, txt, test["caption"].to_pylist(), ks)
     labels = torch.tensor(test["label"].to_pylist())
     if info is not None and (labels >= 0).all():
-
-        def embed_text(prompts):
-            return models.encode(clip, tokens=clip.tokenizer(prompts), batch_size=batch_size)[1]
-
+        embed_text = functools.partial(models.encode_texts, clip, batch_size=batch_size)
         classes = ev.class_embeddings(embed_text, info.class_names, info.templates)
         out["zs_acc"] = ev.zero_shot_accuracy(img, classes, labels)
         out["zs_acc_top5"] = ev.zero_shot_accuracy(img, classes, labels, topk=5)

@@ -132,6 +132,19 @@ def encode(
     return out[0], out[1]
 
 
+def encode_texts(clip: Clip, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised text embeddings (N, d) of raw strings (prompts, captions)."""
+    return encode(clip, tokens=clip.tokenizer(list(texts)), batch_size=batch_size)[1]
+
+
+def input_size(cfg: dict) -> tuple[int, int] | None:
+    """The model's input (H, W) from its preprocess config, or None when it has none."""
+    size = cfg.get("size")
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def pairs_to_tensors(
     images: list[bytes], captions: list[str], clip: Clip
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +152,7 @@ def pairs_to_tensors(
     from otcurate.data.records import decode_rgb
 
     if not images:
-        size = clip.preprocess_cfg.get("size", [32, 32])
+        size = input_size(clip.preprocess_cfg) or (32, 32)
         return torch.empty(0, 3, *size), torch.empty(
             0, clip.model_cfg["text_cfg"].get("context_length", 77), dtype=torch.long
         )
@@ -159,8 +172,7 @@ def _fast_tensor(images: list[Image.Image], cfg: dict) -> torch.Tensor | None:
     """
     import numpy as np
 
-    size = cfg.get("size")
-    size = (size, size) if isinstance(size, int) else tuple(size or ())
+    size = input_size(cfg) or ()
     if len(size) != 2 or any(im.size != (size[1], size[0]) for im in images):
         return None
     if cfg.get("resize_mode", "shortest") not in ("shortest", "squash", "longest"):
