@@ -8,13 +8,16 @@ For each dataset x seed (noise 0.2), in a scratch folder:
 - distill at each ipc with random_real / wmdd, then a model fine-tuned from the base on the
   distilled set alone, and one trained from scratch on it (`pretrain` on the distilled data);
 - every model evaluated on the clean test split (zs_acc, i2t_r1, t2i_r1).
-Then selection time of `goracs` on synthetic 512-d embeddings at 10k, 100k, 1M pairs and the
-fitted scaling exponent.
+Then `goracs` refinement on ALGORITHMS.md's reference problem (15k x 5k, k = 1000), and its
+selection time on synthetic 512-d embeddings at 10k, 100k, 1M pairs with the fitted scaling
+exponent.
 
 Writes bench/results/curation.json (flat rows) and curation.md. One command:
 
     .venv/bin/python bench/curation.py                                  # the full grid
     .venv/bin/python bench/curation.py --datasets shapes --seeds 0 --scale 10000   # a slice
+    .venv/bin/python bench/curation.py --datasets digits --seeds 1 --scale --no-reference --merge
+                                      # redo one cell, keeping the other rows of curation.json
 """
 
 from __future__ import annotations
@@ -165,31 +168,32 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     return rows
 
 
+def synthetic(n: int, n_target: int, seed: int):
+    """Unit-norm 512-d image and text embeddings around 50 shared centres (noise 0.3), for
+    ``n`` candidates and ``n_target`` target pairs: float32 (n, 512) x 2, (n_target, 512) x 2."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(50, 512, generator=g), dim=1)
+
+    def around(labels):
+        noise = 0.3 * torch.randn(len(labels), 512, generator=g)
+        return torch.nn.functional.normalize(centres[labels] + noise, dim=1)
+
+    lab = torch.randint(0, 50, (n,), generator=g)
+    tl = torch.randint(0, 50, (n_target,), generator=g)
+    return around(lab), around(lab), around(tl), around(tl)
+
+
 def scaling(sizes: list[int], seed: int, frac: float) -> list[dict]:
     """goracs selection seconds on synthetic 512-d embeddings (clustered, unit norm)."""
     import numpy as np
-    import torch
 
     from otcurate import coreset as cs
 
     rows = []
     for n in sizes:
-        g = torch.Generator().manual_seed(seed)
-        centres = torch.nn.functional.normalize(torch.randn(50, 512, generator=g), dim=1)
-        lab = torch.randint(0, 50, (n,), generator=g)
-        img = torch.nn.functional.normalize(
-            centres[lab] + 0.3 * torch.randn(n, 512, generator=g), dim=1
-        )
-        txt = torch.nn.functional.normalize(
-            centres[lab] + 0.3 * torch.randn(n, 512, generator=g), dim=1
-        )
-        tl = torch.randint(0, 50, (2000,), generator=g)
-        t_img = torch.nn.functional.normalize(
-            centres[tl] + 0.3 * torch.randn(2000, 512, generator=g), dim=1
-        )
-        t_txt = torch.nn.functional.normalize(
-            centres[tl] + 0.3 * torch.randn(2000, 512, generator=g), dim=1
-        )
+        img, txt, t_img, t_txt = synthetic(n, 2000, seed)
         pool = cs.Pool(
             np.arange(n),
             img,
@@ -236,6 +240,53 @@ def scaling(sizes: list[int], seed: int, frac: float) -> list[dict]:
             }
         )
     return rows
+
+
+def reference(seed: int, max_iters: int, cut_num: int) -> list[dict]:
+    """ALGORITHMS.md's reference example: 15k train x 5k target, lambda 0.5, k = 1000, one
+    group. Objective after greedy and after refinement, seconds of each stage."""
+
+    from otcurate import coreset as cs
+
+    img, txt, t_img, t_txt = synthetic(15_000, 5_000, seed)
+    t0 = time.perf_counter()
+    grad = cs.contrastive_grad_norms(img, txt, 50.0).double()
+    feat = cs._features(img, txt).double()
+    cost = cs.goracs_cost(feat, cs._features(t_img, t_txt).double(), grad, 0.5).numpy()
+    t1 = time.perf_counter()
+    first = cs.greedy_kmedian(cost, 1000)
+    greedy_obj = cs.ot_objective(cost[first])[0]
+    t2 = time.perf_counter()
+    _, refined, swaps, evals = cs.swap_refine(cost, first, max_iters=max_iters, cut_num=cut_num)
+    t3 = time.perf_counter()
+    print(
+        f"[curation] reference 15k x 5k, k=1000: greedy {greedy_obj:.4f} -> refined {refined:.4f} "
+        f"({100 * (greedy_obj - refined) / greedy_obj:.1f}% lower), {swaps} swaps, "
+        f"{evals} exact solves, refinement {t3 - t2:.1f} s",
+        flush=True,
+    )
+    values = {
+        "objective_greedy": greedy_obj,
+        "objective_refined": refined,
+        "refinement_cut": (greedy_obj - refined) / greedy_obj,
+        "swaps": swaps,
+        "exact_solves": evals,
+        "max_iters": max_iters,
+        "cut_num": cut_num,
+        "seconds_cost": t1 - t0,
+        "seconds_greedy": t2 - t1,
+        "seconds_refine": t3 - t2,
+    }
+    return [
+        {
+            "bench": "curation",
+            "case": "goracs_reference",
+            "n": 15_000,
+            "metric": m,
+            "value": float(v),
+        }
+        for m, v in values.items()
+    ]
 
 
 SECTIONS = (
@@ -287,6 +338,20 @@ def table(rows: list[dict]) -> str:
                 f"| {d} | {k} | {m} | " + " | ".join(cells) + f" | {max(len(v) for v in vals)} |"
             )
         out.append("")
+    ref = {r["metric"]: r["value"] for r in rows if r.get("case") == "goracs_reference"}
+    if ref:
+        out += [
+            "## goracs refinement on the reference problem (synthetic 512-d, 15k candidates x 5k target, k = 1000, lambda 0.5, one group)",
+            "",
+            f"max_iters {ref['max_iters']:.0f}, cut_num {ref['cut_num']:.0f}.",
+            "",
+            "| objective after greedy | after refinement | cut | swaps | exact solves | cost s | greedy s | refinement s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {ref['objective_greedy']:.4f} | {ref['objective_refined']:.4f} | "
+            f"{100 * ref['refinement_cut']:.1f}% | {ref['swaps']:.0f} | {ref['exact_solves']:.0f} | "
+            f"{ref['seconds_cost']:.1f} | {ref['seconds_greedy']:.1f} | {ref['seconds_refine']:.1f} |",
+            "",
+        ]
     scale = [r for r in rows if r.get("case") == "goracs_selection"]
     if scale:
         out += [
@@ -326,10 +391,33 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--scratch-steps", type=int, default=300)
     ap.add_argument("--scale", nargs="*", type=int, default=[10_000, 100_000, 1_000_000])
+    ap.add_argument(
+        "--reference",
+        nargs=2,
+        type=int,
+        default=[300, 10],
+        metavar=("MAX_ITERS", "CUT_NUM"),
+        help="the 15k x 5k, k = 1000 reference problem with these refinement settings",
+    )
+    ap.add_argument("--no-reference", dest="reference", action="store_const", const=None)
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing curation.json that this run does not redo",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "curation")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     rows: list[dict] = []
+    if args.merge and (args.out / "curation.json").exists():
+        redo = {(d, s) for d in args.datasets for s in args.seeds}
+        cases = {"goracs_selection"} if args.scale else set()
+        cases |= {"goracs_reference"} if args.reference else set()
+        rows = [
+            r
+            for r in json.loads((args.out / "curation.json").read_text())
+            if (r.get("dataset"), r.get("seed")) not in redo and r.get("case") not in cases
+        ]
 
     def save():
         args.out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +430,9 @@ def main() -> None:
             rows += one(d, s, args.work, args)
             print(f"[curation] {d} seed={s}: {time.perf_counter() - t0:.0f} s", flush=True)
             save()
+    if args.reference:
+        rows += reference(0, *args.reference)
+        save()
     if args.scale:
         rows += scaling(args.scale, 0, 0.01)
         save()

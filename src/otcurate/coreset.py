@@ -191,43 +191,92 @@ def ot_objective(cost_rows: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     return float(log["cost"]), np.asarray(log["u"]), np.asarray(log["v"])
 
 
+def _exchange_scores(cost: np.ndarray, chosen: np.ndarray, u: np.ndarray, out: np.ndarray):
+    """GORACS's marginal-importance estimates (its Theorem 4.3, from the semi-dual of OT):
+    F(i) = max_y [y/k + mean_j min(C_ij − y − f_ij, 0)], with f_ij = min_{l∈S∖{i}} (C_lj − u_l)
+    the best reduced cost column j keeps without row i. A low F marks an outsider worth adding;
+    a high F a member worth least. Returns (F of the members, F of the outsiders ``out``)."""
+    k, t = len(chosen), cost.shape[1]
+    r = max(1, int(np.ceil(t / k)))  # columns one member serves; y is the r-th smallest gap
+    red = cost[chosen] - u[:, None]
+    two = np.argpartition(red, 1, axis=0)[:2] if k > 1 else np.zeros((2, t), np.int64)
+    cols = np.arange(t)
+    first, second = red[two[0], cols], red[two[1], cols] if k > 1 else np.full(t, np.inf)
+
+    def score(rows: np.ndarray, f: np.ndarray) -> np.ndarray:
+        d = rows - f
+        y = np.partition(d, r - 1, axis=1)[:, r - 1]
+        return y / k + np.minimum(d - y[:, None], 0.0).mean(axis=1)
+
+    f_members = np.broadcast_to(first, red.shape).copy()
+    f_members[two[0], cols] = second
+    f_members[~np.isfinite(f_members)] = first.max() + 1.0  # a lone member: nothing else serves
+    inner = score(cost[chosen], f_members)
+    outer = (
+        np.concatenate(
+            [score(cost[part], first) for part in np.array_split(out, max(1, len(out) // 2048))]
+        )
+        if len(out)
+        else np.empty(0)
+    )
+    return inner, outer
+
+
 def swap_refine(
     cost: np.ndarray, chosen: np.ndarray, *, max_iters: int, cut_num: int
 ) -> tuple[np.ndarray, float, int, int]:
-    """GORACS stage 2: swap a member for an outsider while the exact OT objective drops.
+    """GORACS stage 2: swap members for outsiders while the exact OT objective drops.
 
-    Candidates are pruned by the current duals (u, v): a member's estimated saving on leaving
-    is u_s; an outsider's estimated cost on joining is min_j (C_oj − v_j) (its best
-    dual-feasible potential). The ``cut_num`` members with the largest u and outsiders with the
-    smallest estimate are tried, most promising pair first; the first exact improvement is
-    taken. Stops after ``max_iters`` accepted swaps or when no tried pair improves.
-    Returns (chosen, objective, swaps accepted, exact objectives evaluated).
+    Each round prunes to the ``cut_num`` members with the highest and outsiders with the
+    lowest marginal-importance estimate (`_exchange_scores`, from the current duals) and
+    orders their pairs by estimated gain. Then, each move checked by an exact solve:
+    1. the best disjoint pairs (up to ``cut_num``) swapped together, halving the batch until
+       the objective drops; 2. else the pairs one at a time, first improvement (the
+    reference's own step). Stops after ``max_iters`` accepted swaps or when no tried pair
+    improves. Returns (chosen, objective, swaps accepted, exact objectives evaluated).
     """
     chosen = np.array(chosen, dtype=np.int64)
-    obj, u, v = ot_objective(cost[chosen])
+    obj, u, _ = ot_objective(cost[chosen])
     inside = np.zeros(len(cost), dtype=bool)
     inside[chosen] = True
     swaps = evals = 0
+
+    def attempt(moves: list[tuple[int, int]]) -> bool:
+        nonlocal chosen, obj, u, evals, swaps
+        trial = chosen.copy()
+        for pos, new in moves:
+            trial[pos] = new
+        t_obj, t_u, _ = ot_objective(cost[trial])
+        evals += 1
+        if t_obj >= obj - 1e-12:
+            return False
+        for pos, new in moves:
+            inside[chosen[pos]] = False
+            inside[new] = True
+        chosen, obj, u = trial, t_obj, t_u
+        swaps += len(moves)
+        return True
+
     while swaps < max_iters and not inside.all():
-        members = np.argsort(-u, kind="stable")[:cut_num]  # positions in `chosen`
         outsiders = np.flatnonzero(~inside)
-        est = (cost[outsiders] - v[None, :]).min(axis=1)
-        top = np.argsort(est, kind="stable")[:cut_num]
+        inner, outer = _exchange_scores(cost, chosen, u, outsiders)
+        members = np.argsort(-inner, kind="stable")[:cut_num]  # positions in `chosen`
+        top = np.argsort(outer, kind="stable")[:cut_num]
         pairs = sorted(
-            ((est[o] - u[s], int(s), int(outsiders[o])) for s in members for o in top),
+            ((outer[o] - inner[s], int(s), int(outsiders[o])) for s in members for o in top),
             key=lambda x: (x[0], x[1], x[2]),
         )
+        batch, seen_s, seen_o = [], set(), set()
+        for _, s, o in pairs:
+            if s not in seen_s and o not in seen_o:
+                seen_s.add(s), seen_o.add(o), batch.append((s, o))
+        size = min(len(batch), max_iters - swaps)
         improved = False
-        for _, pos, new in pairs:
-            trial = chosen.copy()
-            trial[pos] = new
-            t_obj, t_u, t_v = ot_objective(cost[trial])
-            evals += 1
-            if t_obj < obj - 1e-12:
-                inside[chosen[pos]] = False
-                inside[new] = True
-                chosen, obj, u, v = trial, t_obj, t_u, t_v
-                swaps += 1
+        while size > 1 and not improved:
+            improved = attempt(batch[:size])
+            size //= 2
+        for _, s, o in [] if improved else pairs:
+            if attempt([(s, o)]):
                 improved = True
                 break
         if not improved:
@@ -271,7 +320,7 @@ def goracs(
     *,
     seed: int,
     lam: float = 0.5,
-    max_iters: int = 50,
+    max_iters: int = 100,
     cut_num: int = 10,
     grouped: bool = True,
     groups: int = 10,
@@ -293,8 +342,8 @@ def goracs(
     grad_all = contrastive_grad_norms(
         pool.image, pool.text, pool.logit_scale, batch_size=grad_batch_size, seed=seed
     )
-    feat = _features(pool.image[cand], pool.text[cand]).double()
-    grad = grad_all[cand].double()
+    feat = _features(pool.image[cand], pool.text[cand])  # float until pre-clustering is done
+    grad = grad_all[cand]
     tgt = np.arange(len(pool.target_image))
     if len(tgt) > target_max:
         tgt = np.sort(rng.choice(tgt, size=target_max, replace=False))
@@ -310,6 +359,7 @@ def goracs(
             rest = np.setdiff1d(np.arange(len(cand)), keep)
             keep = np.sort(np.concatenate([keep, rng.choice(rest, k - len(keep), replace=False)]))
         cand, feat, grad = cand[keep], feat[keep], grad[keep]
+    feat, grad = feat.double(), grad.double()
 
     cand_g, tgt_g = _groups(pool, cand, tgt, grouped=grouped, groups=groups, seed=seed)
     ids = np.unique(np.concatenate([cand_g, tgt_g]))
@@ -353,17 +403,29 @@ def goracs(
     return _finish(idx, pool.scores[idx], info)
 
 
+PRECLUSTER_DIM = 64
+
+
 def precluster(x: np.ndarray, n_out: int, *, seed: int) -> np.ndarray:
     """About ``n_out`` representative rows of ``x`` (sorted indices): two-level k-means,
     ⌈√n_out⌉ coarse clusters (mini-batch), then each split in proportion to its size; the
     member nearest each sub-centre represents it. Cost O(n·√n_out·d) per pass instead of
-    O(n·n_out·d) for one flat k-means."""
+    O(n·n_out·d) for one flat k-means. Rows wider than ``PRECLUSTER_DIM`` are clustered on
+    their leading principal components (randomised PCA fitted on a sample), which only
+    decides who represents whom."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.decomposition import PCA
     from sklearn.metrics import pairwise_distances_argmin
 
     n = len(x)
     if n <= n_out:
         return np.arange(n)
+    if x.shape[1] > PRECLUSTER_DIM:
+        rng = np.random.default_rng(seed)
+        sample = x[np.sort(rng.choice(n, size=min(n, 20_000), replace=False))]
+        pca = PCA(PRECLUSTER_DIM, svd_solver="randomized", random_state=seed).fit(sample)
+        x = np.concatenate([pca.transform(part) for part in np.array_split(x, -(-n // 65536))])
+        x = x.astype(np.float32)
     coarse = int(np.ceil(np.sqrt(n_out)))
     top = MiniBatchKMeans(n_clusters=coarse, random_state=seed, n_init=1, batch_size=4096)
     assign = top.fit_predict(x)

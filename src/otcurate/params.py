@@ -196,8 +196,8 @@ class Coreset:
     exclude_flagged: bool = True
     # goracs: cost = distance/max − lam·gradnorm/max; swap refinement limits.
     lam: float = 0.5
-    max_iters: int = 50  # accepted swaps at most
-    cut_num: int = 10  # members and outsiders tried per swap round (dual-pruned)
+    max_iters: int = 100  # accepted swaps at most (the reference's default)
+    cut_num: int = 10  # members and outsiders tried per swap round (pruned by the duals' estimate)
     grouped: bool = True  # split the budget by the target's classes (or text clusters)
     groups: int = 10  # k-means clusters of the text embeddings when there are no labels
     target_max: int = 2000  # subsample the target (val) to at most this many pairs
