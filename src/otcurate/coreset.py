@@ -12,7 +12,6 @@ k-median first, then swaps pruned by the OT dual potentials.
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -336,7 +335,6 @@ def goracs(
     """
     if pool.target_image is None or pool.target_text is None or len(pool.target_image) == 0:
         raise ValueError("goracs needs a non-empty target set (the clean val split).")
-    t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     cand = pool.candidates
     grad_all = contrastive_grad_norms(
@@ -398,7 +396,6 @@ def goracs(
         "size_per_group": sizes,
         "target_pairs": int(len(tgt)),
         "candidates_after_preclustering": int(len(cand)),
-        "seconds": time.perf_counter() - t0,
     }
     return _finish(idx, pool.scores[idx], info)
 

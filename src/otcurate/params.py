@@ -188,7 +188,7 @@ class Detect:
 
 @dataclass(frozen=True)
 class Coreset:
-    method: str = field(default="clip_score", metadata=_choices("otcurate.coreset:METHODS"))
+    method: str = field(default="goracs", metadata=_choices("otcurate.coreset:METHODS"))
     # Budget: exactly one of a fraction of the train split, or an absolute size.
     fraction: float | None = 0.5
     size: int | None = None
