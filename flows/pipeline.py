@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC
 from pathlib import Path
 
 from prefect import flow, task
@@ -135,10 +136,27 @@ def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageR
     return StageResult(name, _outcome(log, name), time.perf_counter() - t0)
 
 
+def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
+    """Refresh data/sources.json (ingest's content manifest) from the params' source."""
+    from otcurate.params import parse_yaml
+    from otcurate.sources import sync
+
+    params = parse_yaml((root / "params.yaml").read_text()) or {}
+    report = sync(root, params.get("ingest") or {}, allow_rewrite=allow_rewrite)
+    if report["added"]:
+        shown = ", ".join(report["added"][:5]) + (" ..." if len(report["added"]) > 5 else "")
+        print(f"[sources] {len(report['added'])} new file(s): {shown}", flush=True)
+    return report
+
+
 @flow(name="otcurate-pipeline", log_prints=False)
-def pipeline(root: str = ".", run_name: str | None = None) -> list[dict]:
-    """Run every stage in DVC's order; record each in MLflow; return [{stage, outcome, seconds}]."""
+def pipeline(
+    root: str = ".", run_name: str | None = None, allow_rewrite: bool = False
+) -> list[dict]:
+    """Run every stage in DVC's order; record each in MLflow; return [{stage, outcome, seconds}].
+    ``allow_rewrite`` accepts a source whose known files changed (see otcurate.sources)."""
     rootp = Path(root).resolve()
+    sync_sources(rootp, allow_rewrite)
     order = stage_order(rootp)
     tracker = Tracker(rootp, run_name=run_name)
     results: list[StageResult] = []
@@ -167,6 +185,95 @@ def pipeline(root: str = ".", run_name: str | None = None) -> list[dict]:
         raise
     tracker.finish("FINISHED", {r.stage: r.outcome for r in results})
     return [asdict(r) for r in results]
+
+
+def record_lock_on_branch(root: Path, branch: str, message: str) -> str:
+    """Commit dvc.lock, params.yaml and data/sources.json as they are now onto ``branch``
+    (created from HEAD if missing) with git plumbing: the checkout, its index and HEAD are
+    untouched. The commit's parents are the branch tip and HEAD (the code that ran), so
+    `git log <branch>` is the lineage history. Returns the new commit."""
+
+    def git(*args: str, env: dict | None = None, data: str | None = None) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+            input=data,
+            env={**os.environ, **(env or {})},
+        ).stdout.strip()
+
+    head = git("rev-parse", "HEAD")
+    tip = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    index = root / ".git" / "otcurate-lineage.index"
+    env = {"GIT_INDEX_FILE": str(index)}
+    try:
+        git("read-tree", head, env=env)
+        for rel in ("dvc.lock", "params.yaml", "data/sources.json"):
+            if (root / rel).exists():
+                blob = git("hash-object", "-w", rel)
+                git("update-index", "--add", "--cacheinfo", f"100644,{blob},{rel}", env=env)
+        tree = git("write-tree", env=env)
+    finally:
+        index.unlink(missing_ok=True)
+    parents = [p for p in dict.fromkeys([tip, head]) if p]
+    ident = {
+        "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "otcurate"),
+        "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "otcurate@localhost"),
+        "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "otcurate"),
+        "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "otcurate@localhost"),
+    }
+    args = ["commit-tree", tree, "-F", "-"]
+    for p in parents:
+        args += ["-p", p]
+    commit = git(*args, env=ident, data=message)
+    git("update-ref", f"refs/heads/{branch}", commit, *([tip] if tip else []))
+    return commit
+
+
+@flow(name="otcurate-nightly", log_prints=True)
+def nightly(root: str = ".", lineage: str = "branch", branch: str = "otcurate/lineage") -> dict:
+    """A scheduled run: refresh the source manifest, ask `dvc status`; when nothing changed do
+    nothing, else run the pipeline and record dvc.lock (``lineage``: `branch` commits it to
+    ``branch``; `mlflow` keeps only the copy logged on the pipeline's MLflow run). Each run
+    appends one line to .otcurate/nightly.jsonl."""
+    import json
+    from datetime import datetime
+
+    rootp = Path(root).resolve()
+    if lineage not in ("branch", "mlflow"):
+        raise ValueError(f"lineage must be 'branch' or 'mlflow'; got {lineage!r}.")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    sources = sync_sources(rootp)
+    status = dvc(rootp, "status", "--json")
+    if status.returncode != 0:
+        raise RuntimeError(f"dvc status failed:\n{status.stderr}")
+    stale = json.loads(status.stdout or "{}")
+    record: dict = {"started": started, "new_files": sources["added"]}
+    if not stale:
+        print("nothing changed since the last run: no stage reruns")
+        record.update(outcome="no-op")
+    else:
+        print(f"changed: {', '.join(s.split(':')[-1] for s in stale)}")
+        results = pipeline(str(rootp), run_name=f"nightly {started}")
+        record.update(outcome="ran", stages={r["stage"]: r["outcome"] for r in results})
+        if lineage == "branch":
+            ran = ", ".join(s for s, o in record["stages"].items() if o != "skipped")
+            record["lineage_commit"] = record_lock_on_branch(
+                rootp, branch, f"otcurate nightly {started}: {ran or 'nothing'} reran"
+            )
+            print(f"dvc.lock committed to {branch}: {record['lineage_commit'][:10]}")
+    log = rootp / ".otcurate" / "nightly.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    return record
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The `otcurate` command: run the pipeline, see what would rerun, trace lineage."""
+"""The `otcurate` command: run the pipeline, see what would rerun, trace lineage, compare runs,
+serve the UIs, schedule nightly runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,6 +111,14 @@ def run(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the MLflow parent run.")] = None,
+    allow_rewrite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-rewrite",
+            help="Accept a local source whose known files were removed or rewritten "
+            "(sources are append-only otherwise).",
+        ),
+    ] = False,
 ) -> None:
     """Run the pipeline (a Prefect flow over the DVC stages); only what changed reruns."""
     root = find_root()
@@ -123,10 +133,14 @@ def run(
         raise typer.Exit(2) from None
     sys.path.insert(0, str(root))
     from flows.pipeline import StageFailed, pipeline
+    from otcurate.sources import SourceChanged
 
     t0 = time.perf_counter()
     try:
-        results = pipeline(str(root), run_name=name)
+        results = pipeline(str(root), run_name=name, allow_rewrite=allow_rewrite)
+    except SourceChanged as exc:
+        err.print(f"[red]error:[/] ingest source: {exc}")
+        raise typer.Exit(2) from None
     except StageFailed as exc:
         err.print(
             f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}); its last good outputs were restored.\n{exc.tail}"
@@ -167,6 +181,33 @@ def _print_comparison(root: Path) -> None:
     console.print(f"report: {root / 'results' / 'evaluate' / 'report.md'}")
 
 
+def _source_news(root: Path) -> str:
+    """What the ingest source has that data/sources.json does not list yet (read only)."""
+    from otcurate import sources
+
+    try:
+        params = parse_yaml((root / "params.yaml").read_text()) or {}
+        new = sources.build(root, params.get("ingest") or {})
+        path = root / sources.MANIFEST
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except Exception as exc:  # noqa: BLE001 - status must still show DVC's view
+        return f"(could not scan the ingest source: {exc})"
+    if new == old:
+        return ""
+    added, broken = sources.compare(old, new)
+    parts = []
+    if added:
+        parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
+    if broken:
+        parts.append(
+            f"{len(broken)} removed or rewritten, e.g. {broken[0]} (needs --allow-rewrite)"
+        )
+    what = "; ".join(parts) or "a different source"
+    return (
+        f"ingest source changed since data/sources.json: {what}. `otcurate run` reruns from ingest."
+    )
+
+
 @app.command()
 def status() -> None:
     """What would rerun, and why (DVC's view of changed deps, params and outputs)."""
@@ -179,8 +220,13 @@ def status() -> None:
         err.print(proc.stderr)
         raise typer.Exit(proc.returncode)
     data = json.loads(proc.stdout or "{}")
-    if not data:
+    pending = _source_news(root)
+    if pending:
+        console.print(pending)
+    if not data and not pending:
         console.print("Everything is up to date: `otcurate run` would skip every stage.")
+        return
+    if not data:
         return
     t = Table(title="stages that would rerun")
     t.add_column("stage")
@@ -203,122 +249,133 @@ def status() -> None:
     console.print(t)
 
 
-def _lineage(root: Path, target: str) -> dict:
-    """The chain of stages from `target` back to the sources, from dvc.lock (and MLflow run ids)."""
-    from otcurate.tracking import lock_params, read_lock
-
-    lock = read_lock(root)
-    target = os.path.normpath(target)
-    producers = {
-        os.path.normpath(o["path"]): name for name, e in lock.items() for o in e.get("outs", [])
-    }
-    if target not in producers:
-        known = ", ".join(sorted(producers)) or "none (run the pipeline first)"
-        raise typer.BadParameter(
-            f"{target} is not an output of any stage in dvc.lock; outputs: {known}"
-        )
-    runs = _mlflow_runs(root)
-    seen: dict[str, dict] = {}
-
-    def visit(name: str) -> dict:
-        if name in seen:
-            return seen[name]
-        e = lock[name]
-        node = {
-            "stage": name,
-            "cmd": e.get("cmd"),
-            "outs": {o["path"]: o.get("md5") for o in e.get("outs", [])},
-            "deps": {d["path"]: d.get("md5") for d in e.get("deps", [])},
-            "params": lock_params(e),
-            "mlflow_runs": runs.get(
-                (name, tuple(sorted((o["path"], o.get("md5")) for o in e.get("outs", [])))), []
-            ),
-            "upstream": [],
-        }
-        seen[name] = node
-        ups = sorted(
-            {
-                producers[os.path.normpath(d["path"])]
-                for d in e.get("deps", [])
-                if os.path.normpath(d["path"]) in producers
-            }
-        )
-        node["upstream"] = [visit(u) for u in ups]
-        return node
-
-    return visit(producers[target])
-
-
-def _mlflow_runs(root: Path) -> dict:
-    """{(stage, outs): [{run_id, parent, outcome, git.commit, start}]} from the MLflow store, if any."""
-    from otcurate.tracking import tracking_uri
+def _store(root: Path):
+    """(pipeline runs, stage runs) from the MLflow store; empty when there is none yet."""
+    from otcurate.lineage import fetch
+    from otcurate.tracking import EXPERIMENT, tracking_uri
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (root / "mlflow.db").exists():
-        return {}
+        return [], []
     try:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri(root))
-        exp = client.get_experiment_by_name("otcurate")
-        if exp is None:
-            return {}
-        out: dict = {}
-        for r in client.search_runs(
-            [exp.experiment_id], "tags.`dvc.stage` != ''", max_results=5000
-        ):
-            tags = r.data.tags
-            outs = tuple(
-                sorted(
-                    (k[len("dvc.out.") :], v) for k, v in tags.items() if k.startswith("dvc.out.")
-                )
-            )
-            out.setdefault((tags["dvc.stage"], outs), []).append(
-                {
-                    "run_id": r.info.run_id,
-                    "parent_run_id": tags.get("mlflow.parentRunId"),
-                    "outcome": tags.get("dvc.outcome"),
-                    "git_commit": tags.get("git.commit"),
-                    "start_time": r.info.start_time,
-                }
-            )
-        return out
+        return fetch(MlflowClient(tracking_uri=tracking_uri(root)), EXPERIMENT)
     except Exception as exc:  # noqa: BLE001
         err.print(f"(MLflow store not readable: {exc})")
-        return {}
+        return [], []
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_VERSION = re.compile(r"(?:models:/)?([^/\s]+)/(\d+)")
+
+
+def _resolve_chain(root: Path, target: str) -> dict:
+    """A lineage chain for an output path (dvc.lock now), an MLflow run id (pipeline or stage
+    run) or a registered model version (`NAME/VERSION` or `models:/NAME/VERSION`)."""
+    from otcurate import lineage as lin
+    from otcurate.tracking import lock_params, read_lock, tracking_uri
+
+    pipelines, stages = _store(root)
+    if _RUN_ID.fullmatch(target):
+        for p in pipelines:
+            if p.run_id == target:
+                return lin.chain_of_pipeline(stages, p)
+        for st in stages:
+            if st.run_id == target:
+                return lin.chain_from_runs(stages, st)
+        raise typer.BadParameter(
+            f"{target} looks like an MLflow run id but no otcurate run has it in {tracking_uri(root)}."
+        )
+    version = _VERSION.fullmatch(target)
+    if version and not (root / target).exists():
+        from mlflow.tracking import MlflowClient
+
+        name, number = version.groups()
+        try:
+            mv = MlflowClient(tracking_uri=tracking_uri(root)).get_model_version(name, number)
+        except Exception as exc:  # noqa: BLE001
+            raise typer.BadParameter(
+                f"no registered model version {name}/{number}: {exc}"
+            ) from None
+        for st in stages:
+            if st.run_id == mv.run_id:
+                return lin.chain_from_runs(stages, st)
+        raise typer.BadParameter(
+            f"model version {name}/{number} comes from run {mv.run_id}, which is not an otcurate stage run."
+        )
+    try:
+        return lin.chain_from_lock(read_lock(root), target, stages, lock_params)
+    except KeyError as exc:
+        raise typer.BadParameter(
+            f"{exc.args[0]}. Or pass an MLflow run id or a registered model version (otcurate-clip/1)."
+        ) from None
+
+
+def _when(ms) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
 
 
 @app.command()
 def lineage(
-    path: Annotated[str, typer.Argument(help="An output path, e.g. models/finetune")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="An output path (models/finetune), an MLflow run id (pipeline or stage run), "
+            "or a registered model version (otcurate-clip/3)."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    as_mermaid: Annotated[
+        bool, typer.Option("--mermaid", help="Print a Mermaid flowchart of the chain.")
+    ] = False,
 ) -> None:
-    """Which data, params, code and runs produced PATH: the chain back to the ingest source."""
+    """Which data, params, code and runs produced TARGET: the chain back to the ingest source.
+
+    A path is traced through dvc.lock as it is now; a run id or model version through the
+    MLflow history (each upstream run found by the md5 of the data it left)."""
+    from otcurate.lineage import mermaid
+
     root = find_root()
     try:
-        chain = _lineage(root, path)
+        chain = _resolve_chain(root, target)
     except typer.BadParameter as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     if as_json:
         console.print_json(json.dumps(chain))
         return
+    if as_mermaid:
+        print(mermaid(chain), end="")
+        return
     from otcurate.tracking import git_state
 
     commit, dirty = git_state(root)
-    tree = Tree(f"[bold]{path}[/]  (git {commit[:10]}{' dirty' if dirty else ''})")
-
-    shown: set[str] = set()
+    tree = Tree(f"[bold]{target}[/]  (now: git {commit[:10]}{' dirty' if dirty else ''})")
+    shown: set = set()
 
     def add(node: dict, branch: Tree) -> None:
-        if node["stage"] in shown:  # a DAG, not a tree: each stage is printed once
+        key = (node["stage"], node.get("run_id"), tuple(sorted(node["outs"].items())))
+        if key in shown:  # a DAG, not a tree: each stage run is printed once
             branch.add(f"[cyan]{node['stage']}[/] (shown above)")
             return
-        shown.add(node["stage"])
-        b = branch.add(f"[bold cyan]{node['stage']}[/]: {node['cmd']}")
+        shown.add(key)
+        head = f"[bold cyan]{node['stage']}[/]"
+        if node.get("cmd"):
+            head += f": {node['cmd']}"
+        b = branch.add(head)
+        if node.get("run_id"):
+            b.add(
+                f"{node.get('outcome')} · {_when(node.get('start_time'))} · git "
+                f"{str(node.get('git_commit'))[:10]}{' dirty' if node.get('git_dirty') == 'true' else ''}"
+                f" · mlflow run {node['run_id']}"
+                + (f" (pipeline run {node['parent_run_id']})" if node.get("parent_run_id") else "")
+            )
         for p, md5 in node["outs"].items():
             b.add(f"out {p}  md5 {md5}")
         for p, md5 in node["deps"].items():
-            if not p.startswith(("stages/", "src/")):
+            if not p.startswith(("stages/", "src/", "flows/")):
                 b.add(f"dep {p}  md5 {md5}")
         params = {
             k: v
@@ -327,15 +384,198 @@ def lineage(
         }
         if params:
             b.add("params " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-        for r in node["mlflow_runs"][-3:]:
-            b.add(
-                f"mlflow run {r['run_id']} ({r['outcome']}, parent {r['parent_run_id']}, git {str(r['git_commit'])[:10]})"
-            )
         for up in node["upstream"]:
             add(up, b)
 
     add(chain, tree)
     console.print(tree)
+
+
+def _pipeline_run(pipelines: list, ref: str):
+    """A pipeline run by id, id prefix, run name, or -1/-2 (the latest, the one before)."""
+    if re.fullmatch(r"-\d+", ref):
+        i = int(ref)
+        if -i > len(pipelines):
+            raise typer.BadParameter(f"{ref}: only {len(pipelines)} pipeline runs are recorded.")
+        return pipelines[i]
+    hits = [p for p in pipelines if p.run_id.startswith(ref) or p.name == ref]
+    if len(hits) != 1:
+        what = "no pipeline run" if not hits else f"{len(hits)} pipeline runs"
+        raise typer.BadParameter(
+            f"{ref}: {what} match (give a run id, a unique prefix, a run name, or -1 for the latest)."
+        )
+    return hits[0]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def diff(
+    run_a: Annotated[str, typer.Argument(help="A pipeline run: id, prefix, name, or -2.")] = "-2",
+    run_b: Annotated[str, typer.Argument(help="Another one (default: the latest, -1).")] = "-1",
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Params and metrics that differ between two pipeline runs, and which stages' inputs changed."""
+    from otcurate.lineage import diff_runs
+
+    root = find_root()
+    pipelines, _ = _store(root)
+    try:
+        a, b = _pipeline_run(pipelines, run_a), _pipeline_run(pipelines, run_b)
+    except typer.BadParameter as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    d = diff_runs(a, b)
+    if as_json:
+        console.print_json(json.dumps(d))
+        return
+    console.print(
+        f"A {a.run_id} ({a.name}, {_when(a.start_time)}, git {str(a.git_commit)[:10]})\n"
+        f"B {b.run_id} ({b.name}, {_when(b.start_time)}, git {str(b.git_commit)[:10]})"
+    )
+    for title, rows in (("params", d["params"]), ("metrics", d["metrics"])):
+        if not rows:
+            console.print(f"no {title} differ")
+            continue
+        t = Table(title=f"{title} that differ")
+        for c in ("key", "A", "B"):
+            t.add_column(c, justify="left" if c == "key" else "right")
+        for k, (va, vb) in rows.items():
+            t.add_row(k, _fmt(va), _fmt(vb))
+        console.print(t)
+    if d["inputs_changed"]:
+        t = Table(title="stages whose inputs changed")
+        for c in ("stage", "input", "A md5", "B md5"):
+            t.add_column(c)
+        for stage, paths in d["inputs_changed"].items():
+            for p, (ma, mb) in paths.items():
+                t.add_row(stage, p, str(ma), str(mb))
+        console.print(t)
+    else:
+        console.print("no stage's inputs changed")
+    console.print(
+        "outcomes: " + ", ".join(f"{s} {oa}->{ob}" for s, (oa, ob) in d["outcomes"].items())
+    )
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option(help='When to run, as cron: "0 3 * * *" is 03:00 daily.')],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    lineage: Annotated[
+        str,
+        typer.Option(
+            help="How each run's dvc.lock is kept: 'branch' commits it to --branch, 'mlflow' "
+            "keeps only the copy on the run's MLflow record."
+        ),
+    ] = "branch",
+    branch: Annotated[
+        str, typer.Option(help="Git branch for --lineage branch.")
+    ] = "otcurate/lineage",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+) -> None:
+    """Serve the nightly flow as a Prefect deployment on a schedule (Ctrl-C stops serving).
+
+    Each scheduled run refreshes the source manifest, runs `dvc status`, does nothing when
+    nothing changed, else reruns what changed and records dvc.lock. Needs a Prefect server:
+    PREFECT_API_URL must point at one (`otcurate ui` starts one)."""
+    from otcurate.services import reachable
+
+    root = find_root()
+    if lineage not in ("branch", "mlflow"):
+        err.print(f"[red]error:[/] --lineage must be 'branch' or 'mlflow'; got {lineage!r}.")
+        raise typer.Exit(2)
+    try:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        CronSchedule(cron=cron, timezone=timezone)
+    except Exception as exc:  # noqa: BLE001 - pydantic's message names the field
+        err.print(f"[red]error:[/] --cron {cron!r} / --timezone {timezone!r}: {exc}")
+        raise typer.Exit(2) from None
+    api = os.environ.get("PREFECT_API_URL", "")
+    if not api or not reachable(api.rstrip("/") + "/health"):
+        where = f"at PREFECT_API_URL={api}" if api else "(PREFECT_API_URL is not set)"
+        err.print(
+            f"[red]error:[/] no Prefect server is reachable {where}. A schedule needs a "
+            "server that keeps it: start one with `otcurate ui` (or `prefect server start`) "
+            "and `export PREFECT_API_URL=http://127.0.0.1:4200/api`, then rerun."
+        )
+        raise typer.Exit(2)
+    try:
+        _validate_params(root)
+    except ParamsError as exc:
+        err.print(f"[red]error:[/] params.yaml: {exc}")
+        raise typer.Exit(2) from None
+    os.chdir(root)  # the deployment's entrypoint (flows/pipeline.py:nightly) is root-relative
+    sys.path.insert(0, str(root))
+    from flows.pipeline import nightly
+
+    console.print(
+        f"serving deployment otcurate-nightly/{name} on {api}: cron {cron!r} ({timezone}), "
+        f"lineage {lineage}{f' -> {branch}' if lineage == 'branch' else ''}. Ctrl-C stops."
+    )
+    from prefect.client.schemas.schedules import CronSchedule
+
+    nightly.serve(
+        name=name,
+        schedules=[CronSchedule(cron=cron, timezone=timezone)],
+        parameters={"root": str(root), "lineage": lineage, "branch": branch},
+        print_starting_message=True,
+    )
+
+
+@app.command()
+def ui(
+    prefect_port: Annotated[
+        int, typer.Option(help="Port of the Prefect server (API + UI).")
+    ] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; the default keeps both off the network.")
+    ] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for both to answer.")] = 180.0,
+) -> None:
+    """Start the Prefect server and the MLflow UI on this project's store; Ctrl-C stops both."""
+    import signal
+
+    from otcurate import services
+    from otcurate.tracking import tracking_uri
+
+    root = find_root()
+    logs = root / ".otcurate" / "logs"
+    running = [
+        services.start_prefect(host, prefect_port, logs / "prefect-server.log"),
+        services.start_mlflow(host, mlflow_port, tracking_uri(root), logs / "mlflow-ui.log"),
+    ]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops cleanly, too
+    try:
+        console.print(f"starting the Prefect server and the MLflow UI (logs in {logs}) ...")
+        services.wait_ready(running, timeout)
+        console.print(f"Prefect UI: {running[0].url}   (API {running[0].url}/api)")
+        console.print(f"MLflow UI:  {running[1].url}   (store {tracking_uri(root)})")
+        console.print(
+            f"To run flows against this server: export PREFECT_API_URL={running[0].url}/api"
+        )
+        console.print("Ctrl-C stops both.", highlight=False)
+        while all(s.proc.poll() is None for s in running):
+            time.sleep(0.5)
+        dead = next(s for s in running if s.proc.poll() is not None)
+        err.print(
+            f"[red]{dead.name} exited ({dead.proc.returncode}):[/]\n{services.tail(dead.log)}"
+        )
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    except RuntimeError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        services.stop(running)
+    console.print("stopped.")
 
 
 def main() -> None:  # pragma: no cover

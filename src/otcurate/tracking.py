@@ -207,6 +207,11 @@ class Tracker:
                     self.parent_id,
                     tags=[RunTag(f"outcome.{k}", str(v)) for k, v in summary.items()],
                 )
+            for rel in ("dvc.lock", "params.yaml", "data/sources.json"):
+                if (self.root / rel).exists():  # the pipeline's state as this run left it
+                    self.client.log_artifact(
+                        self.parent_id, str(self.root / rel), artifact_path="lineage"
+                    )
             self.client.set_terminated(self.parent_id, status)
         except Exception as exc:  # noqa: BLE001
             self._warn("could not close the parent run", exc)

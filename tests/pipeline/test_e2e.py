@@ -8,70 +8,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from otcurate_support import ROOT, write_params
+from otcurate_support import BIN, make_scratch, scratch_env, sh
 
-BIN = Path(sys.executable).parent
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
 pytestmark = pytest.mark.e2e
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(tmp / "prefect-home"),
-        PYTHONUNBUFFERED="1",
-        COLUMNS="200",
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_OFFLINE="1",
-    )
-    return env
-
-
-def make_scratch(dest: Path) -> Path:
-    """A fresh clone-like copy of the working tree (files git tracks or would track), tiny params, one commit."""
-    files = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for f in filter(None, files):
-        src = ROOT / f
-        if src.exists():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
-    write_params(dest)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "scratch"], cwd=dest, check=True)
-    return dest
-
-
-def sh(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        list(args), cwd=root, env=_env(root.parent), capture_output=True, text=True, timeout=900
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
-    return proc
 
 
 def outcomes(stdout: str) -> dict[str, str]:
@@ -240,6 +188,86 @@ def test_lineage_reaches_the_ingest_source(scratch):
     assert missing.returncode == 2 and "is not an output of any stage" in missing.stderr
 
 
+def _pipeline_runs(root: Path) -> list[str]:
+    db = sqlite3.connect(root / "mlflow.db")
+    return [
+        r
+        for (r,) in db.execute(
+            "select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
+            "where t.key = 'otcurate.kind' and t.value = 'pipeline' order by r.start_time"
+        )
+    ]
+
+
+def test_lineage_of_a_run_id_and_a_model_version_walks_the_mlflow_history(scratch):
+    root, _, _ = scratch
+    otc = str(BIN / "otcurate")
+    first = _pipeline_runs(root)[0]
+    chain = json.loads(sh(root, otc, "lineage", first, "--json").stdout)
+    assert chain["stage"] == "pipeline" and chain["run_id"] == first
+    stages = {}
+    stack = [chain]
+    while stack:
+        node = stack.pop()
+        stages[node["stage"]] = node
+        stack.extend(node["upstream"])
+    assert set(stages) == {"pipeline", *STAGES}  # evaluate is the sink, ingest the source
+    assert all(stages[s]["parent_run_id"] == first for s in STAGES)  # all made by that run
+    # version 1 of the registered model is the first run's model, even though dvc.lock moved on
+    v1 = json.loads(sh(root, otc, "lineage", "otcurate-clip/1", "--json").stdout)
+    assert v1["stage"] == "finetune" and v1["run_id"] == stages["finetune"]["run_id"]
+    assert v1["outs"]["models/finetune"] != lock(root)["finetune"]["outs"][0]["md5"]
+    locked_lr = lock(root)["finetune"]["params"]["params.yaml"]["finetune"]["lr"]
+    assert v1["params"]["finetune.lr"] != json.dumps(locked_lr)  # v1 had the first lr
+    graph = sh(root, otc, "lineage", "models/finetune", "--mermaid").stdout
+    assert graph.startswith("flowchart LR") and graph.count("-->") >= 6
+    human = sh(root, otc, "lineage", "otcurate-clip/1").stdout
+    assert "mlflow run" in human and "ingest.source=shapes" in human
+    bad = sh(root, otc, "lineage", "0" * 32, check=False)
+    assert bad.returncode == 2 and "no otcurate run has it" in bad.stderr
+
+
+def test_diff_shows_the_param_change_and_the_stages_it_reached(scratch):
+    root, _, _ = scratch
+    otc = str(BIN / "otcurate")
+    runs = _pipeline_runs(root)
+    d = json.loads(sh(root, otc, "diff", runs[0], runs[2], "--json").stdout)  # first vs lr change
+    assert d["params"]["finetune.lr"][1] == "0.0003"
+    assert set(d["inputs_changed"]) == {"evaluate"}  # finetune's own inputs did not change
+    assert "models/finetune" in d["inputs_changed"]["evaluate"]
+    assert any(k.startswith("finetune.") for k in d["metrics"])
+    assert d["outcomes"]["finetune"] == ["ran", "ran"] and d["outcomes"]["ingest"] == [
+        "ran",
+        "skipped",
+    ]
+    table = sh(root, otc, "diff", runs[0][:8], runs[2][:8]).stdout
+    assert "finetune.lr" in table and "stages whose inputs changed" in table
+    noop = json.loads(sh(root, otc, "diff", runs[0], runs[1], "--json").stdout)
+    assert noop["params"] == {} and noop["inputs_changed"] == {}
+    assert sh(root, otc, "diff", "nope", check=False).returncode == 2
+
+
+def test_outputs_travel_through_a_dvc_remote(scratch, tmp_path):
+    """`dvc push` to a remote (a local directory here, S3/MinIO in production), then a fresh
+    clone pulls byte-identical outputs and has nothing to rerun."""
+    root, _, _ = scratch
+    dvc = str(BIN / "dvc")
+    remote = tmp_path / "remote"
+    sh(root, dvc, "remote", "add", "--local", "-f", "store", str(remote))
+    sh(root, dvc, "push", "-r", "store")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    sh(root, *git, "add", "-f", "dvc.lock", "params.yaml")
+    sh(root, *git, "commit", "-qm", "lock", "--allow-empty")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    sh(clone, dvc, "remote", "add", "--local", "-f", "store", str(remote))
+    sh(clone, dvc, "pull", "-r", "store")
+    assert outs_md5(clone) == outs_md5(root)
+    for rel in ("models/finetune/model.safetensors", "results/evaluate/metrics.json"):
+        assert (clone / rel).read_bytes() == (root / rel).read_bytes()
+    assert json.loads(sh(clone, dvc, "status", "--json").stdout or "{}") == {}
+
+
 def _find_pid(pattern: str, timeout: float = 240.0) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -258,7 +286,7 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage
     proc = subprocess.Popen(
         [str(BIN / "dvc"), "repro"],
         cwd=root,
-        env=_env(tmp_path),
+        env=scratch_env(tmp_path),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

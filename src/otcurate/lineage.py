@@ -1,0 +1,327 @@
+"""Lineage and run comparison from the records the pipeline leaves behind.
+
+Two sources, one node shape:
+- `dvc.lock` (the current state): which stage produced a path, from which deps and params;
+- the MLflow store (the history): every stage run of every pipeline run, tagged with the
+  md5 of each dep and out (`dvc.dep.<path>`, `dvc.out.<path>`), its params, git commit
+  and outcome. A stage run's upstream is found by md5: the latest earlier run of any stage
+  whose out had the md5 this run's dep had. That answers "where did this model come from?"
+  after dvc.lock has moved on.
+
+A node is a dict: stage, outs {path: md5}, deps {path: md5}, params, outcome, git_commit,
+run_id, parent_run_id, start_time (ms), cmd (lock only), upstream [nodes].
+The functions here take records and return records; `fetch_*` read the store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+CODE_PREFIXES = ("stages/", "src/", "flows/")  # deps that are code, not data
+
+
+@dataclass
+class StageRun:
+    """One stage's child run in MLflow."""
+
+    run_id: str
+    stage: str
+    parent_run_id: str | None
+    outcome: str | None
+    git_commit: str | None
+    git_dirty: str | None
+    start_time: int
+    outs: dict[str, str] = field(default_factory=dict)
+    deps: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineRun:
+    """A flow run's parent run in MLflow, with its stages."""
+
+    run_id: str
+    name: str | None
+    status: str | None
+    git_commit: str | None
+    start_time: int
+    stages: dict[str, StageRun] = field(default_factory=dict)
+
+
+def stage_run_from_mlflow(run: Any) -> StageRun:
+    tags = run.data.tags
+    return StageRun(
+        run_id=run.info.run_id,
+        stage=tags["dvc.stage"],
+        parent_run_id=tags.get("mlflow.parentRunId"),
+        outcome=tags.get("dvc.outcome"),
+        git_commit=tags.get("git.commit"),
+        git_dirty=tags.get("git.dirty"),
+        start_time=int(run.info.start_time or 0),
+        outs={k[len("dvc.out.") :]: v for k, v in tags.items() if k.startswith("dvc.out.")},
+        deps={k[len("dvc.dep.") :]: v for k, v in tags.items() if k.startswith("dvc.dep.")},
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+    )
+
+
+def fetch(client: Any, experiment: str) -> tuple[list[PipelineRun], list[StageRun]]:
+    """Every pipeline run and every stage run of ``experiment`` (oldest first)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return [], []
+
+    def search(flt: str) -> list[Any]:
+        found, token = [], None
+        while True:
+            page = client.search_runs([exp.experiment_id], flt, max_results=1000, page_token=token)
+            found += list(page)
+            token = page.token
+            if not token:
+                return found
+
+    stages = sorted(
+        (stage_run_from_mlflow(r) for r in search("tags.`dvc.stage` != ''")),
+        key=lambda s: (s.start_time, s.run_id),
+    )
+    pipelines = []
+    for r in search("tags.`otcurate.kind` = 'pipeline'"):
+        p = PipelineRun(
+            run_id=r.info.run_id,
+            name=r.info.run_name,
+            status=r.info.status,
+            git_commit=r.data.tags.get("git.commit"),
+            start_time=int(r.info.start_time or 0),
+        )
+        p.stages = {s.stage: s for s in stages if s.parent_run_id == p.run_id}
+        pipelines.append(p)
+    pipelines.sort(key=lambda p: (p.start_time, p.run_id))
+    return pipelines, stages
+
+
+def _node(s: StageRun) -> dict[str, Any]:
+    return {
+        "stage": s.stage,
+        "outs": dict(s.outs),
+        "deps": dict(s.deps),
+        "params": dict(s.params),
+        "outcome": s.outcome,
+        "git_commit": s.git_commit,
+        "git_dirty": s.git_dirty,
+        "run_id": s.run_id,
+        "parent_run_id": s.parent_run_id,
+        "start_time": s.start_time,
+        "upstream": [],
+    }
+
+
+def producer_of(stages: Iterable[StageRun], path: str, md5: str, before: int) -> StageRun | None:
+    """The stage run, started no later than ``before``, that left ``path`` at ``md5``: the
+    latest that ran (or was restored from DVC's run cache), else the latest that skipped
+    with it already in place (a failed run produced nothing)."""
+    found = [
+        s
+        for s in stages
+        if s.start_time <= before and s.outcome != "failed" and s.outs.get(path) == md5
+    ]
+    if not found:
+        return None
+    return max(found, key=lambda s: (s.outcome in ("ran", "restored"), s.start_time, s.run_id))
+
+
+def chain_from_runs(stages: list[StageRun], start: StageRun) -> dict[str, Any]:
+    """The lineage of one stage run: upstream runs matched by dep md5, recursively. A stage
+    reached twice is the same node object (a DAG; JSON repeats it)."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    def visit(s: StageRun) -> dict[str, Any]:
+        if s.run_id in seen:
+            return seen[s.run_id]
+        node = seen[s.run_id] = _node(s)
+        ups: dict[str, StageRun] = {}
+        for path, md5 in sorted(s.deps.items()):
+            if path.startswith(CODE_PREFIXES):
+                continue
+            up = producer_of(stages, path, md5, s.start_time)
+            if up is not None and up.run_id != s.run_id:
+                ups[up.run_id] = up
+        node["upstream"] = [visit(u) for u in sorted(ups.values(), key=lambda u: u.stage)]
+        return node
+
+    return visit(start)
+
+
+def chain_from_lock(
+    lock: Mapping[str, Any], target: str, stages: list[StageRun], params_of
+) -> dict[str, Any]:
+    """The lineage of ``target`` (an output path) as dvc.lock records it now; each node also
+    names the latest MLflow run that left exactly those outs. ``params_of(entry)`` flattens
+    a lock entry's params. Raises KeyError naming the known outputs when ``target`` is none."""
+    target = os.path.normpath(target)
+    producers = {
+        os.path.normpath(o["path"]): name for name, e in lock.items() for o in e.get("outs", [])
+    }
+    if target not in producers:
+        known = ", ".join(sorted(producers)) or "none (run the pipeline first)"
+        raise KeyError(f"{target} is not an output of any stage in dvc.lock; outputs: {known}")
+    seen: dict[str, dict[str, Any]] = {}
+
+    def visit(name: str) -> dict[str, Any]:
+        if name in seen:
+            return seen[name]
+        e = lock[name]
+        outs = {o["path"]: o.get("md5") for o in e.get("outs", [])}
+        runs = [s for s in stages if s.stage == name and s.outcome != "failed" and s.outs == outs]
+        last = runs[-1] if runs else None
+        node = seen[name] = {
+            "stage": name,
+            "cmd": e.get("cmd"),
+            "outs": outs,
+            "deps": {d["path"]: d.get("md5") for d in e.get("deps", [])},
+            "params": params_of(e),
+            "outcome": last.outcome if last else None,
+            "git_commit": last.git_commit if last else None,
+            "git_dirty": last.git_dirty if last else None,
+            "run_id": last.run_id if last else None,
+            "parent_run_id": last.parent_run_id if last else None,
+            "start_time": last.start_time if last else None,
+            "mlflow_runs": [
+                {
+                    "run_id": r.run_id,
+                    "parent_run_id": r.parent_run_id,
+                    "outcome": r.outcome,
+                    "git_commit": r.git_commit,
+                    "start_time": r.start_time,
+                }
+                for r in runs
+            ],
+            "upstream": [],
+        }
+        ups = sorted(
+            {
+                producers[os.path.normpath(d["path"])]
+                for d in e.get("deps", [])
+                if os.path.normpath(d["path"]) in producers
+            }
+        )
+        node["upstream"] = [visit(u) for u in ups]
+        return node
+
+    return visit(producers[target])
+
+
+def chain_of_pipeline(stages: list[StageRun], pipeline: PipelineRun) -> dict[str, Any]:
+    """A pipeline run's lineage: its sink stages (whose outs no other stage of the run
+    reads), each with its chain, under one node for the run."""
+    runs = list(pipeline.stages.values())
+    read = {(p, m) for s in runs for p, m in s.deps.items()}
+    sinks = [s for s in runs if not any((p, m) in read for p, m in s.outs.items())]
+    return {
+        "stage": "pipeline",
+        "outs": {},
+        "deps": {},
+        "params": {},
+        "outcome": pipeline.status,
+        "git_commit": pipeline.git_commit,
+        "git_dirty": None,
+        "run_id": pipeline.run_id,
+        "parent_run_id": None,
+        "start_time": pipeline.start_time,
+        "upstream": [chain_from_runs(stages, s) for s in sorted(sinks, key=lambda s: s.stage)],
+    }
+
+
+def walk(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every node once, depth first from ``node``."""
+    out, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        key = (n["stage"], n.get("run_id"), tuple(sorted(n["outs"].items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(n)
+        stack.extend(reversed(n["upstream"]))
+    return out
+
+
+def mermaid(node: Mapping[str, Any]) -> str:
+    """A Mermaid flowchart of the chain: one box per stage run (stage, outcome, out md5s,
+    run id), arrows from producer to consumer."""
+    ids: dict[tuple, str] = {}
+    lines = ["flowchart LR"]
+
+    def key(n: Mapping[str, Any]) -> tuple:
+        return (n["stage"], n.get("run_id"), tuple(sorted(n["outs"].items())))
+
+    for n in walk(node):
+        ids[key(n)] = f"n{len(ids)}"
+        label = [n["stage"] + (f" ({n['outcome']})" if n.get("outcome") else "")]
+        label += [f"{p} {str(m)[:8]}" for p, m in sorted(n["outs"].items())]
+        if n.get("run_id"):
+            label.append(f"run {n['run_id'][:8]}")
+        text = "<br/>".join(x.replace('"', "'") for x in label)
+        lines.append(f'  {ids[key(n)]}["{text}"]')
+    for n in walk(node):
+        for up in n["upstream"]:
+            lines.append(f"  {ids[key(up)]} --> {ids[key(n)]}")
+    return "\n".join(lines) + "\n"
+
+
+def diff_runs(a: PipelineRun, b: PipelineRun) -> dict[str, Any]:
+    """What differs between two pipeline runs: params (key: [a, b]), metrics
+    (stage.metric: [a, b], stage_seconds left out), the stages whose data inputs changed
+    (stage: {path: [md5 a, md5 b]}), and each stage's outcome in both."""
+
+    def params(p: PipelineRun) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for s in p.stages.values():
+            out.update(s.params)
+        return out
+
+    def metrics(p: PipelineRun) -> dict[str, float]:
+        return {
+            f"{s.stage}.{k}": v
+            for s in p.stages.values()
+            for k, v in s.metrics.items()
+            if k != "stage_seconds"
+        }
+
+    pa, pb, ma, mb = params(a), params(b), metrics(a), metrics(b)
+    inputs: dict[str, dict[str, list[str | None]]] = {}
+    for name in sorted(set(a.stages) | set(b.stages)):
+        da = a.stages[name].deps if name in a.stages else {}
+        db = b.stages[name].deps if name in b.stages else {}
+        changed = {
+            p: [da.get(p), db.get(p)]
+            for p in sorted(set(da) | set(db))
+            if da.get(p) != db.get(p) and not p.startswith(CODE_PREFIXES)
+        }
+        code = sorted(
+            p for p in set(da) | set(db) if p.startswith(CODE_PREFIXES) and da.get(p) != db.get(p)
+        )
+        if changed or code:
+            inputs[name] = {**changed, **{p: [da.get(p), db.get(p)] for p in code}}
+    return {
+        "a": a.run_id,
+        "b": b.run_id,
+        "params": {
+            k: [pa.get(k), pb.get(k)] for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)
+        },
+        "metrics": {
+            k: [ma.get(k), mb.get(k)] for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)
+        },
+        "inputs_changed": inputs,
+        "outcomes": {
+            name: [
+                a.stages[name].outcome if name in a.stages else None,
+                b.stages[name].outcome if name in b.stages else None,
+            ]
+            for name in sorted(set(a.stages) | set(b.stages))
+        },
+        "git_commit": [a.git_commit, b.git_commit],
+    }

@@ -1,0 +1,128 @@
+"""The content manifest of ingest's source: what DVC sees change when new data arrives.
+
+DVC tracks files it is told about; a local `hf` source (an imagefolder, CSV, parquet or
+webdataset folder given by `ingest.hf.data_dir`, `data_files` or `image_root`) lives outside
+the repo. `data/sources.json` lists that source's files (relative path, size, sha256) and is
+a dep of the ingest stage, so a new shard dropped into the folder changes the manifest and
+DVC reruns from ingest; no new file, byte-identical manifest, nothing reruns.
+
+The source is append-only: a listed file that vanished or changed content is an error
+(the old runs' lineage would no longer describe the data), unless the caller accepts it.
+Hashes are reused while a file's size and mtime are unchanged (`.otcurate/hash-cache.json`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MANIFEST = Path("data") / "sources.json"
+CACHE = Path(".otcurate") / "hash-cache.json"
+
+
+class SourceChanged(ValueError):
+    """An append-only source lost or rewrote a file it already had."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def local_files(root: Path, hf: Mapping[str, Any]) -> list[Path]:
+    """The local files behind an `hf` source: everything under data_dir and image_root, and
+    what data_files names (globs allowed), relative paths taken from the project root."""
+    found: set[Path] = set()
+    for key in ("data_dir", "image_root"):
+        if hf.get(key):
+            base = root / hf[key]
+            if base.is_dir():
+                found.update(p for p in base.rglob("*") if p.is_file())
+    files = hf.get("data_files")
+    for pattern in [files] if isinstance(files, str) else files or []:
+        for hit in glob.glob(str(root / pattern), recursive=True):
+            if Path(hit).is_file():
+                found.add(Path(hit))
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.parts[-2:]))
+
+
+def build(root: Path, ingest: Mapping[str, Any], cache: dict[str, Any] | None = None) -> dict:
+    """The manifest for the `ingest` params section: the source's settings, and for a
+    local `hf` source its files (path relative to the root, size, sha256)."""
+    source = ingest.get("source", "shapes")
+    out: dict[str, Any] = {"source": source}
+    if source != "hf":
+        return out
+    hf = dict(ingest.get("hf") or {})
+    out["hf"] = {k: hf.get(k) for k in ("path", "name", "data_dir", "data_files", "split")}
+    cache = cache if cache is not None else {}
+    entries = []
+    for p in local_files(root, hf):
+        st = p.stat()
+        rel = os.path.relpath(p, root)
+        key = f"{rel}|{st.st_size}|{st.st_mtime_ns}"
+        digest = cache.get(key) or _sha256(p)
+        cache[key] = digest
+        entries.append({"path": rel, "size": st.st_size, "sha256": digest})
+    out["files"] = entries
+    return out
+
+
+def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(added paths, removed-or-rewritten paths) between two manifests of the same source."""
+    if old.get("source") != new.get("source") or old.get("hf") != new.get("hf"):
+        return [], []  # a different source altogether: params changed, not the data
+    before = {e["path"]: e["sha256"] for e in old.get("files", [])}
+    after = {e["path"]: e["sha256"] for e in new.get("files", [])}
+    added = sorted(set(after) - set(before))
+    broken = sorted(p for p in before if after.get(p) != before[p])
+    return added, broken
+
+
+def sync(root: Path, ingest: Mapping[str, Any], *, allow_rewrite: bool = False) -> dict:
+    """Write `data/sources.json` for the current params when its content changed (atomic);
+    returns {"changed", "added", "rewritten", "files"}. Raises SourceChanged when a listed
+    file vanished or changed and ``allow_rewrite`` is false."""
+    root = Path(root)
+    path, cache_path = root / MANIFEST, root / CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    new = build(root, ingest, cache)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    added, broken = compare(old, new)
+    if broken and not allow_rewrite:
+        raise SourceChanged(
+            f"the source is append-only, but {len(broken)} file(s) it had were removed or "
+            f"rewritten: {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}. Put new data "
+            "in new files; to accept the change (the old runs keep their md5s in MLflow), "
+            "rerun with --allow-rewrite."
+        )
+    text = json.dumps(new, indent=1, sort_keys=True) + "\n"
+    changed = not path.exists() or path.read_text() != text
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp-sync")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    live = {e["path"] for e in new.get("files", [])}
+    kept = {k: v for k, v in cache.items() if k.split("|", 1)[0] in live}
+    tmp = cache_path.with_name(cache_path.name + ".tmp-sync")
+    tmp.write_text(json.dumps(kept))
+    os.replace(tmp, cache_path)
+    return {
+        "changed": changed,
+        "added": added,
+        "rewritten": broken,
+        "files": len(new.get("files", [])),
+    }
