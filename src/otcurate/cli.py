@@ -187,9 +187,7 @@ def _source_news(root: Path) -> str:
 
     try:
         params = parse_yaml((root / "params.yaml").read_text()) or {}
-        new = sources.build(root, params.get("ingest") or {})
-        path = root / sources.MANIFEST
-        old = json.loads(path.read_text()) if path.exists() else {}
+        old, new, _ = sources.scan(root, params.get("ingest") or {})
     except Exception as exc:  # noqa: BLE001 - status must still show DVC's view
         return f"(could not scan the ingest source: {exc})"
     if new == old:
@@ -335,7 +333,7 @@ def lineage(
 
     A path is traced through dvc.lock as it is now; a run id or model version through the
     MLflow history (each upstream run found by the md5 of the data it left)."""
-    from otcurate.lineage import mermaid
+    from otcurate.lineage import CODE_PREFIXES, mermaid, node_key
 
     root = find_root()
     try:
@@ -356,7 +354,7 @@ def lineage(
     shown: set = set()
 
     def add(node: dict, branch: Tree) -> None:
-        key = (node["stage"], node.get("run_id"), tuple(sorted(node["outs"].items())))
+        key = node_key(node)
         if key in shown:  # a DAG, not a tree: each stage run is printed once
             branch.add(f"[cyan]{node['stage']}[/] (shown above)")
             return
@@ -375,7 +373,7 @@ def lineage(
         for p, md5 in node["outs"].items():
             b.add(f"out {p}  md5 {md5}")
         for p, md5 in node["deps"].items():
-            if not p.startswith(("stages/", "src/", "flows/")):
+            if not p.startswith(CODE_PREFIXES):
                 b.add(f"dep {p}  md5 {md5}")
         params = {
             k: v

@@ -235,15 +235,19 @@ def chain_of_pipeline(stages: list[StageRun], pipeline: PipelineRun) -> dict[str
     }
 
 
+def node_key(n: Mapping[str, Any]) -> tuple:
+    """What identifies a node: one stage run leaving these outs (JSON repeats shared nodes)."""
+    return (n["stage"], n.get("run_id"), tuple(sorted(n["outs"].items())))
+
+
 def walk(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """Every node once, depth first from ``node``."""
     out, seen, stack = [], set(), [node]
     while stack:
         n = stack.pop()
-        key = (n["stage"], n.get("run_id"), tuple(sorted(n["outs"].items())))
-        if key in seen:
+        if node_key(n) in seen:
             continue
-        seen.add(key)
+        seen.add(node_key(n))
         out.append(n)
         stack.extend(reversed(n["upstream"]))
     return out
@@ -255,20 +259,17 @@ def mermaid(node: Mapping[str, Any]) -> str:
     ids: dict[tuple, str] = {}
     lines = ["flowchart LR"]
 
-    def key(n: Mapping[str, Any]) -> tuple:
-        return (n["stage"], n.get("run_id"), tuple(sorted(n["outs"].items())))
-
     for n in walk(node):
-        ids[key(n)] = f"n{len(ids)}"
+        ids[node_key(n)] = f"n{len(ids)}"
         label = [n["stage"] + (f" ({n['outcome']})" if n.get("outcome") else "")]
         label += [f"{p} {str(m)[:8]}" for p, m in sorted(n["outs"].items())]
         if n.get("run_id"):
             label.append(f"run {n['run_id'][:8]}")
         text = "<br/>".join(x.replace('"', "'") for x in label)
-        lines.append(f'  {ids[key(n)]}["{text}"]')
+        lines.append(f'  {ids[node_key(n)]}["{text}"]')
     for n in walk(node):
         for up in n["upstream"]:
-            lines.append(f"  {ids[key(up)]} --> {ids[key(n)]}")
+            lines.append(f"  {ids[node_key(up)]} --> {ids[node_key(n)]}")
     return "\n".join(lines) + "\n"
 
 

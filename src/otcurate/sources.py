@@ -87,18 +87,27 @@ def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], 
     return added, broken
 
 
+def scan(root: Path, ingest: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+    """(manifest on disk or {}, manifest of the source now, hash cache) without writing
+    anything; hashes come from `.otcurate/hash-cache.json` where size and mtime match."""
+    root = Path(root)
+    try:
+        cache = json.loads((root / CACHE).read_text())
+    except (OSError, ValueError):
+        cache = {}
+    new = build(root, ingest, cache)
+    path = root / MANIFEST
+    old = json.loads(path.read_text()) if path.exists() else {}
+    return old, new, cache
+
+
 def sync(root: Path, ingest: Mapping[str, Any], *, allow_rewrite: bool = False) -> dict:
     """Write `data/sources.json` for the current params when its content changed (atomic);
     returns {"changed", "added", "rewritten", "files"}. Raises SourceChanged when a listed
     file vanished or changed and ``allow_rewrite`` is false."""
     root = Path(root)
     path, cache_path = root / MANIFEST, root / CACHE
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    new = build(root, ingest, cache)
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old, new, cache = scan(root, ingest)
     added, broken = compare(old, new)
     if broken and not allow_rewrite:
         raise SourceChanged(
