@@ -1,7 +1,8 @@
 """detect: score every train pair's cleanliness and flag the suspected noisy ones.
 
-Writes `<out>/scores.parquet` (uid, score, noisy) and `<results>/` (metrics.json;
-plots/scores.png and plots/roc.tsv when planted ground truth exists).
+Writes `<out>/scores.parquet` (uid, score, noisy), `<out>/detector.json` (+ `.safetensors`
+for infoot: the fitted plan), the detector `otcurate score` applies to new pairs, and
+`<results>/` (metrics.json; plots/scores.png and plots/roc.tsv when planted ground truth exists).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+from safetensors.torch import save_file
 
 from otcurate import detect as det
 from otcurate.data.shards import read_embeddings, read_split
@@ -43,6 +45,11 @@ def detect(args) -> None:
         **kwargs,
     )
 
+    detector = det.fit_detector(
+        p.method, image, text, result, threshold=p.threshold, seed=base.seed, **kwargs
+    )
+    meta, tensors = det.detector_state(detector)
+
     metrics: dict[str, float] = {
         "pairs": len(uids),
         "flagged": int(result.noisy.sum()),
@@ -64,6 +71,9 @@ def detect(args) -> None:
                 }
             ),
         )
+        write_json(out / "detector.json", meta)
+        if tensors:
+            save_file(tensors, str(out / "detector.safetensors"))
     with atomic_dir(args.results) as res:
         (res / "plots").mkdir()
         plot_score_hist(

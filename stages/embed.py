@@ -1,50 +1,43 @@
 """embed: L2-normalised image and text embeddings of every split, once, one shard per ingest shard.
 
-Writes `<out>/<split>-<k>.safetensors` + `<split>-<k>.uids.parquet`.
+Writes `<out>/<split>-<k>.safetensors` + `<split>-<k>.uids.parquet`. With `embed.dask`
+the shards are embedded on a Dask cluster (same results as in-process).
 """
 
 from __future__ import annotations
 
 import sys
 
-import pyarrow.parquet as pq
 import torch
 
-from otcurate import models
+from otcurate.data.embed_work import embed_shards
 from otcurate.data.records import SPLITS
 from otcurate.data.shards import shard_files, write_embedding_shard
 from otcurate.io import atomic_dir
-from otcurate.progress import track
-from otcurate.runtime import make_reproducible, resolve_device
 from stages._common import parser, read_params, run
 
 
 def embed(args) -> None:
     base, p = read_params(args.params, "embed")
-    device = resolve_device(base.device)
-    make_reproducible(base.seed, base.threads, device)
-    clip = models.load(args.model, device=device)
-    jobs = [(s, f) for s in SPLITS for f in shard_files(args.data, s)]
-    if not jobs:
+    shards = [str(f.resolve()) for s in SPLITS for f in shard_files(args.data, s)]
+    if not shards:
         raise FileNotFoundError(f"{args.data}/train-*.parquet")
     n = 0
     with atomic_dir(args.out) as out:
-        for _split, f in track(jobs, total=len(jobs), description="embed: shards"):
-            t = pq.read_table(f, columns=["uid", "image", "caption"])
-            img_e, txt_e = [], []
-            for i in range(0, t.num_rows, p.batch_size):
-                part = t.slice(i, p.batch_size)
-                x, tok = models.pairs_to_tensors(
-                    part["image"].to_pylist(), part["caption"].to_pylist(), clip
-                )
-                ie, te = models.encode(clip, x, tok, batch_size=p.batch_size)
-                img_e.append(ie)
-                txt_e.append(te)
-            write_embedding_shard(
-                out, f.stem, t["uid"].to_pylist(), torch.cat(img_e), torch.cat(txt_e)
-            )
-            n += t.num_rows
-    print(f"embed: {n} pairs from {len(jobs)} shards -> {args.out}")
+        for shard, uids, img, txt in embed_shards(
+            shards,
+            args.model,
+            batch_size=p.batch_size,
+            device=base.device,
+            threads=base.threads,
+            seed=base.seed,
+            dask=p.dask,
+        ):
+            name = shard.rsplit("/", 1)[-1].removesuffix(".parquet")
+            write_embedding_shard(out, name, uids, torch.from_numpy(img), torch.from_numpy(txt))
+            n += len(uids)
+    where = f" on Dask ({p.dask})" if p.dask else ""
+    print(f"embed: {n} pairs from {len(shards)} shards{where} -> {args.out}")
 
 
 def main(argv=None) -> int:

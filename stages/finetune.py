@@ -5,24 +5,51 @@ Writes `<out>/` (same format as pretrain) and `<results>/` (metrics.json, plots/
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from otcurate import models
+from otcurate import models, parallel
 from otcurate.data.shards import read_split, select_uids
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate.train import FINETUNE_METHODS
 from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
 
+def launch(nproc: int, argv: list[str]) -> None:
+    """Rerun this stage under torchrun with `nproc` processes on this machine."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+        "-m", "stages.finetune", *argv,
+    ]  # fmt: skip
+    root = str(Path(__file__).resolve().parents[1])  # so that `-m stages.finetune` imports
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": path}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback only
+    print(f"finetune: torchrun with {nproc} processes", file=sys.stderr, flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise SystemExit(rc)  # the workers printed the reason
+
+
 def finetune(args) -> None:
     base, p = read_params(args.params, "finetune")
-    device = resolve_device(base.device)
-    make_reproducible(base.seed, base.threads, device)
+    if p.nproc > 1 and not parallel.launched():
+        launch(p.nproc, args.argv)
+        return
+    device = parallel.init(resolve_device(base.device))
+    rank, size = parallel.world()
+    # The processes share this machine's cores: same total threads as one process.
+    threads = max(1, base.threads // size) if base.threads > 0 else base.threads
+    make_reproducible(base.seed, threads, device)
     train = read_split(args.data, "train", columns=["uid", "image", "caption"])
     subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
     chosen = select_uids(train, subset["uid"])
@@ -40,6 +67,8 @@ def finetune(args) -> None:
             f"only {data.num_rows} pairs to fine-tune on (coreset + distilled); raise coreset.fraction or distill.ipc."
         )
     clip = models.load(args.model, device=device)
+    if size > 1:
+        parallel.global_batchnorm(clip.model)
     images, tokens = models.pairs_to_tensors(
         data["image"].to_pylist(), data["caption"].to_pylist(), clip
     )
@@ -50,7 +79,7 @@ def finetune(args) -> None:
         noisy=noisy,
         **p.optim_kwargs(),
         seed=base.seed,
-        log=live_logger(),
+        log=live_logger() if rank == 0 else None,
         **p.method_kwargs(),
     )
     metrics = {
@@ -59,8 +88,12 @@ def finetune(args) -> None:
         "coreset_pairs": chosen.num_rows,
         "distilled_pairs": distilled.num_rows,
         "steps": p.steps,
+        "processes": size,
         "final_loss": res.losses[-1],
     }
+    parallel.shutdown()
+    if rank > 0:
+        return  # the first process writes
     save_model_and_curve(clip, args.out, args.results, metrics, res)
     print(
         f"finetune ({p.method}): {p.steps} steps on {data.num_rows} pairs, final loss {res.losses[-1]:.4f}"
@@ -76,7 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--results", required=True)
-    return run("finetune", finetune, ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run("finetune", finetune, args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The `otcurate` command: run the pipeline, see what would rerun, trace lineage, compare runs,
-serve the UIs, schedule nightly runs."""
+serve the UIs, schedule nightly runs, score new pairs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 # No phoning home (there may be no network; it also raced sqlite on a first start).
@@ -574,6 +575,131 @@ def ui(
     finally:
         services.stop(running)
     console.print("stopped.")
+
+
+@app.command()
+def score(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="New pairs: a .csv/.parquet/.json(l)/.tar file, or a folder of them (or an imagefolder)."
+        ),
+    ],
+    image_column: Annotated[
+        str | None, typer.Option(help="Image column (default: params.yaml ingest.hf.image_column).")
+    ] = None,
+    caption_column: Annotated[
+        str | None,
+        typer.Option(help="Caption column (default: params.yaml ingest.hf.caption_column)."),
+    ] = None,
+    model: Annotated[Path, typer.Option(help="The model detect scored with.")] = Path(
+        "models/pretrain"
+    ),
+    detector: Annotated[Path, typer.Option(help="detect's output folder.")] = Path("data/detect"),
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default: results/score/<source name>).")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Suspected pairs to list.")] = 10,
+) -> None:
+    """Score new pairs with the fitted detector (no refit) and report the suspected noisy ones."""
+    root = find_root()
+    import torch
+    from safetensors.torch import load_file
+
+    from otcurate import detect as det
+    from otcurate import models
+    from otcurate.data.hf import SourceError, load_pairs, local_source
+    from otcurate.io import atomic_dir, write_json, write_parquet, write_text
+    from otcurate.runtime import make_reproducible, resolve_device
+
+    params = load_all(parse_yaml((root / "params.yaml").read_text()) or {})
+    hf = params["ingest"].hf
+    model, detector = root / model, root / detector
+    meta_path = detector / "detector.json"
+    if not meta_path.exists():
+        err.print(
+            f"[red]error:[/] no fitted detector at {meta_path}; run the pipeline first (otcurate run)."
+        )
+        raise typer.Exit(2)
+    meta = json.loads(meta_path.read_text())
+    tensors_path = detector / "detector.safetensors"
+    fitted = det.detector_from_state(
+        meta, load_file(str(tensors_path)) if tensors_path.exists() else {}
+    )
+    try:
+        pairs, _, n = load_pairs(
+            **local_source(source),
+            image_column=image_column or hf.image_column,
+            caption_column=caption_column or hf.caption_column,
+        )
+        rows = list(pairs)
+    except SourceError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    good = [r for r in rows if r.reject is None]
+    rejected = [r for r in rows if r.reject is not None]
+    if len(good) < 2:
+        err.print(
+            f"[red]error:[/] {source}: {len(good)} usable pairs ({len(rejected)} rejected); need at least 2."
+        )
+        raise typer.Exit(2)
+    device = resolve_device(params["base"].device)
+    make_reproducible(params["base"].seed, params["base"].threads, device)
+    clip = models.load(model, device=device)
+    image, text = models.encode(
+        clip, *models.pairs_to_tensors([r.image for r in good], [r.caption for r in good], clip)
+    )
+    with torch.no_grad():
+        found = det.score_new(fitted, image, text)
+    name = source.resolve().name.split(".")[0]
+    out = root / (out or Path("results/score") / name)
+    order = np.argsort(found.scores, kind="stable")
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "index": pa.array([r.index for r in good], pa.int64()),
+            "uid": pa.array([r.uid for r in good], pa.string()),
+            "caption": pa.array([str(r.caption) for r in good], pa.string()),
+            "score": pa.array(found.scores, pa.float64()),
+            "noisy": pa.array(found.noisy, pa.bool_()),
+        }
+    )
+    summary = {
+        "source": str(source),
+        "method": fitted.method,
+        "scorer": "infoot conditional projection"
+        if fitted.fit is not None
+        else "method's own rule",
+        "cutoff": fitted.cutoff,
+        "pairs": len(good),
+        "rejected": len(rejected),
+        "flagged": int(found.noisy.sum()),
+        "flagged_fraction": float(found.noisy.mean()),
+    }
+    shown = Table(title=f"{summary['flagged']} of {len(good)} pairs suspected noisy")
+    for col in ("index", "score", "caption"):
+        shown.add_column(col, justify="right" if col != "caption" else "left")
+    lines = ["| index | score | caption |", "|---:|---:|---|"]
+    for i in order[: min(top, int(found.noisy.sum()))]:
+        r = good[i]
+        shown.add_row(str(r.index), f"{found.scores[i]:.4f}", str(r.caption)[:80])
+        lines.append(f"| {r.index} | {found.scores[i]:.4f} | {str(r.caption)[:80]} |")
+    with atomic_dir(out) as o:
+        write_parquet(o / "scores.parquet", table)
+        write_json(o / "summary.json", summary)
+        write_text(
+            o / "report.md",
+            f"# Suspected noisy pairs in {source}\n\n"
+            f"detect.method {fitted.method} ({summary['scorer']}), cutoff {fitted.cutoff:.4f}: "
+            f"{summary['flagged']} of {len(good)} pairs flagged ({len(rejected)} unreadable)."
+            "\n\n" + "\n".join(lines) + "\n",
+        )
+    console.print(shown)
+    console.print(
+        f"{fitted.method} ({summary['scorer']}), cutoff {fitted.cutoff:.4f}: "
+        f"{summary['flagged']}/{len(good)} flagged, {len(rejected)} unreadable -> {out}"
+    )
 
 
 def main() -> None:  # pragma: no cover

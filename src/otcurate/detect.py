@@ -362,6 +362,7 @@ class InfoOTFit:
     plan: torch.Tensor
     bandwidth2_image: float
     bandwidth2_text: float
+    rows: torch.Tensor | None = None  # which of the fitted pairs are the references
 
 
 def infoot_fit(
@@ -401,6 +402,7 @@ def infoot_fit(
         plan=P[0],
         bandwidth2_image=float(_bandwidth2(_sq_dists(img, img), h)),
         bandwidth2_text=float(_bandwidth2(_sq_dists(txt, txt), h)),
+        rows=rows.cpu(),
     )
 
 
@@ -541,3 +543,106 @@ def roc_curve(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.nda
 
     fpr, tpr, _ = _roc(np.asarray(truth, dtype=bool), -np.asarray(scores))
     return fpr, tpr
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A fitted detector: scores pairs it has never seen, without refitting.
+
+    method, kwargs : the detect method and its keywords (including the temperature);
+    cutoff : new pairs scoring below it are flagged (chosen on the train pairs so that the
+    train flags are reproduced: the same fraction, threshold or mixture split);
+    fit : InfoOT's plan on reference train pairs (``infoot``: new pairs are scored by its
+    conditional projection, `infoot_project`); None for the other methods, which score new
+    pairs by their own rule (the cosine, or their minibatch OT/softmax/mixture score over
+    the new pairs).
+    """
+
+    method: str
+    kwargs: dict
+    cutoff: float
+    fit: InfoOTFit | None = None
+
+
+def _cutoff(scores: np.ndarray, flags: np.ndarray) -> float:
+    """A score cut that flags the same fraction of these scores as `flags` does."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    k = int(np.asarray(flags, dtype=bool).sum())
+    if k == 0:
+        return float("-inf")
+    if k >= len(s):
+        return float("inf")
+    return float((s[k - 1] + s[k]) / 2)
+
+
+def fit_detector(
+    method: str,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    result: Detection,
+    *,
+    threshold: float | None = None,
+    **kwargs: object,
+) -> Detector:
+    """The detector behind `result` (train scores and flags), ready to score new pairs.
+
+    ``infoot`` fits one plan on a ``batch_size`` subset of the train pairs and places the
+    cut on the train pairs' projections at the train flag fraction; the other methods keep
+    the user's threshold, or cut between the flagged and unflagged train scores.
+    """
+    kwargs = {k: v for k, v in kwargs.items()}
+    if method == "infoot":
+        keys = ("reg", "lam", "h", "outer_iter", "max_iter", "tol", "seed")
+        fit = infoot_fit(
+            image,
+            text,
+            size=int(kwargs.get("batch_size", 256)),
+            **{k: kwargs[k] for k in keys if k in kwargs},
+        )
+        # The cut is placed on train pairs outside the reference set when there are enough
+        # of them: the references' own cells make their projections optimistic.
+        held = np.ones(image.shape[0], dtype=bool)
+        held[fit.rows.numpy()] = False
+        if held.sum() < 50:
+            held[:] = True
+        sel = torch.as_tensor(held, device=image.device)
+        projected = infoot_project(fit, image[sel], text[sel]).double().cpu().numpy()
+        return Detector(method, kwargs, _cutoff(projected, result.noisy[held]), fit)
+    if method not in METHODS:
+        raise ValueError(f"unknown detect method {method!r}; known: {', '.join(sorted(METHODS))}.")
+    cut = float(threshold) if threshold is not None else _cutoff(result.scores, result.noisy)
+    return Detector(method, kwargs, cut)
+
+
+def score_new(detector: Detector, image: torch.Tensor, text: torch.Tensor) -> Detection:
+    """Scores and flags of new pairs by a fitted detector (no refit)."""
+    if detector.fit is not None:
+        s = infoot_project(detector.fit, image, text).double().cpu().numpy()
+    else:
+        s = score(detector.method, image, text, **detector.kwargs)
+    return Detection(s, s < detector.cutoff)
+
+
+def detector_state(detector: Detector) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able description, tensors) of a detector, for saving; see `detector_from_state`."""
+    meta = {"method": detector.method, "kwargs": detector.kwargs, "cutoff": detector.cutoff}
+    tensors: dict[str, torch.Tensor] = {}
+    if detector.fit is not None:
+        f = detector.fit
+        meta["bandwidth2_image"] = f.bandwidth2_image
+        meta["bandwidth2_text"] = f.bandwidth2_text
+        tensors = {"image": f.image, "text": f.text, "plan": f.plan}
+    return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def detector_from_state(meta: dict, tensors: dict[str, torch.Tensor]) -> Detector:
+    fit = None
+    if meta["method"] == "infoot":
+        fit = InfoOTFit(
+            tensors["image"],
+            tensors["text"],
+            tensors["plan"],
+            float(meta["bandwidth2_image"]),
+            float(meta["bandwidth2_text"]),
+        )
+    return Detector(meta["method"], dict(meta["kwargs"]), float(meta["cutoff"]), fit)

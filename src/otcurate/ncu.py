@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from otcurate.ot import sinkhorn_log
+from otcurate.parallel import shard_map
 from otcurate.progress import track
 
 
@@ -352,11 +353,11 @@ def finetune_ncu(
             scale = model.logit_scale.exp()
             if phase == "A":
                 with torch.no_grad():
-                    img_e = F.normalize(model.encode_image(x), dim=-1)
+                    img_e = F.normalize(shard_map(model.encode_image, x), dim=-1)
             else:
-                img_e = F.normalize(model.encode_image(x), dim=-1)
-            txt_e = encode_text(model, t)
-            neg_e = encode_text(model, t, prompt)
+                img_e = F.normalize(shard_map(model.encode_image, x), dim=-1)
+            txt_e = shard_map(lambda b: encode_text(model, b), t)
+            neg_e = shard_map(lambda b: encode_text(model, b, prompt), t)
             nz = rows_noisy(idx, img_e.detach(), txt_e.detach(), scale.detach())
             seen.append(float(nz.float().mean()))
             if phase == "A":

@@ -135,9 +135,18 @@ class Pretrain(_Optimised):
 @dataclass(frozen=True)
 class Embed:
     batch_size: int = 512
+    # null: in-process; 'local' / 'local:N': a Dask LocalCluster of N workers on 127.0.0.1;
+    # 'tcp://host:port': a running Dask scheduler (its workers must see the same paths).
+    dask: str | None = None
 
     def check(self) -> None:
         _positive("embed.batch_size", self.batch_size)
+        from otcurate.data.embed_work import check_dask_address
+
+        try:
+            check_dask_address(self.dask)
+        except ValueError as exc:
+            raise ParamsError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -291,6 +300,8 @@ class Finetune(_Optimised):
     # gradient_ascent: weight of the (capped) ascent term on flagged pairs.
     ascent_weight: float = 0.1
     ncu: NCUParams = field(default_factory=NCUParams)
+    # Processes (torchrun, data parallel at the same global batch): gloo on CPU, nccl on CUDA.
+    nproc: int = 1
 
     def method_kwargs(self) -> dict[str, Any]:
         """The extra keyword arguments of the chosen method."""
@@ -304,6 +315,12 @@ class Finetune(_Optimised):
         _nonneg("finetune.ascent_weight", self.ascent_weight)
         _positive("finetune.steps", self.steps)
         _positive("finetune.batch_size", self.batch_size)
+        _positive("finetune.nproc", self.nproc)
+        if self.nproc > self.batch_size:
+            raise ParamsError(
+                f"finetune.nproc ({self.nproc}) is more than finetune.batch_size ({self.batch_size}): "
+                "each process needs at least one pair of the global batch; lower nproc."
+            )
         _positive("finetune.lr", self.lr)
         _nonneg("finetune.warmup", self.warmup)
         _nonneg("finetune.weight_decay", self.weight_decay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -13,7 +14,13 @@ T = TypeVar("T")
 def track(
     items: Iterable[T], *, total: int | None, description: str, every: float = 0.1
 ) -> Iterator[T]:
-    """Yield from `items` showing progress: a rich bar on a terminal, else a line every 10%."""
+    """Yield from `items` showing progress: a rich bar on a terminal, else a line every 10%.
+
+    Under torchrun only the first process reports.
+    """
+    if int(os.environ.get("RANK", "0")) > 0:
+        yield from items
+        return
     if sys.stderr.isatty():
         from rich.progress import track as rich_track
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip import ClipLoss
 
 from otcurate.models import clamp_logit_scale
+from otcurate.parallel import average_gradients, shard_map
 from otcurate.progress import track
 
 
@@ -75,9 +76,13 @@ def make_optimizer(groups: list[dict], *, lr: float, steps: int, warmup: int) ->
 
 
 def update(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> float:
-    """One optimisation step, then the temperature clamp; returns the learning rate used."""
+    """One optimisation step, then the temperature clamp; returns the learning rate used.
+
+    Under torchrun the gradients are averaged over the processes first (otcurate.parallel).
+    """
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(p for g in opt.param_groups for p in g["params"])
     opt.step()
     sched.step()
     clamp_logit_scale(model)
@@ -133,10 +138,10 @@ def train_contrastive(
     loss_fn = ClipLoss()
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        out = model(images[idx].to(device), tokens[idx].to(device))
-        if isinstance(out, dict):
-            return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        return loss_fn(*out[:3])
+        # model(images, tokens) split in its two towers, so that each can be sharded.
+        img = shard_map(lambda b: model.encode_image(b, normalize=True), images[idx].to(device))
+        txt = shard_map(lambda b: model.encode_text(b, normalize=True), tokens[idx].to(device))
+        return loss_fn(img, txt, model.logit_scale.exp())
 
     return _loop(
         model, len(images), batch_loss, description=description, log=kw.pop("log", None), **kw
@@ -174,8 +179,8 @@ def finetune_gradient_ascent(
     device = next(model.parameters()).device
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        img = F.normalize(model.encode_image(images[idx].to(device)), dim=-1)
-        txt = F.normalize(model.encode_text(tokens[idx].to(device)), dim=-1)
+        img = F.normalize(shard_map(model.encode_image, images[idx].to(device)), dim=-1)
+        txt = F.normalize(shard_map(model.encode_text, tokens[idx].to(device)), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
         target = torch.arange(len(idx), device=device)
         per_pair = 0.5 * (

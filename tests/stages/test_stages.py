@@ -289,6 +289,9 @@ def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
     # quality is tested on planted embeddings (unit tests); a 12-step model barely separates pairs
     assert 0.0 <= m["auroc"] <= 1.0 and m["flagged"] == round(0.3 * m["pairs"])
     assert 0 < m["logit_scale"] <= 100  # the pretrained model's temperature
+    meta = json.loads((tmp_path / "out" / "detector.json").read_text())
+    assert meta["method"] == method and np.isfinite(meta["cutoff"])
+    assert (tmp_path / "out" / "detector.safetensors").exists() == (method == "infoot")
 
 
 @pytest.mark.parametrize(
@@ -443,3 +446,124 @@ def test_detect_auto_flagging_through_the_stage(tiny, tmp_path):
     assert 0 <= m["flagged"] < m["pairs"] and m["est_noise_rate"] == pytest.approx(
         m["flagged"] / m["pairs"]
     )
+
+
+def test_finetune_under_torchrun_matches_one_process(tiny, tmp_path):
+    """finetune.nproc: 2 relaunches the stage under torchrun (gloo); the first process writes."""
+    from safetensors.torch import load_file
+
+    params = write_params(tmp_path, {"finetune": {"nproc": 2}})
+    ft = {
+        **STAGE_PATHS["finetune"],
+        "out": str(tmp_path / "model"),
+        "results": str(tmp_path / "res"),
+    }
+    assert tiny.run("finetune", params=params, **ft) == 0
+    one = load_file(tiny.p("models/finetune/model.safetensors"))
+    two = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert max((one[k].float() - two[k].float()).abs().max().item() for k in one) < 1e-3
+    m1 = json.loads(Path(tiny.p("results/finetune/metrics.json")).read_text())
+    m2 = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert (m1["processes"], m2["processes"]) == (1, 2)
+    assert m2["final_loss"] == pytest.approx(m1["final_loss"], rel=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "params.yaml", "res"]
+
+
+def test_embed_on_a_local_dask_cluster_matches_in_process(tiny, tmp_path):
+    """embed.dask: local:2 (two worker processes on 127.0.0.1): the same files, byte for byte."""
+    params = write_params(tmp_path, {"embed": {"dask": "local:2"}})
+    out = tmp_path / "embed"
+    assert tiny.run("embed", params=params, **{**STAGE_PATHS["embed"], "out": str(out)}) == 0
+    ref = tree_digest(Path(tiny.p("data/embed")))
+    assert len(ref) >= 6 and tree_digest(out) == ref
+
+
+def test_embed_rejects_a_bad_dask_address(tiny, tmp_path, capsys):
+    params = write_params(tmp_path, {"embed": {"dask": "localhost"}})
+    out = tmp_path / "embed"
+    assert tiny.run("embed", params=params, **{**STAGE_PATHS["embed"], "out": str(out)}) == 2
+    assert "tcp://127.0.0.1:8786" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("method", ["clip_score", "infoot"])
+def test_score_command_flags_new_pairs_with_the_fitted_detector(
+    tiny, tmp_path, monkeypatch, method
+):
+    """`otcurate score new.csv`: images + captions CSV (one image missing), scored by the
+    detector detect saved; the report's flags are the library's on the same embeddings."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from otcurate import detect as det
+    from otcurate import models
+    from otcurate.cli import app
+
+    params = write_params(tmp_path, {"detect": {"method": method, "passes": 1, "batch_size": 64}})
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    detect_out = tmp_path / "data" / "detect"
+    paths = {**STAGE_PATHS["detect"], "out": str(detect_out), "results": str(tmp_path / "res")}
+    assert tiny.run("detect", params=params, **paths) == 0
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "pretrain").symlink_to(tiny.p("models/pretrain"))
+    test = pq.ParquetDataset(sorted(Path(tiny.p("data/ingest")).glob("test-*.parquet"))).read()
+    new = tmp_path / "incoming"
+    new.mkdir()
+    captions = test["caption"].to_pylist()
+    shuffled = captions[len(captions) // 2 :] + captions[: len(captions) // 2]  # half mismatched
+    rows = ["file_name,text"]
+    for i, (img, cap) in enumerate(zip(test["image"].to_pylist(), shuffled, strict=True)):
+        (new / f"{i}.png").write_bytes(img)
+        rows.append(f'{i}.png,"{cap}"')
+    rows.append('missing.png,"a red circle"')
+    (new / "pairs.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            str(new / "pairs.csv"),
+            "--caption-column",
+            "text",
+            "--image-column",
+            "file_name",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results" / "score" / "pairs"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == test.num_rows and summary["rejected"] == 1
+    assert summary["scorer"] == (
+        "infoot conditional projection" if method == "infoot" else "method's own rule"
+    )
+    got = pq.read_table(out / "scores.parquet")
+    assert got["index"].to_pylist() == list(range(test.num_rows))
+    # the same detector on the same embeddings, computed here
+    clip = models.load(tiny.p("models/pretrain"))
+    img, txt = models.encode(
+        clip, *models.pairs_to_tensors(test["image"].to_pylist(), shuffled, clip)
+    )
+    meta = json.loads((detect_out / "detector.json").read_text())
+    st = detect_out / "detector.safetensors"
+    ref = det.score_new(
+        det.detector_from_state(meta, load_file(str(st)) if st.exists() else {}), img, txt
+    )
+    np.testing.assert_allclose(got["score"].to_numpy(), ref.scores, rtol=1e-5, atol=1e-7)
+    assert got["noisy"].to_pylist() == ref.noisy.tolist()
+    assert summary["flagged"] == int(ref.noisy.sum()) > 0
+    assert (
+        f"{summary['flagged']} of {test.num_rows} pairs flagged" in (out / "report.md").read_text()
+    )
+
+
+def test_score_command_without_a_fitted_detector_says_what_to_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from otcurate.cli import app
+
+    write_params(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "new.csv").write_text("image,caption\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["score", "new.csv"])
+    assert result.exit_code == 2 and "run the pipeline first" in result.output

@@ -187,3 +187,43 @@ def load_pairs(
             )
 
     return gen(), info, n
+
+
+_BUILDERS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".tar": "webdataset",
+}
+
+
+def local_source(path: str | Path) -> dict[str, Any]:
+    """`load_pairs` keywords for a local file or folder, by its contents.
+
+    A file: by extension (.csv, .parquet, .json/.jsonl, .tar webdataset). A folder: its
+    .tar shards (webdataset), its parquet files, an imagefolder (images + metadata.csv /
+    metadata.jsonl), or its CSV files, in that order.
+    """
+    p = Path(path)
+    if p.is_file():
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise SourceError(
+                f"{p}: unknown file type {p.suffix!r}; give a .csv, .parquet, .json(l) or .tar (webdataset) file, or a folder."
+            )
+        return {"path": builder, "data_files": [str(p)]}
+    if not p.is_dir():
+        raise SourceError(f"{p} does not exist; give a file or folder of image-text pairs.")
+    for pattern, builder in (("*.tar", "webdataset"), ("*.parquet", "parquet")):
+        files = sorted(str(f) for f in p.glob(pattern))
+        if files:
+            return {"path": builder, "data_files": files}
+    if (p / "metadata.csv").exists() or (p / "metadata.jsonl").exists():
+        return {"path": "imagefolder", "data_dir": str(p)}
+    files = sorted(str(f) for f in p.glob("*.csv"))
+    if files:
+        return {"path": "csv", "data_files": files}
+    raise SourceError(
+        f"{p} holds no .tar, .parquet, metadata.csv/jsonl (imagefolder) or .csv files of image-text pairs."
+    )
