@@ -1,7 +1,7 @@
 """coreset: choose the train pairs to fine-tune on (uids, never copies of images).
 
 The target of `goracs` is the val split (clean by construction: noise is planted in train
-only). Writes `<out>/subset.parquet` (uid, weight, score) and `<results>/metrics.json`.
+only), or the clean source named in `coreset.target`. Writes `<out>/subset.parquet` (uid, weight, score) and `<results>/metrics.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,34 @@ def _labels(data_dir: str, split: str, uids: list[str]) -> np.ndarray:
     return np.asarray(t["label"].to_pylist(), dtype=np.int64)
 
 
+def _named_target(spec, args, base):
+    """Embeddings (one row per caption) and labels of the clean source in coreset.target.
+
+    Its labels are used only when it has the ingest source's classes (same names, same
+    order); otherwise the groups come from text clusters.
+    """
+    from otcurate import models
+    from otcurate.data.evalsets import load_clean
+    from otcurate.data.hf import SourceError
+    from otcurate.data.shards import read_classes
+    from otcurate.runtime import resolve_device
+
+    try:
+        cset = load_clean(spec)
+    except (SourceError, ValueError) as exc:
+        raise StageError(f"coreset.target: {exc}") from exc
+    if len(cset.captions) < 2:
+        raise StageError("coreset.target: the source gave fewer than 2 usable pairs.")
+    clip = models.load(args.model, device=resolve_device(base.device))
+    images, tokens = models.pairs_to_tensors(*cset.pairs(), clip)
+    img, txt = models.encode(clip, images, tokens)
+    labels = cset.labels[cset.caption_image]
+    ours = read_classes(args.data)
+    if cset.info is None or ours is None or cset.info.class_names != ours.class_names:
+        labels = np.full(len(labels), -1, np.int64)
+    return img, txt, labels
+
+
 def coreset(args) -> None:
     base, p = read_params(args.params, "coreset")
     make_reproducible(base.seed, base.threads)
@@ -44,20 +72,24 @@ def coreset(args) -> None:
         raise StageError(str(exc)) from exc
     extra = {}
     if p.method == "goracs":
-        try:
-            v_uids, v_image, v_text = read_embeddings(args.embed, "val")
-        except FileNotFoundError:
-            v_uids, v_image, v_text = [], None, None
-        if not v_uids:
-            raise StageError(
-                "coreset.method goracs needs a clean target: the val split is empty; "
-                "raise ingest.val_fraction."
-            )
+        if p.target is not None:
+            v_image, v_text, v_labels = _named_target(p.target, args, base)
+        else:
+            try:
+                v_uids, v_image, v_text = read_embeddings(args.embed, "val")
+            except FileNotFoundError:
+                v_uids, v_image, v_text = [], None, None
+            if not v_uids:
+                raise StageError(
+                    "coreset.method goracs needs a clean target: the val split is empty; "
+                    "raise ingest.val_fraction, or name a clean source in coreset.target."
+                )
+            v_labels = _labels(args.data, "val", v_uids)
         extra = dict(
             labels=_labels(args.data, "train", uids),
             target_image=v_image,
             target_text=v_text,
-            target_labels=_labels(args.data, "val", v_uids),
+            target_labels=v_labels,
             logit_scale=model_logit_scale(args.model),
         )
     pool = cs.Pool(candidates, image, text, scores, **extra)

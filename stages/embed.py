@@ -14,6 +14,7 @@ from otcurate.data.embed_work import embed_shards
 from otcurate.data.records import SPLITS
 from otcurate.data.shards import shard_files, write_embedding_shard
 from otcurate.io import atomic_dir
+from otcurate.runtime import resolve_device
 from stages._common import parser, read_params, run
 
 
@@ -32,6 +33,8 @@ def embed(args) -> None:
             threads=base.threads,
             seed=base.seed,
             dask=p.dask,
+            workers=p.workers,
+            precision=p.resolved_precision(resolve_device(base.device).type),
         ):
             name = shard.rsplit("/", 1)[-1].removesuffix(".parquet")
             write_embedding_shard(out, name, uids, torch.from_numpy(img), torch.from_numpy(txt))

@@ -1,4 +1,4 @@
-"""evaluate: base vs fine-tuned on the clean test split.
+"""evaluate: base vs fine-tuned on the clean test split and on the clean sets of evaluate.sets.
 
 Zero-shot accuracy (class-name prompts), image->text and text->image recall@k,
 and detection quality from `detect`. Writes `<results>/metrics.json`,
@@ -38,6 +38,44 @@ def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[s
     return out
 
 
+def _set_metrics(clip: models.Clip, cset, spec, ks, batch_size: int) -> dict[str, float]:
+    """Metrics of one evaluate.sets entry (distinct images encoded once)."""
+    images, _ = models.pairs_to_tensors(cset.images, [""] * len(cset.images), clip)
+    img, _ = models.encode(clip, images, batch_size=batch_size)
+    if spec.task == "retrieval":
+        txt = models.encode_texts(clip, cset.captions, batch_size=batch_size)
+        return ev.retrieval_recall_grouped(img, txt, torch.from_numpy(cset.caption_image), ks)
+    labels = torch.from_numpy(cset.labels)
+    if cset.info is None or (labels < 0).any():
+        raise StageError(
+            f"evaluate.sets {spec.name}: a classification set needs a label for every image and "
+            "class names (hf.label_column, hf.class_names)."
+        )
+    templates = spec.templates or cset.info.templates
+    embed_text = functools.partial(models.encode_texts, clip, batch_size=batch_size)
+    classes = ev.class_embeddings(embed_text, cset.info.class_names, templates)
+    return {
+        "zs_acc": ev.zero_shot_accuracy(img, classes, labels),
+        "zs_acc_top5": ev.zero_shot_accuracy(img, classes, labels, topk=5),
+    }
+
+
+def _load_sets(sets) -> list:
+    from otcurate.data.evalsets import load_clean
+    from otcurate.data.hf import SourceError
+
+    out = []
+    for spec in sets:
+        try:
+            cset = load_clean(spec)
+        except (SourceError, ValueError) as exc:
+            raise StageError(f"evaluate.sets {spec.name}: {exc}") from exc
+        if not cset.images:
+            raise StageError(f"evaluate.sets {spec.name}: the source gave no usable pairs.")
+        out.append((spec, cset))
+    return out
+
+
 def evaluate(args) -> None:
     base, p = read_params(args.params, "evaluate")
     device = resolve_device(base.device)
@@ -46,11 +84,14 @@ def evaluate(args) -> None:
     if test.num_rows == 0:
         raise StageError(f"the test split in {args.data} is empty; raise ingest.test_fraction.")
     info = read_classes(args.data)
+    sets = _load_sets(p.sets)
     rows = {}
     for name, folder in (("base", args.base), ("finetune", args.finetuned)):
-        rows[name] = _model_metrics(
-            models.load(folder, device=device), test, info, p.recall_at, p.batch_size
-        )
+        clip = models.load(folder, device=device)
+        rows[name] = _model_metrics(clip, test, info, p.recall_at, p.batch_size)
+        for spec, cset in sets:
+            for k, v in _set_metrics(clip, cset, spec, p.recall_at, p.batch_size).items():
+                rows[name][f"{spec.name}_{k}"] = v
 
     scores = pq.read_table(f"{args.detect}/scores.parquet")
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
@@ -84,6 +125,18 @@ def evaluate(args) -> None:
     for k in shown:
         b, f = rows["base"][k], rows["finetune"][k]
         lines.append(f"| {k} | {b:.4f} | {f:.4f} | {f - b:+.4f} |")
+    for spec, cset in sets:
+        what = (
+            f"{len(cset.images)} images, {len(cset.captions)} captions"
+            if spec.task == "retrieval"
+            else f"{len(cset.images)} images, {len(cset.info.class_names)} classes"
+        )
+        lines += ["", f"## {spec.name} ({spec.task}; {what})", ""]
+        lines += ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
+        for k in rows["base"]:
+            if k.startswith(f"{spec.name}_"):
+                b, f = rows["base"][k], rows["finetune"][k]
+                lines.append(f"| {k[len(spec.name) + 1 :]} | {b:.4f} | {f:.4f} | {f - b:+.4f} |")
     lines += ["", "## Detection (train split, against planted noise)", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in sorted(detection.items())]
     lines += ["", "![comparison](plots/comparison.png)", "", "![scores](plots/scores.png)", ""]

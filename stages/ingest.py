@@ -1,33 +1,41 @@
-"""ingest: image-text pairs from a source -> validated, split, noised parquet shards.
+"""ingest: image-text pairs from a source -> validated, deduplicated, split, noised parquet shards.
 
-Writes `<out>/{train,val,test}-*.parquet`, `<out>/classes.json`,
-`<out>/rejects.jsonl` and `<results>/metrics.json`.
+Streams the source (bounded memory) into `<out>.partial/` chunks of `shard_size` source
+records; a rerun after a crash keeps the finished chunks and resumes after them. Then
+writes `<out>/{train,val,test}-*.parquet` (source order, `shard_size` rows each),
+`<out>/classes.json`, `<out>/rejects.jsonl` and `<results>/metrics.json`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from otcurate.data import builtin
 from otcurate.data.hf import SourceError, load_pairs
 from otcurate.data.records import SPLITS, assign_splits, check_record, plant_noise
-from otcurate.data.shards import write_classes, write_split
+from otcurate.data.shards import write_classes
+from otcurate.data.staging import ShardWriter, Stager, read_column, split_positions
 from otcurate.io import atomic_dir, write_json
 from otcurate.progress import track
 from stages._common import StageError, parser, read_params, run
 
 
-def _raw_pairs(p, seed: int):
-    """(iterator of RawPair-like tuples, class info, expected count) for the configured source."""
+def _raw_pairs(p, seed: int, start: int = 0):
+    """(iterator of RawPairs from source position `start`, class info, source size or None)."""
     from otcurate.data.hf import RawPair
 
     if p.source == "shapes":
-        recs = builtin.shapes(seed, p.size, p.image_size)
+        recs = builtin.shapes(seed, p.size, p.image_size, start=start)
         info, n = builtin.shapes_classes(), p.size
     elif p.source == "digits":
         total = builtin.digits_count()
@@ -36,7 +44,7 @@ def _raw_pairs(p, seed: int):
                 f"ingest.size={p.size} exceeds the {total} images of the 'digits' source; "
                 "set ingest.size to null (all) or at most that."
             )
-        recs = builtin.digits(seed, p.size, p.image_size)
+        recs = builtin.digits(seed, p.size, p.image_size, start=start)
         info, n = builtin.digits_classes(), p.size or total
     else:
         h = p.hf
@@ -53,102 +61,146 @@ def _raw_pairs(p, seed: int):
                 image_root=h.image_root,
                 class_names=h.class_names,
                 limit=p.size,
+                start=start,
+                streaming=h.streaming,
             )
         except SourceError as exc:
             raise StageError(str(exc)) from exc
         return pairs, info, n
 
     def gen():
-        for i, r in enumerate(recs):
+        for i, r in enumerate(recs, start):
             yield RawPair(i, r.uid, r.image, r.caption, r.label, check_record(r.image, r.caption))
 
     return gen(), info, n
 
 
+def _fingerprint(params_path: str, sources: Path) -> str:
+    """What the staged chunks depend on: the ingest and base params and the source manifest."""
+    from otcurate.params import parse_yaml
+
+    raw = parse_yaml(Path(params_path).read_text()) or {}
+    blob = json.dumps({k: raw.get(k) for k in ("base", "ingest")}, sort_keys=True, default=str)
+    if sources.exists():
+        blob += sources.read_text()
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
 def ingest(args) -> None:
     base, p = read_params(args.params, "ingest")
-    pairs, info, n = _raw_pairs(p, base.seed)
+    staging = Path(f"{args.out}.partial")
+    stager = Stager(
+        staging,
+        _fingerprint(args.params, Path(args.sources)),
+        p.shard_size,
+        drop_images=p.duplicates == "drop_images",
+    )
+    start = stager.counts.consumed
+    if stager.resumed:
+        print(
+            f"ingest: resuming after {start} source records ({len(stager.counts.chunks)} finished "
+            f"shards in {staging}, kept)",
+            file=sys.stderr,
+        )
+    pairs, info, n = _raw_pairs(p, base.seed, start)
 
-    uids, images, captions, labels, rejects = [], [], [], [], []
-    seen: set[str] = set()
-    duplicates = 0
-    for pair in track(pairs, total=n, description="ingest: reading pairs"):
+    # Phase 1: stream the source into chunk files (resumable).
+    remaining = None if n is None else max(0, n - start)
+    for pair in track(pairs, total=remaining, description="ingest: records"):
         if pair.reject is not None:
-            where = f"record {pair.index} (uid {pair.uid})"
             if p.on_bad_record == "fail":
                 raise StageError(
-                    f"bad {where}: {pair.reject}. Fix or remove it, or set ingest.on_bad_record: skip "
-                    "to skip bad records and list them in rejects.jsonl."
+                    f"bad record {pair.index} (uid {pair.uid}): {pair.reject}. Fix or remove it, or set "
+                    "ingest.on_bad_record: skip to skip bad records and list them in rejects.jsonl."
                 )
-            rejects.append({"index": pair.index, "uid": pair.uid, "reason": pair.reject})
+            stager.reject(pair.index, pair.uid, pair.reject)
             continue
-        if pair.uid in seen:
-            duplicates += 1
-            continue
-        seen.add(pair.uid)
-        uids.append(pair.uid)
-        images.append(pair.image)
-        captions.append(pair.caption)
-        labels.append(pair.label)
-    if not uids:
+        split = assign_splits([pair.uid], p.val_fraction, p.test_fraction, base.seed)[0]
+        stager.add(pair.uid, split, pair.image, pair.caption, pair.label)
+    stager.flush()
+    c = stager.counts
+    if c.rows == 0:
         raise StageError(
-            f"the source gave no usable pairs ({len(rejects)} rejected); see the reasons above."
+            f"the source gave no usable pairs ({c.rejected} rejected); see the reasons above."
         )
 
-    uids_a = np.array(uids, dtype=object)
-    splits = assign_splits(uids, p.val_fraction, p.test_fraction, base.seed)
-    counts = Counter(splits.tolist())
+    # Phase 2: chunks -> per-split shards, planting noise on the train captions.
+    cols = read_column(staging, c.chunks, ["uid", "split", "caption"])
+    counts = Counter(cols["split"])
     for s in SPLITS:
         if counts.get(s, 0) == 0:
             raise StageError(
-                f"the {s} split is empty ({len(uids)} usable pairs, val_fraction={p.val_fraction}, "
+                f"the {s} split is empty ({c.rows} usable pairs, val_fraction={p.val_fraction}, "
                 f"test_fraction={p.test_fraction}); use more data or larger fractions."
             )
-
+    train = split_positions(cols["split"], "train")
+    train_caps = [cols["caption"][i] for i in train]
+    metrics: dict[str, float] = {
+        "pairs": c.rows,
+        "rejected": c.rejected,
+        "duplicates": c.duplicate_pairs,
+        "duplicate_images": c.duplicate_images,
+        "duplicate_captions": c.duplicate_captions,
+        "noise_rate_planted": 0.0,
+    }
+    caption_from = np.arange(len(train))
+    noisy = np.zeros(len(train), dtype=bool)
+    if p.noise.rate > 0:
+        planted = plant_noise(train_caps, p.noise.rate, base.seed)
+        train_caps, noisy, caption_from = planted.captions, planted.noisy, planted.caption_from
+        metrics["noise_rate_planted"] = float(noisy.mean())
+    train_uids = [cols["uid"][i] for i in train]
+    del cols
     with atomic_dir(args.out) as out:
-        metrics: dict[str, float] = {
-            "pairs": len(uids),
-            "rejected": len(rejects),
-            "duplicates": duplicates,
-        }
+        writers = {s: ShardWriter(out, s, p.shard_size) for s in SPLITS}
+        k = 0  # position in the train split
+        for name in track(c.chunks, total=len(c.chunks), description="ingest: shards"):
+            t = pq.read_table(staging / name, columns=["uid", "split", "image", "caption", "label"])
+            for s in SPLITS:
+                part = t.filter(pc.equal(t["split"], s))
+                m = part.num_rows
+                if m == 0:
+                    continue
+                if s == "train":
+                    caps = pa.array(train_caps[k : k + m], pa.string())
+                    flags = pa.array(noisy[k : k + m], pa.bool_())
+                    src = pa.array([train_uids[j] for j in caption_from[k : k + m]], pa.string())
+                    k += m
+                else:
+                    caps, flags, src = part["caption"], pa.array(np.zeros(m, bool)), part["uid"]
+                writers[s].add(
+                    pa.table(
+                        {
+                            "uid": part["uid"],
+                            "split": part["split"],
+                            "image": part["image"],
+                            "caption": caps,
+                            "label": part["label"],
+                            "noisy": flags,
+                            "caption_from": src,
+                        }
+                    )
+                )
         for s in SPLITS:
-            idx = np.flatnonzero(splits == s)
-            idx = idx[np.argsort(uids_a[idx], kind="stable")]
-            caps = [captions[i] for i in idx]
-            noisy = np.zeros(len(idx), dtype=bool)
-            src = np.arange(len(idx))
-            if s == "train" and p.noise.rate > 0:
-                planted = plant_noise(caps, p.noise.rate, base.seed)
-                caps, noisy, src = planted.captions, planted.noisy, planted.caption_from
-                metrics["noise_rate_planted"] = float(noisy.mean())
-            table = pa.table(
-                {
-                    "uid": pa.array(uids_a[idx].tolist(), pa.string()),
-                    "split": pa.array([s] * len(idx), pa.string()),
-                    "image": pa.array([images[i] for i in idx], pa.binary()),
-                    "caption": pa.array(caps, pa.string()),
-                    "label": pa.array([labels[i] for i in idx], pa.int32()),
-                    "noisy": pa.array(noisy, pa.bool_()),
-                    "caption_from": pa.array(uids_a[idx][src].tolist(), pa.string()),
-                }
-            )
-            write_split(out, s, table, p.shard_size)
-            metrics[f"{s}_pairs"] = len(idx)
-        metrics.setdefault("noise_rate_planted", 0.0)
+            writers[s].close()
+            metrics[f"{s}_pairs"] = counts[s]
         write_classes(out, info)
-        (out / "rejects.jsonl").write_text(
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
-        )
-
+        with open(out / "rejects.jsonl", "w") as fh:
+            for line in stager.rejects():
+                fh.write(line)
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
-    if rejects:
+    shutil.rmtree(staging, ignore_errors=True)
+    if c.rejected:
         print(
-            f"ingest: skipped {len(rejects)} bad records, listed in {args.out}/rejects.jsonl",
+            f"ingest: skipped {c.rejected} bad records, listed in {args.out}/rejects.jsonl",
             file=sys.stderr,
         )
+    dups = c.duplicate_pairs + (c.duplicate_images if p.duplicates == "drop_images" else 0)
     print(
-        f"ingest: {len(uids)} pairs -> {dict(counts)}; planted noise {metrics['noise_rate_planted']:.3f}"
+        f"ingest: {c.rows} pairs -> {dict(counts)}; planted noise {metrics['noise_rate_planted']:.3f}; "
+        f"duplicates: {c.duplicate_pairs} pairs, {c.duplicate_images} images, "
+        f"{c.duplicate_captions} captions ({dups} dropped)"
     )
 
 
@@ -156,6 +208,9 @@ def main(argv=None) -> int:
     ap = parser("ingest", __doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--results", required=True)
+    ap.add_argument(
+        "--sources", default="data/sources.json", help="source manifest (resume fingerprint)"
+    )
     return run("ingest", ingest, ap.parse_args(argv))
 
 

@@ -146,3 +146,30 @@ def plot_image_grid(path, pixels: np.ndarray, rows: Sequence[str], title: str) -
     fig.suptitle(title, fontsize=9)
     _savefig(fig, path)
     plt.close(fig)
+
+
+def retrieval_recall_grouped(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@k with several captions per image (COCO/Flickr protocol).
+
+    image (M, d), text (N, d) L2-normalised; text_image (N,) the image each caption
+    describes. Image->text: a hit when any of the image's captions is among its top k
+    texts. Text->image: a hit when the caption's image is among its top k images.
+    """
+    if len(image) == 0 or len(text) == 0:
+        raise ValueError("retrieval needs at least one image and one caption.")
+    owner = text_image.to(image.device).long()
+    sim = image @ text.T  # (M, N)
+    out = {}
+    kt, ki = min(max(ks), sim.shape[1]), min(max(ks), sim.shape[0])
+    i2t = owner[sim.topk(kt, dim=1).indices]  # (M, kt): the image of each retrieved caption
+    t2i = sim.T.topk(ki, dim=1).indices  # (N, ki)
+    rows = torch.arange(len(image), device=image.device).view(-1, 1)
+    for k in ks:
+        out[f"i2t_r{k}"] = float((i2t[:, : min(k, kt)] == rows).any(1).float().mean())
+        out[f"t2i_r{k}"] = float((t2i[:, : min(k, ki)] == owner.view(-1, 1)).any(1).float().mean())
+    return out

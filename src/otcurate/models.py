@@ -20,6 +20,7 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.factory import get_model_config
 from PIL import Image
 from safetensors.torch import save_file
@@ -115,19 +116,27 @@ def encode(
     images: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
     batch_size: int = 512,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """L2-normalised image (N, d) and text (N, d) embeddings, computed in batches, on CPU."""
+    """L2-normalised image (N, d) and text (N, d) embeddings, computed in batches, on CPU.
+
+    precision: fp32, or bf16 / fp16 (autocast on the model's device; float32 out).
+    """
     clip.model.eval()
     dev = clip.device
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     out = []
     for x, fn in ((images, clip.model.encode_image), (tokens, clip.model.encode_text)):
         if x is None:
             out.append(None)
             continue
-        parts = [
-            fn(x[i : i + batch_size].to(dev), normalize=True).float().cpu()
-            for i in range(0, len(x), batch_size)
-        ]
+        parts = []
+        for i in range(0, len(x), batch_size):
+            with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                e = fn(x[i : i + batch_size].to(dev, non_blocking=True), normalize=True)
+            parts.append(
+                F.normalize(e.float(), dim=-1).cpu() if dtype is not None else e.float().cpu()
+            )
         out.append(torch.cat(parts) if parts else torch.empty(0))
     return out[0], out[1]
 

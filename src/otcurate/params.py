@@ -59,6 +59,54 @@ class HFSource:
     image_root: str | None = None
     # Class names for label ids (zero-shot evaluation); null = from the dataset features.
     class_names: list[str] | None = None
+    # Read the source as a stream (`datasets` streaming: hub datasets, no local Arrow cache).
+    streaming: bool = False
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A clean source read whole (evaluation sets, the coreset target), not ingested."""
+
+    source: Literal["shapes", "digits", "hf"] = "hf"
+    size: int | None = 1000  # pairs to read at most (null = all; shapes: how many to make)
+    seed: int = 1  # built-in sources: a seed other than base.seed draws pairs training never saw
+    image_size: int = 32
+    hf: HFSource = field(default_factory=HFSource)
+
+    def check(self) -> None:
+        if self.size is not None:
+            _positive("size", self.size)
+        if self.source == "shapes" and self.size is None:
+            raise ParamsError("a 'shapes' source needs a size (how many pairs to make).")
+        if self.source == "hf" and not self.hf.path:
+            raise ParamsError(
+                "an 'hf' source needs hf.path (a hub name or imagefolder | csv | json | parquet | "
+                "webdataset with hf.data_dir or hf.data_files)."
+            )
+
+
+@dataclass(frozen=True)
+class EvalSet(SourceSpec):
+    # classification: images + labels + class names (+ prompt templates) -> zero-shot top-1/5;
+    # retrieval: image-text pairs, several captions per image allowed (rows sharing an image,
+    # or a list-of-captions column) -> i2t / t2i recall@k.
+    name: str = ""
+    task: Literal["classification", "retrieval"] = "retrieval"
+    templates: list[str] | None = None  # classification prompts, "{}" = class name
+
+    def check(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.name):
+            raise ParamsError(
+                f"evaluate.sets: each set needs a name of letters, digits, _ or - (got {self.name!r})."
+            )
+        super().check()
+        if self.task == "classification" and self.source == "hf" and not self.hf.label_column:
+            raise ParamsError(
+                f"evaluate.sets {self.name}: a classification set needs hf.label_column (and "
+                "hf.class_names unless the column is a ClassLabel)."
+            )
 
 
 @dataclass(frozen=True)
@@ -71,6 +119,9 @@ class Ingest:
     test_fraction: float = 0.1
     shard_size: int = 4096
     on_bad_record: Literal["skip", "fail"] = "skip"
+    # Exact duplicates (sha1): identical pairs are always dropped; drop_images also drops a
+    # pair whose image bytes came earlier (with another caption). Both are counted.
+    duplicates: Literal["drop_pairs", "drop_images"] = "drop_pairs"
     noise: Noise = field(default_factory=Noise)
     hf: HFSource = field(default_factory=HFSource)
 
@@ -138,9 +189,19 @@ class Embed:
     # null: in-process; 'local' / 'local:N': a Dask LocalCluster of N workers on 127.0.0.1;
     # 'tcp://host:port': a running Dask scheduler (its workers must see the same paths).
     dask: str | None = None
+    # DataLoader processes decoding images (in-process runs; 0 = decode in the main process).
+    workers: int = 0
+    # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    def resolved_precision(self, device_type: str) -> str:
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
 
     def check(self) -> None:
         _positive("embed.batch_size", self.batch_size)
+        _nonneg("embed.workers", self.workers)
         from otcurate.data.embed_work import check_dask_address
 
         try:
@@ -203,6 +264,9 @@ class Coreset:
     size: int | None = None
     # Leave out the pairs that `detect` flagged noisy.
     exclude_flagged: bool = True
+    # goracs target: null = the ingest val split; or a clean source (as an evaluate.sets entry,
+    # without name/task), embedded with the base model.
+    target: SourceSpec | None = None
     # goracs: cost = distance/max − lam·gradnorm/max; swap refinement limits.
     lam: float = 0.5
     max_iters: int = 100  # accepted swaps at most (the reference's default)
@@ -330,9 +394,16 @@ class Finetune(_Optimised):
 class Evaluate:
     batch_size: int = 512
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # Clean evaluation sets besides the ingest test split (see EvalSet).
+    sets: list[EvalSet] = field(default_factory=list)
 
     def check(self) -> None:
         _positive("evaluate.batch_size", self.batch_size)
+        names = [s.name for s in self.sets]
+        if "test" in names or len(set(names)) != len(names):
+            raise ParamsError(
+                f"evaluate.sets: names must be unique and not 'test' (the ingest test split); got {names}."
+            )
         if not self.recall_at or any(k < 1 for k in self.recall_at):
             raise ParamsError(
                 f"evaluate.recall_at must be a non-empty list of ints >= 1; got {self.recall_at}."
@@ -393,6 +464,9 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        others = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(others) == 1 and dataclasses.is_dataclass(others[0]):
+            return build(others[0], value, key)  # its own, precise error
         errors = []
         for arg in typing.get_args(tp):
             try:

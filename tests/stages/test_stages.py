@@ -12,6 +12,7 @@ import numpy as np
 import open_clip
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from otcurate_support import STAGE_PATHS, TinyRun, write_params
 from PIL import Image
@@ -567,3 +568,119 @@ def test_score_command_without_a_fitted_detector_says_what_to_run(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["score", "new.csv"])
     assert result.exit_code == 2 and "run the pipeline first" in result.output
+
+
+def test_embed_with_loader_workers_matches_in_process(tiny, tmp_path):
+    """embed.workers: 2 decodes in two DataLoader processes: the same files, byte for byte."""
+    params = write_params(tmp_path, {"embed": {"workers": 2, "batch_size": 48}})
+    out = tmp_path / "embed"
+    assert tiny.run("embed", params=params, **{**STAGE_PATHS["embed"], "out": str(out)}) == 0
+    assert tree_digest(out) == tree_digest(Path(tiny.p("data/embed")))
+
+
+def test_embed_bf16_autocast_is_close_to_fp32(tiny, tmp_path):
+    from otcurate.data.shards import read_embeddings
+
+    params = write_params(tmp_path, {"embed": {"precision": "bf16"}})
+    out = tmp_path / "embed"
+    assert tiny.run("embed", params=params, **{**STAGE_PATHS["embed"], "out": str(out)}) == 0
+    u16, i16, t16 = read_embeddings(out, "train")
+    u32, i32, t32 = read_embeddings(tiny.p("data/embed"), "train")
+    assert u16 == u32 and i16.dtype == i32.dtype
+    assert not np.array_equal(i16.numpy(), i32.numpy())  # bf16 did run
+    cos = (i16 * i32).sum(1)
+    assert cos.min() > 0.98, cos.min()
+    np.testing.assert_allclose(i16.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_evaluate_sets_classification_and_multi_caption_retrieval(tiny, tmp_path):
+    """evaluate.sets: a built-in classification set drawn with another seed, and a parquet
+    retrieval set with two captions per image (a list column)."""
+    from otcurate import evaluate as ev
+    from otcurate import models
+
+    test = pq.ParquetDataset(sorted(Path(tiny.p("data/ingest")).glob("test-*.parquet"))).read()
+    images = test["image"].to_pylist()[:30]
+    caps = [[c, f"a picture: {c}"] for c in test["caption"].to_pylist()[:30]]
+    pq.write_table(pa_table({"img": images, "captions": caps}), tmp_path / "coco.parquet")
+    sets = [
+        {"name": "unseen", "task": "classification", "source": "shapes", "size": 60, "seed": 7},
+        {
+            "name": "coco",
+            "task": "retrieval",
+            "source": "hf",
+            "size": None,
+            "hf": {
+                "path": "parquet",
+                "data_files": [str(tmp_path / "coco.parquet")],
+                "image_column": "img",
+                "caption_column": "captions",
+            },
+        },
+    ]
+    params = write_params(tmp_path, {"evaluate": {"sets": sets}})
+    paths = {**STAGE_PATHS["evaluate"], "results": str(tmp_path / "res")}
+    assert tiny.run("evaluate", params=params, **paths) == 0
+    m = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    for model in ("base", "finetune"):
+        assert 0 <= m[f"{model}_unseen_zs_acc"] <= m[f"{model}_unseen_zs_acc_top5"] <= 1
+        for k in ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10"):
+            assert 0 <= m[f"{model}_coco_{k}"] <= 1
+    # the same numbers from the library, computed here for the base model
+    clip = models.load(tiny.p("models/pretrain"))
+    img, _ = models.encode(clip, models.pairs_to_tensors(images, [""] * 30, clip)[0])
+    txt = models.encode_texts(clip, [c for pair in caps for c in pair])
+    want = ev.retrieval_recall_grouped(img, txt, torch.arange(30).repeat_interleave(2))
+    assert m["base_coco_i2t_r5"] == pytest.approx(want["i2t_r5"])
+    assert m["base_coco_t2i_r1"] == pytest.approx(want["t2i_r1"])
+    report = (tmp_path / "res" / "report.md").read_text()
+    assert "## coco (retrieval; 30 images, 60 captions)" in report
+    from otcurate.data import builtin
+
+    n_classes = len(builtin.shapes_classes().class_names)
+    assert f"## unseen (classification; 60 images, {n_classes} classes)" in report
+
+
+def pa_table(cols):
+    import pyarrow as pa
+
+    return pa.table(cols)
+
+
+def test_coreset_target_from_a_named_clean_source(tiny, tmp_path):
+    """A target holding only circles (same classes as ingest): goracs spends the whole budget
+    on train pairs labelled circle."""
+    import pyarrow as pa
+
+    from otcurate.data import builtin
+
+    recs = [r for r in builtin.shapes(7, 400) if r.label == 0][:40]
+    pq.write_table(
+        pa.table(
+            {
+                "image": [r.image for r in recs],
+                "caption": [r.caption for r in recs],
+                "label": [r.label for r in recs],
+            }
+        ),
+        tmp_path / "circles.parquet",
+    )
+    target = {
+        "source": "hf",
+        "size": None,
+        "hf": {
+            "path": "parquet",
+            "data_files": [str(tmp_path / "circles.parquet")],
+            "label_column": "label",
+            "class_names": builtin.shapes_classes().class_names,
+        },
+    }
+    params = write_params(
+        tmp_path, {"coreset": {"method": "goracs", "fraction": 0.05, "target": target}}
+    )
+    paths = {**STAGE_PATHS["coreset"], "out": str(tmp_path / "cs"), "results": str(tmp_path / "r")}
+    assert tiny.run("coreset", params=params, **paths) == 0
+    chosen = pq.read_table(tmp_path / "cs" / "subset.parquet")["uid"].to_pylist()
+    train = pq.ParquetDataset(sorted(Path(tiny.p("data/ingest")).glob("train-*.parquet"))).read()
+    label = dict(zip(train["uid"].to_pylist(), train["label"].to_pylist(), strict=True))
+    assert chosen and {label[u] for u in chosen} == {0}

@@ -54,3 +54,27 @@ def test_plots_write_pngs(tmp_path):
     a = (tmp_path / "h.png").read_bytes()
     ev.plot_score_hist(tmp_path / "h.png", s, s < -1, "t")
     assert (tmp_path / "h.png").read_bytes() == a
+
+
+def test_grouped_recall_with_several_captions_per_image_by_hand():
+    # 3 images on the axes; 5 captions: 0,1 -> image 0; 2 -> image 1; 3,4 -> image 2.
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [0, 1.0, 0], [0.8, 0, 0.6], [0, 0, 1.0]])
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    r = ev.retrieval_recall_grouped(image, text, owner, ks=(1, 2))
+    # image 0: best text 0 (its own) hit; image 1: best text 2 hit;
+    # image 2: best text 4 (own) hit -> i2t@1 = 1.
+    assert r["i2t_r1"] == 1.0
+    # text 1 (owner 0) is closest to image 1 -> miss at 1, hit at 2; text 3 (owner 2) is
+    # closest to image 0 -> miss at 1, hit at 2; the other three hit at 1.
+    assert r["t2i_r1"] == pytest.approx(3 / 5) and r["t2i_r2"] == 1.0
+
+
+def test_grouped_recall_equals_paired_recall_with_one_caption_each():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(30, 8, generator=g), dim=1)
+    caps = [f"caption {i}" for i in range(30)]
+    assert ev.retrieval_recall_grouped(img, txt, torch.arange(30)) == ev.retrieval_recall(
+        img, txt, caps
+    )

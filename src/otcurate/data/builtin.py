@@ -139,8 +139,8 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def shapes(seed: int, size: int, image_size: int = 32) -> Iterator[Record]:
-    for i in range(size):
+def shapes(seed: int, size: int, image_size: int = 32, start: int = 0) -> Iterator[Record]:
+    for i in range(start, size):
         yield shapes_record(seed, i, image_size)
 
 
@@ -154,7 +154,9 @@ def digits_count() -> int:
     return len(load_digits().target)
 
 
-def digits(seed: int, size: int | None = None, image_size: int = 32) -> Iterator[Record]:
+def digits(
+    seed: int, size: int | None = None, image_size: int = 32, start: int = 0
+) -> Iterator[Record]:
     """scikit-learn's handwritten digits, upscaled to `image_size`, with templated captions."""
     from sklearn.datasets import load_digits
 
@@ -165,7 +167,7 @@ def digits(seed: int, size: int | None = None, image_size: int = 32) -> Iterator
             f"ingest.size={size} exceeds the {len(d.target)} images of the 'digits' source; "
             "set ingest.size to null (all) or a smaller number."
         )
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([seed, i])
         img8 = (d.images[i] / 16.0 * 255.0).astype(np.uint8)
         img = Image.fromarray(img8, mode="L").resize(

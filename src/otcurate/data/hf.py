@@ -86,11 +86,15 @@ def load_pairs(
     image_root: str | None = None,
     class_names: list[str] | None = None,
     limit: int | None = None,
-) -> tuple[Iterator[RawPair], ClassInfo | None, int]:
-    """Open a `datasets` source; returns (pairs, class info or None, number of rows)."""
+    start: int = 0,
+    streaming: bool = False,
+    multi_caption: bool = False,
+) -> tuple[Iterator[RawPair], ClassInfo | None, int | None]:
+    """Open a `datasets` source; returns (pairs from row `start` on, class info or None,
+    number of rows or None when streaming without `limit`)."""
     import datasets
 
-    kwargs: dict[str, Any] = {"split": split}
+    kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
     if name:
         kwargs["name"] = name
     if data_dir:
@@ -122,6 +126,8 @@ def load_pairs(
         ) from exc
 
     columns = ds.column_names
+    if columns is None:  # a stream whose features are not declared: peek at the first row
+        columns = list(next(iter(ds), {}).keys())
     for col, key in ((image_column, "image_column"), (caption_column, "caption_column")):
         if col not in columns:
             raise SourceError(
@@ -132,16 +138,17 @@ def load_pairs(
         raise SourceError(
             f"ingest.hf.label_column is {label_column!r} but the source has columns {columns}."
         )
-    if ds.num_rows == 0:
+    if not columns or (not streaming and ds.num_rows == 0):
         raise SourceError(f"ingest.hf: the source {path!r} split {split!r} has no rows.")
 
-    if isinstance(ds.features[image_column], datasets.Image):
+    features = ds.features or {}
+    if isinstance(features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
 
     info = None
     if label_column is not None:
         names = class_names
-        feat = ds.features[label_column]
+        feat = features.get(label_column)
         if names is None and isinstance(feat, datasets.ClassLabel):
             names = list(feat.names)
         if names is None:
@@ -151,16 +158,28 @@ def load_pairs(
         info = ClassInfo(list(names), ["a photo of a {}", "a {}"])
 
     root = Path(image_root) if image_root else _default_image_root(data_files, data_dir)
-    n = ds.num_rows if limit is None else min(limit, ds.num_rows)
+    if streaming:
+        n = limit
+        rows = ds.select_columns([c for c in (image_column, caption_column, label_column) if c])
+        rows = rows.skip(start) if start else rows
+    else:
+        n = ds.num_rows if limit is None else min(limit, ds.num_rows)
+        rows = ds.select_columns([c for c in (image_column, caption_column, label_column) if c])
+        rows = rows.select(range(min(start, n), n)) if start else rows
 
     def gen() -> Iterator[RawPair]:
-        for i, row in enumerate(
-            ds.select_columns([c for c in (image_column, caption_column, label_column) if c])
-        ):
-            if i >= n:
+        for i, row in enumerate(rows, start):
+            if n is not None and i >= n:
                 return
             image, reason = _image_bytes(row[image_column], root)
             caption = row[caption_column]
+            if multi_caption and isinstance(caption, list | tuple) and caption:
+                # several captions of one image (evaluation sets): one pair per caption
+                for c in caption:
+                    why = reason or check_record(image, c)
+                    uid = content_uid(image or b"", c) if why is None else f"row-{i}"
+                    yield RawPair(i, uid, image, c.strip() if isinstance(c, str) else c, -1, why)
+                continue
             if reason is None:
                 reason = check_record(image, caption)
             label = (

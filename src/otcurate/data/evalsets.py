@@ -1,0 +1,82 @@
+"""Clean sources read whole, for judging (evaluate.sets) and targeting (coreset.target).
+
+A `CleanSet` holds each distinct image once (rows sharing the exact image bytes, or a
+list-of-captions column, give one image with several captions), every caption with the
+index of its image, and per-image labels when the source has classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from otcurate.data import builtin
+from otcurate.data.builtin import ClassInfo
+from otcurate.data.hf import load_pairs
+
+
+@dataclass(frozen=True)
+class CleanSet:
+    images: list[bytes]  # distinct images
+    labels: np.ndarray  # (n_images,) int, -1 when unknown
+    captions: list[str]  # every caption
+    caption_image: np.ndarray  # (n_captions,) index into images
+    info: ClassInfo | None
+    rejected: int  # unreadable rows, skipped
+
+    def pairs(self) -> tuple[list[bytes], list[str]]:
+        """One (image, caption) row per caption."""
+        return [self.images[i] for i in self.caption_image], list(self.captions)
+
+
+def _builtin(spec) -> tuple[list, ClassInfo]:
+    if spec.source == "shapes":
+        return list(builtin.shapes(spec.seed, spec.size, spec.image_size)), builtin.shapes_classes()
+    size = min(spec.size, builtin.digits_count()) if spec.size else None
+    return list(builtin.digits(spec.seed, size, spec.image_size)), builtin.digits_classes()
+
+
+def load_clean(spec) -> CleanSet:
+    """Read a `params.SourceSpec` (or EvalSet): built-in source or any `datasets` source."""
+    if spec.source in ("shapes", "digits"):
+        recs, info = _builtin(spec)
+        rows = [(r.image, r.caption, r.label) for r in recs]
+        rejected = 0
+    else:
+        h = spec.hf
+        pairs, info, _ = load_pairs(
+            h.path,
+            name=h.name,
+            data_dir=h.data_dir,
+            data_files=h.data_files,
+            split=h.split,
+            image_column=h.image_column,
+            caption_column=h.caption_column,
+            label_column=h.label_column,
+            image_root=h.image_root,
+            class_names=h.class_names,
+            limit=spec.size,
+            streaming=h.streaming,
+            multi_caption=True,
+        )
+        rows, rejected = [], 0
+        for p in pairs:
+            if p.reject is None:
+                rows.append((p.image, p.caption, p.label))
+            else:
+                rejected += 1
+    index: dict[bytes, int] = {}
+    images, labels, captions, owner = [], [], [], []
+    for image, caption, label in rows:
+        key = hashlib.sha1(image).digest()
+        if key not in index:
+            index[key] = len(images)
+            images.append(image)
+            labels.append(label)
+        captions.append(caption)
+        owner.append(index[key])
+    return CleanSet(
+        images, np.asarray(labels, np.int64), captions, np.asarray(owner, np.int64), info, rejected
+    )

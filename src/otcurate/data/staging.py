@@ -1,0 +1,184 @@
+"""Resumable streaming ingest: the source read once, in order, into fixed-size chunk files.
+
+Phase 1 (`Stager`) appends validated records to `<staging>/chunk-<k>.parquet`, one file per
+`size` source records, each written atomically together with a `state.json` that says how
+far into the source the finished chunks reach. A crash loses at most the chunk being
+filled: on a rerun with the same fingerprint (params + source manifest), the finished
+chunks are kept, the dedup sets are rebuilt from their hash columns, and reading resumes
+after the last finished chunk. Phase 2 (`finalize`) streams the chunks into the per-split
+shards (`ShardWriter`), planting noise on the train captions. Memory is bounded by a chunk,
+the dedup hash sets (8 bytes of sha1 per record) and the train captions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from otcurate.data.records import SCHEMA
+from otcurate.io import write_json, write_parquet
+
+STATE = "state.json"
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("split", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("label", pa.int32()),
+        ("pair_hash", pa.int64()),
+        ("image_hash", pa.int64()),
+        ("caption_hash", pa.int64()),
+    ]
+)
+
+
+def h64(data: bytes) -> int:
+    """The first 8 bytes of sha1 as a signed int64 (exact-duplicate detection)."""
+    return int.from_bytes(hashlib.sha1(data).digest()[:8], "big", signed=True)
+
+
+@dataclass
+class Counts:
+    consumed: int = 0  # source records covered by finished chunks
+    rows: int = 0
+    rejected: int = 0
+    duplicate_pairs: int = 0
+    duplicate_images: int = 0
+    duplicate_captions: int = 0
+    chunks: list[str] = field(default_factory=list)
+
+
+class Stager:
+    """Phase 1: records in, finished chunk files out; resumable. See the module doc."""
+
+    def __init__(self, staging: Path, fingerprint: str, chunk_records: int, drop_images: bool):
+        self.dir = Path(staging)
+        self.fingerprint = fingerprint
+        self.chunk_records = chunk_records
+        self.drop_images = drop_images
+        self.counts = Counts()
+        self.pairs: set[int] = set()
+        self.images: set[int] = set()
+        self.captions: set[int] = set()
+        self._rows: list[tuple] = []
+        self._rejects: list[dict] = []
+        self._pending = 0  # source records read since the last finished chunk
+        self.resumed = self._resume()
+
+    def _resume(self) -> bool:
+        state = self.dir / STATE
+        if state.exists():
+            saved = json.loads(state.read_text())
+            if saved.get("fingerprint") == self.fingerprint:
+                self.counts = Counts(**saved["counts"])
+                for name in self.counts.chunks:
+                    t = pq.read_table(
+                        self.dir / name, columns=["pair_hash", "image_hash", "caption_hash"]
+                    )
+                    self.pairs.update(t["pair_hash"].to_pylist())
+                    self.images.update(t["image_hash"].to_pylist())
+                    self.captions.update(t["caption_hash"].to_pylist())
+                return bool(self.counts.chunks)
+        shutil.rmtree(self.dir, ignore_errors=True)  # another source or params: start over
+        self.dir.mkdir(parents=True)
+        return False
+
+    def reject(self, index: int, uid: str, reason: str) -> None:
+        self._rejects.append({"index": index, "uid": uid, "reason": reason})
+        self.counts.rejected += 1
+        self._tick()
+
+    def add(self, uid: str, split: str, image: bytes, caption: str, label: int) -> None:
+        p, i, c = h64(image + b"\0" + caption.encode()), h64(image), h64(caption.encode())
+        dup_image, dup_caption = i in self.images, c in self.captions
+        self.counts.duplicate_images += dup_image
+        self.counts.duplicate_captions += dup_caption
+        if p in self.pairs:
+            self.counts.duplicate_pairs += 1
+        elif not (dup_image and self.drop_images):
+            self.pairs.add(p)
+            self.images.add(i)
+            self.captions.add(c)
+            self._rows.append((uid, split, image, caption, label, p, i, c))
+        self._tick()
+
+    def _tick(self) -> None:
+        self._pending += 1
+        if self._pending >= self.chunk_records:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the chunk being filled (if any records were read) and the state, atomically."""
+        if self._pending == 0:
+            return
+        name = f"chunk-{len(self.counts.chunks):06d}"
+        cols = list(zip(*self._rows, strict=True)) if self._rows else [[]] * 8
+        table = pa.table(
+            {f.name: pa.array(list(v), f.type) for f, v in zip(CHUNK_SCHEMA, cols, strict=True)}
+        )
+        write_parquet(self.dir / f"{name}.parquet", table)
+        (self.dir / f"{name}.rejects.jsonl").write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._rejects)
+        )
+        self.counts.chunks.append(f"{name}.parquet")
+        self.counts.consumed += self._pending
+        self.counts.rows += len(self._rows)
+        self._rows, self._rejects, self._pending = [], [], 0
+        write_json(
+            self.dir / STATE, {"fingerprint": self.fingerprint, "counts": self.counts.__dict__}
+        )
+
+    def rejects(self) -> Iterable[str]:
+        for name in self.counts.chunks:
+            yield from (self.dir / name.replace(".parquet", ".rejects.jsonl")).open()
+
+
+class ShardWriter:
+    """Rows in, `<split>-<k>.parquet` files of exactly `size` rows out (the last may be short)."""
+
+    def __init__(self, out: Path, split: str, size: int):
+        self.out, self.split, self.size = Path(out), split, size
+        self._parts: list[pa.Table] = []
+        self._n = 0
+        self.files: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        self._parts.append(table)
+        self._n += table.num_rows
+        while self._n >= self.size:
+            self._write(self.size)
+
+    def _write(self, n: int) -> None:
+        t = pa.concat_tables(self._parts)
+        name = f"{self.split}-{len(self.files):05d}.parquet"
+        write_parquet(self.out / name, t.slice(0, n).cast(SCHEMA))
+        rest = t.slice(n)
+        self._parts, self._n = ([rest] if rest.num_rows else []), rest.num_rows
+        self.files.append(name)
+
+    def close(self) -> None:
+        if self._n or not self.files:
+            self._write(self._n)
+
+
+def read_column(staging: Path, chunks: list[str], columns: list[str]) -> dict[str, list]:
+    """Some columns of every chunk, concatenated (no images)."""
+    out: dict[str, list] = {c: [] for c in columns}
+    for name in chunks:
+        t = pq.read_table(Path(staging) / name, columns=columns)
+        for c in columns:
+            out[c].extend(t[c].to_pylist())
+    return out
+
+
+def split_positions(splits: list[str], name: str) -> np.ndarray:
+    return np.flatnonzero(np.asarray(splits, dtype=object) == name)
