@@ -21,6 +21,7 @@ from otcurate.data.records import SCHEMA
 from otcurate.data.shards import (
     read_classes,
     read_embeddings,
+    read_selected,
     read_split,
     write_classes,
     write_split,
@@ -33,7 +34,9 @@ from stages._common import StageError, live_logger, parser, read_params, run
 def distill(args) -> None:
     base, p = read_params(args.params, "distill")
     make_reproducible(base.seed, base.threads)
-    train = read_split(args.data, "train")
+    wmdd = p.method == "wmdd" and p.ipc > 0
+    # random_real needs the images of the picked pairs only (read after picking)
+    train = read_split(args.data, "train", columns=None if wmdd else ["uid", "label"])
     subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
     flagged = pq.read_table(f"{args.detect}/scores.parquet", columns=["uid", "noisy"])
     info = read_classes(args.data)
@@ -41,7 +44,6 @@ def distill(args) -> None:
         raise StageError(f"{args.detect} does not match {args.data}; rerun detect.")
     labels = np.asarray(train["label"].to_pylist())
     labelled = info is not None and bool((labels >= 0).all())
-    wmdd = p.method == "wmdd" and p.ipc > 0
     image = text = None
     if wmdd or not labelled:  # read once: clusters need the text, wmdd both
         uids, image, text = read_embeddings(args.embed, "train")
@@ -59,7 +61,8 @@ def distill(args) -> None:
         )
     else:
         picked = dist.distill("random_real", classes, candidates, p.ipc, seed=base.seed)
-        table = train.take(pa.array(picked.indices, pa.int64()))
+        uids = train["uid"].take(pa.array(picked.indices, pa.int64()))
+        table = read_selected(args.data, "train", uids)
         metrics = {"pairs": table.num_rows, "classes": int(len(np.unique(picked.classes)))}
     metrics["ipc"] = p.ipc
     with atomic_dir(args.out) as out:

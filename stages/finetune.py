@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from otcurate import models, parallel
-from otcurate.data.shards import read_split, select_uids
+from otcurate.data.shards import read_selected, read_split
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate.train import FINETUNE_METHODS
 from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
@@ -50,9 +50,9 @@ def finetune(args) -> None:
     # The processes share this machine's cores: same total threads as one process.
     threads = max(1, base.threads // size) if base.threads > 0 else base.threads
     make_reproducible(base.seed, threads, device)
-    train = read_split(args.data, "train", columns=["uid", "image", "caption"])
     subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
-    chosen = select_uids(train, subset["uid"])
+    # only the chosen rows, shard by shard; images stay encoded until their batch comes
+    chosen = read_selected(args.data, "train", subset["uid"], ["uid", "image", "caption"])
     distilled = read_split(args.distill, "train", columns=["uid", "image", "caption"])
     distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
     data = pa.concat_tables([chosen, distilled])
@@ -69,9 +69,7 @@ def finetune(args) -> None:
     clip = models.load(args.model, device=device)
     if size > 1:
         parallel.global_batchnorm(clip.model)
-    images, tokens = models.pairs_to_tensors(
-        data["image"].to_pylist(), data["caption"].to_pylist(), clip
-    )
+    images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
     res = FINETUNE_METHODS[p.method](
         clip.model,
         images,

@@ -35,7 +35,7 @@ def pretrain(args) -> None:
             raise StageError(
                 f"the train split in {args.data} has {train.num_rows} pairs; pre-training needs at least 2."
             )
-        images, tokens = models.pairs_to_tensors(
+        images, tokens = models.lazy_pairs(
             train["image"].to_pylist(), train["caption"].to_pylist(), clip
         )
         res = train_contrastive(

@@ -172,6 +172,38 @@ def pairs_to_tensors(
     return x, clip.tokenizer(list(captions))
 
 
+class LazyImages:
+    """Encoded images decoded batch by batch: `images[idx]` -> (B, 3, H, W) float tensor.
+
+    Stands in for a decoded image tensor in the training loops (which index rows with a
+    LongTensor of batch indices, or a bool mask to keep a subset), so that only the
+    compressed bytes stay in memory. Each row decodes to the same values as
+    `pairs_to_tensors` gives it.
+    """
+
+    def __init__(self, images: list[bytes], clip: Clip):
+        self.images, self.clip = list(images), clip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx) -> torch.Tensor | LazyImages:
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:  # a subset: stay lazy
+            return LazyImages(
+                [b for b, k in zip(self.images, idx.tolist(), strict=True) if k], self.clip
+            )
+        rows = [self.images[i] for i in idx.reshape(-1).tolist()]
+        return pairs_to_tensors(rows, [""] * len(rows), self.clip)[0]
+
+
+def lazy_pairs(
+    images: list[bytes], captions: list[str], clip: Clip
+) -> tuple[LazyImages, torch.Tensor]:
+    """Lazily decoded images and tokenized captions, for training on many pairs."""
+    return LazyImages(images, clip), clip.tokenizer(list(captions))
+
+
 def _fast_tensor(images: list[Image.Image], cfg: dict) -> torch.Tensor | None:
     """The eval transform for images already at the model's size, vectorised.
 

@@ -1,4 +1,4 @@
-"""Parquet shards of pair records: `<dir>/<split>-<k>.parquet`, sorted by uid."""
+"""Parquet shards of pair records: `<dir>/<split>-<k>.parquet`, in source order."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def read_split(data_dir: str | Path, split: str, columns: list[str] | None = Non
     if not files:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def read_selected(
+    data_dir: str | Path, split: str, uids, columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of `split` whose uid is in `uids`, in shard order, one shard in memory at a time."""
+    wanted = pa.array(list(uids), pa.string())
+    parts = [
+        (t := pq.read_table(f, columns=columns)).filter(pc.is_in(t["uid"], value_set=wanted))
+        for f in shard_files(data_dir, split)
+    ]
+    if not parts:
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+    return pa.concat_tables(parts)
 
 
 def select_uids(table: pa.Table, uids: list[str] | pa.Array) -> pa.Table:
