@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +37,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from results_io import write_results  # noqa: E402
 
 
 def row(case: str, n: int, metric: str, value: float) -> dict:
@@ -90,6 +90,22 @@ print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_m
 """
 
 
+def _head(shards: list[str], limit: int, path: Path) -> str:
+    """The first `limit` pairs of the shards, as one shard file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts, n = [], 0
+    for s in shards:
+        t = pq.read_table(s).slice(0, limit - n)
+        parts.append(t)
+        n += t.num_rows
+        if n >= limit:
+            break
+    pq.write_table(pa.concat_tables(parts), path)
+    return str(path)
+
+
 def bench_embed(args, data: Path, rows: list) -> None:
     from otcurate import models
     from otcurate.data.embed_work import embed_shards
@@ -100,12 +116,7 @@ def bench_embed(args, data: Path, rows: list) -> None:
         folder = data.parent / f"model-{arch}"
         folder.mkdir(exist_ok=True)
         models.save(models.create(arch), folder)
-        use, total = [], 0
-        for s in shards:  # whole shards up to the limit
-            if total >= limit:
-                break
-            use.append(s)
-            total += __import__("pyarrow.parquet").parquet.read_metadata(s).num_rows
+        use = [_head(shards, limit, data.parent / f"head-{limit}.parquet")]
         for workers in (0, 2):
             t0 = time.perf_counter()
             n = sum(
@@ -216,21 +227,11 @@ def bench_detect_coreset(args, rows: list) -> None:
 
 
 def write(rows: list, args) -> None:
-    res = ROOT / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "data.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = [
-        "# Data-at-scale benchmark",
-        "",
-        f"`{' '.join(['.venv/bin/python', 'bench/data.py', *sys.argv[1:]])}` on "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU, "
-        f"{args.threads} torch threads.",
-        "",
-        "| case | n | metric | value |",
-        "|---|---:|---|---:|",
-    ]
-    lines += [f"| {r['case']} | {r['n']} | {r['metric']} | {r['value']:.4g} |" for r in rows]
-    (res / "data.md").write_text("\n".join(lines) + "\n")
+    if args.merge:  # keep the rows of the cases not rerun
+        old = json.loads((ROOT / "bench" / "results" / "data.json").read_text())
+        redone = {(r["case"], r["n"], r["metric"]) for r in rows}
+        rows = [r for r in old if (r["case"], r["n"], r["metric"]) not in redone] + rows
+    write_results("data", "Data-at-scale benchmark", f"CPU, {args.threads} torch threads", rows)
 
 
 def main() -> None:
@@ -241,6 +242,7 @@ def main() -> None:
     ap.add_argument("--embed-pairs-vit", type=int, default=512)
     ap.add_argument("--embed-batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--merge", action="store_true", help="keep other rows of data.json")
     ap.add_argument("--pipeline-sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--coreset-fraction", type=float, default=0.1)
     ap.add_argument(

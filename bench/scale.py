@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from results_io import write_results  # noqa: E402
 
 
 def make_shards(folder: Path, pairs: int, shard_size: int) -> list[str]:
@@ -164,21 +165,12 @@ def row(case: str, n: int, metric: str, value: float) -> dict:
 
 
 def write(rows: list, args) -> None:
-    res = ROOT / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = [
-        "# Scale-out benchmark",
-        "",
-        f"`{' '.join(['.venv/bin/python', 'bench/scale.py', *sys.argv[1:]])}` on "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"device {args.device}, {args.threads} torch threads in total.",
-        "",
-        "| case | n | metric | value |",
-        "|---|---:|---|---:|",
-    ]
-    lines += [f"| {r['case']} | {r['n']} | {r['metric']} | {r['value']:.4g} |" for r in rows]
-    (res / "scale.md").write_text("\n".join(lines) + "\n")
+    write_results(
+        "scale",
+        "Scale-out benchmark",
+        f"device {args.device}, {args.threads} torch threads in total",
+        rows,
+    )
 
 
 def main() -> None:

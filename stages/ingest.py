@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from otcurate.data import builtin
-from otcurate.data.hf import SourceError, load_pairs
+from otcurate.data.hf import SourceError, load_pairs, source_kwargs
 from otcurate.data.records import SPLITS, assign_splits, check_record, plant_noise
 from otcurate.data.shards import write_classes
 from otcurate.data.staging import ShardWriter, Stager, read_column, split_positions
@@ -47,23 +47,8 @@ def _raw_pairs(p, seed: int, start: int = 0):
         recs = builtin.digits(seed, p.size, p.image_size, start=start)
         info, n = builtin.digits_classes(), p.size or total
     else:
-        h = p.hf
         try:
-            pairs, info, n = load_pairs(
-                h.path,
-                name=h.name,
-                data_dir=h.data_dir,
-                data_files=h.data_files,
-                split=h.split,
-                image_column=h.image_column,
-                caption_column=h.caption_column,
-                label_column=h.label_column,
-                image_root=h.image_root,
-                class_names=h.class_names,
-                limit=p.size,
-                start=start,
-                streaming=h.streaming,
-            )
+            pairs, info, n = load_pairs(**source_kwargs(p.hf), limit=p.size, start=start)
         except SourceError as exc:
             raise StageError(str(exc)) from exc
         return pairs, info, n

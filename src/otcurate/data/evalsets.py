@@ -14,7 +14,7 @@ import numpy as np
 
 from otcurate.data import builtin
 from otcurate.data.builtin import ClassInfo
-from otcurate.data.hf import load_pairs
+from otcurate.data.hf import load_pairs, source_kwargs
 
 
 @dataclass(frozen=True)
@@ -45,22 +45,7 @@ def load_clean(spec) -> CleanSet:
         rows = [(r.image, r.caption, r.label) for r in recs]
         rejected = 0
     else:
-        h = spec.hf
-        pairs, info, _ = load_pairs(
-            h.path,
-            name=h.name,
-            data_dir=h.data_dir,
-            data_files=h.data_files,
-            split=h.split,
-            image_column=h.image_column,
-            caption_column=h.caption_column,
-            label_column=h.label_column,
-            image_root=h.image_root,
-            class_names=h.class_names,
-            limit=spec.size,
-            streaming=h.streaming,
-            multi_caption=True,
-        )
+        pairs, info, _ = load_pairs(**source_kwargs(spec.hf), limit=spec.size, multi_caption=True)
         rows, rejected = [], 0
         for p in pairs:
             if p.reject is None:

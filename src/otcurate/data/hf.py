@@ -208,6 +208,13 @@ def load_pairs(
     return gen(), info, n
 
 
+def source_kwargs(h) -> dict[str, Any]:
+    """`load_pairs` keywords from a `params.HFSource` (ingest.hf, or a clean source's hf)."""
+    keys = ("name", "data_dir", "data_files", "split", "image_column", "caption_column")
+    keys += ("label_column", "image_root", "class_names", "streaming")
+    return {"path": h.path, **{k: getattr(h, k) for k in keys}}
+
+
 _BUILDERS = {
     ".csv": "csv",
     ".parquet": "parquet",
