@@ -40,8 +40,7 @@ def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[s
 
 def _set_metrics(clip: models.Clip, cset, spec, ks, batch_size: int) -> dict[str, float]:
     """Metrics of one evaluate.sets entry (distinct images encoded once)."""
-    images, _ = models.pairs_to_tensors(cset.images, [""] * len(cset.images), clip)
-    img, _ = models.encode(clip, images, batch_size=batch_size)
+    img, _ = models.encode(clip, models.decode_images(cset.images, clip), batch_size=batch_size)
     if spec.task == "retrieval":
         txt = models.encode_texts(clip, cset.captions, batch_size=batch_size)
         return ev.retrieval_recall_grouped(img, txt, torch.from_numpy(cset.caption_image), ks)

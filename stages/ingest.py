@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from otcurate.data import builtin
 from otcurate.data.hf import SourceError, load_pairs, source_kwargs
-from otcurate.data.records import SPLITS, assign_splits, check_record, plant_noise
+from otcurate.data.records import SPLITS, check_record, plant_noise, split_of
 from otcurate.data.shards import write_classes
 from otcurate.data.staging import ShardWriter, Stager, read_column, split_positions
 from otcurate.io import atomic_dir, write_json
@@ -100,7 +100,7 @@ def ingest(args) -> None:
                 )
             stager.reject(pair.index, pair.uid, pair.reject)
             continue
-        split = assign_splits([pair.uid], p.val_fraction, p.test_fraction, base.seed)[0]
+        split = split_of(pair.uid, p.val_fraction, p.test_fraction, base.seed)
         stager.add(pair.uid, split, pair.image, pair.caption, pair.label)
     stager.flush()
     c = stager.counts

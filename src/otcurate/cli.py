@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 # No phoning home (there may be no network; it also raced sqlite on a first start).
@@ -603,6 +602,7 @@ def score(
 ) -> None:
     """Score new pairs with the fitted detector (no refit) and report the suspected noisy ones."""
     root = find_root()
+    import numpy as np
     import torch
     from safetensors.torch import load_file
 

@@ -590,7 +590,6 @@ def fit_detector(
     cut on the train pairs' projections at the train flag fraction; the other methods keep
     the user's threshold, or cut between the flagged and unflagged train scores.
     """
-    kwargs = {k: v for k, v in kwargs.items()}
     if method == "infoot":
         keys = ("reg", "lam", "h", "outer_iter", "max_iter", "tol", "seed")
         fit = infoot_fit(

@@ -158,18 +158,22 @@ def pairs_to_tensors(
     images: list[bytes], captions: list[str], clip: Clip
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode encoded images and tokenize captions: ((N, 3, H, W) float, (N, L) long)."""
+    if not images:
+        return decode_images(images, clip), torch.empty(
+            0, clip.model_cfg["text_cfg"].get("context_length", 77), dtype=torch.long
+        )
+    return decode_images(images, clip), clip.tokenizer(list(captions))
+
+
+def decode_images(images: list[bytes], clip: Clip) -> torch.Tensor:
+    """Encoded images -> (N, 3, H, W) float, through the model's own eval preprocessing."""
     from otcurate.data.records import decode_rgb
 
     if not images:
-        size = input_size(clip.preprocess_cfg) or (32, 32)
-        return torch.empty(0, 3, *size), torch.empty(
-            0, clip.model_cfg["text_cfg"].get("context_length", 77), dtype=torch.long
-        )
+        return torch.empty(0, 3, *(input_size(clip.preprocess_cfg) or (32, 32)))
     pil = [decode_rgb(b) for b in images]
     x = _fast_tensor(pil, clip.preprocess_cfg)
-    if x is None:
-        x = images_to_tensor(pil, clip.preprocess)
-    return x, clip.tokenizer(list(captions))
+    return images_to_tensor(pil, clip.preprocess) if x is None else x
 
 
 class LazyImages:
@@ -193,8 +197,7 @@ class LazyImages:
             return LazyImages(
                 [b for b, k in zip(self.images, idx.tolist(), strict=True) if k], self.clip
             )
-        rows = [self.images[i] for i in idx.reshape(-1).tolist()]
-        return pairs_to_tensors(rows, [""] * len(rows), self.clip)[0]
+        return decode_images([self.images[i] for i in idx.reshape(-1).tolist()], self.clip)
 
 
 def lazy_pairs(

@@ -64,9 +64,13 @@ def _loader_workers(requested: int) -> int:
     return 0 if multiprocessing.current_process().daemon else requested
 
 
-def _model(model_dir: str, dev: torch.device):
+def _model(model_dir: str, device: str, threads: int, seed: int):
+    """Seed and threads set, the model loaded once per process (and device)."""
     from otcurate import models
+    from otcurate.runtime import make_reproducible, resolve_device
 
+    dev = resolve_device(device)
+    make_reproducible(seed, threads, dev)
     key = (str(Path(model_dir).resolve()), str(dev))
     if key not in _MODELS:
         _MODELS[key] = models.load(model_dir, device=dev)
@@ -113,13 +117,8 @@ def embed_shard(
 
     The unit of work on a Dask worker: the model is loaded once per worker process.
     """
-    from otcurate.runtime import make_reproducible, resolve_device
-
-    dev = resolve_device(device)
-    make_reproducible(seed, threads, dev)
-    for _, uids, img, txt in _embed_batches(
-        [shard], _model(model_dir, dev), batch_size, 0, precision
-    ):
+    clip = _model(model_dir, device, threads, seed)
+    for _, uids, img, txt in _embed_batches([shard], clip, batch_size, 0, precision):
         return uids, img, txt
     return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
 
@@ -179,11 +178,7 @@ def embed_shards(
     """
     desc = "embed: shards"
     if dask is None:
-        from otcurate.runtime import make_reproducible, resolve_device
-
-        dev = resolve_device(device)
-        make_reproducible(seed, threads, dev)
-        clip = _model(model_dir, dev)
+        clip = _model(model_dir, device, threads, seed)
         batches = _embed_batches(shards, clip, batch_size, workers, precision)
         for k, uids, img, txt in track(batches, total=len(shards), description=desc):
             yield shards[k], uids, img, txt

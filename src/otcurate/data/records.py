@@ -63,20 +63,20 @@ def decode_rgb(image: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+def split_of(uid: str, val_fraction: float, test_fraction: float, seed: int) -> str:
+    """train / val / test by a hash of (seed, uid): stable per pair, so new data never moves old pairs."""
+    h = hashlib.sha1(f"{seed}:{uid}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
 def assign_splits(
     uids: Sequence[str], val_fraction: float, test_fraction: float, seed: int
 ) -> np.ndarray:
-    """Split by a hash of (seed, uid): stable per pair, so new data never moves old pairs.
-
-    Returns an array of "train" / "val" / "test" strings, aligned with `uids`.
-    """
+    """`split_of` for each uid: an array of "train" / "val" / "test" strings, aligned with `uids`."""
     out = np.empty(len(uids), dtype=object)
     for i, uid in enumerate(uids):
-        h = hashlib.sha1(f"{seed}:{uid}".encode()).digest()
-        u = int.from_bytes(h[:8], "big") / 2**64
-        out[i] = (
-            "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-        )
+        out[i] = split_of(uid, val_fraction, test_fraction, seed)
     return out
 
 

@@ -48,8 +48,7 @@ def read_selected(
     """The rows of `split` whose uid is in `uids`, in shard order, one shard in memory at a time."""
     wanted = pa.array(list(uids), pa.string())
     parts = [
-        (t := pq.read_table(f, columns=columns)).filter(pc.is_in(t["uid"], value_set=wanted))
-        for f in shard_files(data_dir, split)
+        select_uids(pq.read_table(f, columns=columns), wanted) for f in shard_files(data_dir, split)
     ]
     if not parts:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
