@@ -21,6 +21,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from otcurate.sources import ALL_MANIFESTS
 from otcurate.tracking import Tracker
 
 EXIT_TRANSIENT = 75
@@ -137,15 +138,18 @@ def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageR
 
 
 def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
-    """Refresh data/sources.json (ingest's content manifest) from the params' source."""
+    """Refresh the content manifests (data/sources.json for ingest, and those of the clean
+    sources in coreset.target and evaluate.sets) from the params."""
     from otcurate.params import parse_yaml
     from otcurate.sources import sync
 
     params = parse_yaml((root / "params.yaml").read_text()) or {}
-    report = sync(root, params.get("ingest") or {}, allow_rewrite=allow_rewrite)
+    report = sync(root, params, allow_rewrite=allow_rewrite)
     if report["added"]:
         shown = ", ".join(report["added"][:5]) + (" ..." if len(report["added"]) > 5 else "")
         print(f"[sources] {len(report['added'])} new file(s): {shown}", flush=True)
+    for stage in report["clean_changed"]:
+        print(f"[sources] {stage}'s clean source changed: {stage} reruns", flush=True)
     return report
 
 
@@ -188,7 +192,7 @@ def pipeline(
 
 
 def record_lock_on_branch(root: Path, branch: str, message: str) -> str:
-    """Commit dvc.lock, params.yaml and data/sources.json as they are now onto ``branch``
+    """Commit dvc.lock, params.yaml and the source manifests as they are now onto ``branch``
     (created from HEAD if missing) with git plumbing: the checkout, its index and HEAD are
     untouched. The commit's parents are the branch tip and HEAD (the code that ran), so
     `git log <branch>` is the lineage history. Returns the new commit."""
@@ -215,7 +219,7 @@ def record_lock_on_branch(root: Path, branch: str, message: str) -> str:
     env = {"GIT_INDEX_FILE": str(index)}
     try:
         git("read-tree", head, env=env)
-        for rel in ("dvc.lock", "params.yaml", "data/sources.json"):
+        for rel in ("dvc.lock", "params.yaml", *map(str, ALL_MANIFESTS)):
             if (root / rel).exists():
                 blob = git("hash-object", "-w", rel)
                 git("update-index", "--add", "--cacheinfo", f"100644,{blob},{rel}", env=env)

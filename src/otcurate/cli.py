@@ -182,28 +182,38 @@ def _print_comparison(root: Path) -> None:
 
 
 def _source_news(root: Path) -> str:
-    """What the ingest source has that data/sources.json does not list yet (read only)."""
+    """What the sources have that their manifests (data/sources*.json) do not list yet:
+    new or rewritten ingest files, changed clean sources (read only)."""
     from otcurate import sources
 
     try:
         params = parse_yaml((root / "params.yaml").read_text()) or {}
-        old, new, _ = sources.scan(root, params.get("ingest") or {})
+        old, new, cache = sources.scan(root, params.get("ingest") or {})
+        clean = sources.build_clean(root, params, cache)
     except Exception as exc:  # noqa: BLE001 - status must still show DVC's view
-        return f"(could not scan the ingest source: {exc})"
-    if new == old:
-        return ""
-    added, broken = sources.compare(old, new)
-    parts = []
-    if added:
-        parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
-    if broken:
-        parts.append(
-            f"{len(broken)} removed or rewritten, e.g. {broken[0]} (needs --allow-rewrite)"
+        return f"(could not scan the sources: {exc})"
+    lines = []
+    if new != old:
+        added, broken = sources.compare(old, new)
+        parts = []
+        if added:
+            parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
+        if broken:
+            parts.append(
+                f"{len(broken)} removed or rewritten, e.g. {broken[0]} (needs --allow-rewrite)"
+            )
+        what = "; ".join(parts) or "a different source"
+        lines.append(
+            f"ingest source changed since {sources.MANIFEST}: {what}. "
+            "`otcurate run` reruns from ingest."
         )
-    what = "; ".join(parts) or "a different source"
-    return (
-        f"ingest source changed since data/sources.json: {what}. `otcurate run` reruns from ingest."
-    )
+    for stage, rel in sources.CLEAN_MANIFESTS.items():
+        path = root / rel
+        if not path.exists() or json.loads(path.read_text()) != clean[rel]:
+            lines.append(
+                f"{stage}'s clean source changed since {rel}. `otcurate run` reruns {stage}."
+            )
+    return "\n".join(lines)
 
 
 @app.command()

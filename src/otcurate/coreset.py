@@ -331,7 +331,9 @@ def goracs(
     per group (labels, or k-means clusters of the text embeddings) with the budget split by
     the target's group proportions. ``target_max`` subsamples the target and
     ``candidate_max`` pre-clusters a larger candidate pool (one representative per k-means
-    cluster, the member nearest its centre), so the cost matrix stays ≤ candidate_max × target_max.
+    cluster, the member nearest its centre) into max(candidate_max, 2k) representatives, so
+    the cost matrix stays ≤ max(candidate_max, 2k) × target_max and a budget beyond
+    candidate_max still leaves GORACS a choice.
     """
     if pool.target_image is None or pool.target_text is None or len(pool.target_image) == 0:
         raise ValueError("goracs needs a non-empty target set (the clean val split).")
@@ -347,12 +349,9 @@ def goracs(
         tgt = np.sort(rng.choice(tgt, size=target_max, replace=False))
     tfeat = _features(pool.target_image[tgt], pool.target_text[tgt]).double()
 
-    if len(cand) > candidate_max:
-        if candidate_max < k:
-            raise ValueError(
-                f"goracs: candidate_max {candidate_max} < budget {k}; raise coreset.candidate_max."
-            )
-        keep = precluster(feat.float().numpy(), candidate_max, seed=seed)
+    pool_max = max(candidate_max, 2 * k)  # a large budget keeps two candidates per slot
+    if len(cand) > pool_max:
+        keep = precluster(feat.float().numpy(), pool_max, seed=seed)
         if len(keep) < k:  # rounding and shared nearest members can leave a few short
             rest = np.setdiff1d(np.arange(len(cand)), keep)
             keep = np.sort(np.concatenate([keep, rng.choice(rest, k - len(keep), replace=False)]))

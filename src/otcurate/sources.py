@@ -9,6 +9,12 @@ DVC reruns from ingest; no new file, byte-identical manifest, nothing reruns.
 The source is append-only: a listed file that vanished or changed content is an error
 (the old runs' lineage would no longer describe the data), unless the caller accepts it.
 Hashes are reused while a file's size and mtime are unchanged (`.otcurate/hash-cache.json`).
+
+The clean sources that judge and target the run (`evaluate.sets`, `coreset.target`) get
+manifests of their own, deps of the stage that reads them (`data/sources.evaluate.json`,
+`data/sources.coreset.json`): a fixed or extended benchmark file reruns that stage only.
+They are not append-only (correcting a benchmark is legitimate); the change shows in
+`dvc.lock` and the lineage like any other dep.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = Path("data") / "sources.json"
+CLEAN_MANIFESTS = {
+    "coreset": Path("data") / "sources.coreset.json",
+    "evaluate": Path("data") / "sources.evaluate.json",
+}
+ALL_MANIFESTS = (MANIFEST, *CLEAN_MANIFESTS.values())
 CACHE = Path(".otcurate") / "hash-cache.json"
 
 
@@ -54,26 +65,50 @@ def local_files(root: Path, hf: Mapping[str, Any]) -> list[Path]:
     return sorted(p for p in found if not any(part.startswith(".") for part in p.parts[-2:]))
 
 
-def build(root: Path, ingest: Mapping[str, Any], cache: dict[str, Any] | None = None) -> dict:
-    """The manifest for the `ingest` params section: the source's settings, and for a
-    local `hf` source its files (path relative to the root, size, sha256)."""
-    source = ingest.get("source", "shapes")
+def _key(root: Path, rel: str) -> str:
+    """A file's hash-cache key: its path, size and mtime (a rewrite changes the key)."""
+    st = (root / rel).stat()
+    return f"{rel}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def describe(root: Path, spec: Mapping[str, Any], cache: dict[str, Any]) -> dict:
+    """One source's manifest entry: its settings, and for a local `hf` source its files
+    (path relative to the root, size, sha256; hashes reused from ``cache``)."""
+    source = spec.get("source", "shapes")
     out: dict[str, Any] = {"source": source}
     if source != "hf":
         return out
-    hf = dict(ingest.get("hf") or {})
+    hf = dict(spec.get("hf") or {})
     out["hf"] = {k: hf.get(k) for k in ("path", "name", "data_dir", "data_files", "split")}
-    cache = cache if cache is not None else {}
     entries = []
     for p in local_files(root, hf):
-        st = p.stat()
         rel = os.path.relpath(p, root)
-        key = f"{rel}|{st.st_size}|{st.st_mtime_ns}"
+        key = _key(root, rel)
         digest = cache.get(key) or _sha256(p)
         cache[key] = digest
-        entries.append({"path": rel, "size": st.st_size, "sha256": digest})
+        entries.append({"path": rel, "size": int(key.rsplit("|", 2)[1]), "sha256": digest})
     out["files"] = entries
     return out
+
+
+def build(root: Path, ingest: Mapping[str, Any], cache: dict[str, Any] | None = None) -> dict:
+    """The manifest for the `ingest` params section (see `describe`)."""
+    return describe(root, ingest, cache if cache is not None else {})
+
+
+def build_clean(
+    root: Path, params: Mapping[str, Any], cache: dict[str, Any] | None = None
+) -> dict[Path, dict]:
+    """The clean sources' manifests, by path: `coreset.target` and each of `evaluate.sets`."""
+    cache = cache if cache is not None else {}
+    target = (params.get("coreset") or {}).get("target")
+    sets = (params.get("evaluate") or {}).get("sets") or []
+    return {
+        CLEAN_MANIFESTS["coreset"]: {"target": describe(root, target, cache) if target else None},
+        CLEAN_MANIFESTS["evaluate"]: {
+            "sets": [{"name": s.get("name"), **describe(root, s, cache)} for s in sets]
+        },
+    }
 
 
 def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -101,13 +136,26 @@ def scan(root: Path, ingest: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     return old, new, cache
 
 
-def sync(root: Path, ingest: Mapping[str, Any], *, allow_rewrite: bool = False) -> dict:
-    """Write `data/sources.json` for the current params when its content changed (atomic);
-    returns {"changed", "added", "rewritten", "files"}. Raises SourceChanged when a listed
-    file vanished or changed and ``allow_rewrite`` is false."""
+def _text(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def _replace(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp-sync")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) -> dict:
+    """Write the manifests for the current params (the whole params.yaml mapping) where
+    their content changed, each atomically: `data/sources.json` for ingest and the clean
+    sources' ones. Returns {"changed" (ingest's), "added", "rewritten", "files",
+    "clean_changed" (the stages whose clean-source manifest changed)}. Raises SourceChanged,
+    writing nothing, when a file the ingest source had vanished or changed and
+    ``allow_rewrite`` is false."""
     root = Path(root)
-    path, cache_path = root / MANIFEST, root / CACHE
-    old, new, cache = scan(root, ingest)
+    old, new, cache = scan(root, params.get("ingest") or {})
     added, broken = compare(old, new)
     if broken and not allow_rewrite:
         raise SourceChanged(
@@ -116,22 +164,27 @@ def sync(root: Path, ingest: Mapping[str, Any], *, allow_rewrite: bool = False) 
             "in new files; to accept the change (the old runs keep their md5s in MLflow), "
             "rerun with --allow-rewrite."
         )
-    text = json.dumps(new, indent=1, sort_keys=True) + "\n"
-    changed = not path.exists() or path.read_text() != text
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp-sync")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    live = {e["path"] for e in new.get("files", [])}
-    kept = {k: v for k, v in cache.items() if k.split("|", 1)[0] in live}
-    tmp = cache_path.with_name(cache_path.name + ".tmp-sync")
-    tmp.write_text(json.dumps(kept))
-    os.replace(tmp, cache_path)
+    clean = build_clean(root, params, cache)
+    written = []
+    for rel, manifest in ((MANIFEST, new), *clean.items()):
+        path, text = root / rel, _text(manifest)
+        if not path.exists() or path.read_text() != text:
+            _replace(path, text)
+            written.append(rel)
+    live = {_key(root, e["path"]) for m in (new, *clean.values()) for e in _files(m)}
+    _replace(root / CACHE, json.dumps({k: v for k, v in cache.items() if k in live}))
     return {
-        "changed": changed,
+        "changed": MANIFEST in written,
         "added": added,
         "rewritten": broken,
         "files": len(new.get("files", [])),
+        "clean_changed": [s for s, rel in CLEAN_MANIFESTS.items() if rel in written],
     }
+
+
+def _files(manifest: Mapping[str, Any]) -> list[dict]:
+    """Every file entry of a manifest (ingest's, or a clean one with target / sets)."""
+    if "files" in manifest:
+        return list(manifest["files"])
+    found = [manifest.get("target")] + list(manifest.get("sets") or [])
+    return [e for m in found if m for e in m.get("files", [])]

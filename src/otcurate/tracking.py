@@ -207,7 +207,9 @@ class Tracker:
                     self.parent_id,
                     tags=[RunTag(f"outcome.{k}", str(v)) for k, v in summary.items()],
                 )
-            for rel in ("dvc.lock", "params.yaml", "data/sources.json"):
+            from otcurate.sources import ALL_MANIFESTS
+
+            for rel in ("dvc.lock", "params.yaml", *map(str, ALL_MANIFESTS)):
                 if (self.root / rel).exists():  # the pipeline's state as this run left it
                     self.client.log_artifact(
                         self.parent_id, str(self.root / rel), artifact_path="lineage"

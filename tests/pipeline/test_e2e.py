@@ -79,6 +79,52 @@ def test_param_change_reruns_only_downstream(scratch):
     assert status.returncode == 0
 
 
+def _judges(folder: Path, shade: int = 0) -> None:
+    """A clean retrieval set: an imagefolder of 8 swatches with one caption each."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    lines = ["file_name,caption"]
+    for i in range(8):
+        Image.new("RGB", (32, 32), ((i * 31 + shade) % 256, 40 * (i % 4), 200 - 20 * i)).save(
+            folder / f"{i}.png"
+        )
+        lines.append(f"{i}.png,a swatch of colour {i}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_changed_clean_eval_set_reruns_only_evaluate(scratch):
+    root, _, _ = scratch
+    otc = str(BIN / "otcurate")
+    _judges(root / "judges")
+    spec = (
+        "evaluate.sets=[{name: judges, task: retrieval, source: hf, size: null, "
+        "hf: {path: imagefolder, data_dir: judges, caption_column: caption}}]"
+    )
+    first = sh(root, otc, "run", "--set", spec)
+    assert outcomes(first.stdout) == {**{s: "skipped" for s in STAGES[:7]}, "evaluate": "ran"}
+    listed = json.loads((root / "data" / "sources.evaluate.json").read_text())["sets"][0]
+    assert listed["name"] == "judges" and len(listed["files"]) == 9  # 8 images + metadata.csv
+    metrics = json.loads((root / "results" / "evaluate" / "metrics.json").read_text())
+    assert "finetune_judges_i2t_r1" in metrics
+    assert outcomes(sh(root, otc, "run").stdout) == {s: "skipped" for s in STAGES}
+
+    _judges(root / "judges", shade=100)  # the benchmark's images corrected in place
+    status = sh(root, otc, "status").stdout
+    assert "evaluate's clean source changed since data/sources.evaluate.json" in status
+    again = sh(root, otc, "run")
+    assert outcomes(again.stdout) == {**{s: "skipped" for s in STAGES[:7]}, "evaluate": "ran"}
+    relisted = json.loads((root / "data" / "sources.evaluate.json").read_text())["sets"][0]
+    assert relisted["files"] != listed["files"]
+    stages_lock = lock(root)
+    assert any(d["path"] == "data/sources.evaluate.json" for d in stages_lock["evaluate"]["deps"])
+
+    back = sh(root, otc, "run", "--set", "evaluate.sets=[]")
+    # the same deps as the first run's evaluate: DVC's run-cache brings its outputs back
+    assert outcomes(back.stdout) == {**{s: "skipped" for s in STAGES[:7]}, "evaluate": "restored"}
+    assert json.loads((root / "data" / "sources.evaluate.json").read_text()) == {"sets": []}
+
+
 def test_failing_stage_keeps_last_good_outputs_and_lineage(scratch):
     root, _, _ = scratch
     before_lock = (root / "dvc.lock").read_text()

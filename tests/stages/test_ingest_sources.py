@@ -143,6 +143,19 @@ def test_each_local_format_ingests_every_pair(tmp_path, make):
         assert all(s == 8 for s in sizes[:-1]) and 0 < sizes[-1] <= 8
 
 
+@pytest.mark.parametrize("make", [make_parquet, make_webdataset, make_imagefolder])
+def test_streaming_reads_the_same_pairs_as_a_download(tmp_path, make):
+    """ingest.hf.streaming goes through datasets' IterableDataset (what a hub name uses
+    online); on a local source it must give exactly the shards a plain load gives."""
+    hf = make(tmp_path / "src")
+    code, plain, _ = _ingest(tmp_path / "plain", hf, shard_size=8)
+    assert code == 0
+    code, streamed, _ = _ingest(tmp_path / "streamed", {**hf, "streaming": True}, shard_size=8)
+    assert code == 0
+    assert _rows(streamed).equals(_rows(plain))
+    assert _metrics(streamed)["pairs"] == N
+
+
 def test_wrong_column_names_say_which_columns_exist(tmp_path, capsys):
     hf = make_csv(tmp_path / "src")
     code, _, _ = _ingest(tmp_path, {**hf, "caption_column": "caption"})
