@@ -10,8 +10,8 @@
 - embed: `otcurate.data.embed_work.embed_shards` (the embed stage's code path) on ingest
   shards, with the default tiny model and with ViT-B-32 (random weights), 0 vs 2 DataLoader
   workers.
-- pipeline: every stage in order on the shapes source at --pipeline-sizes (the repo's params,
-  coreset.fraction 0.1): seconds and peak RSS per stage.
+- pipeline: every stage in order on the shapes source at --pipeline-sizes (the repo's params;
+  --coreset-fraction overrides coreset.fraction): seconds and peak RSS per stage.
 - detect, coreset: the library on planted embeddings of the tiny model's width at each size
   (detect.method ot with its default minibatches; coreset goracs choosing 1% of n), seconds and
   the fitted exponent of seconds ~ n^a.
@@ -157,14 +157,15 @@ STAGES = {  # the dvc.yaml layout, in order
 
 def bench_pipeline(args, work: Path, rows: list) -> None:
     """Every stage in order (as dvc repro runs them) on the shapes source of each size, with
-    the repo's params except coreset.fraction (--coreset-fraction); seconds and peak RSS."""
+    the repo's params (coreset.fraction from --coreset-fraction when given); seconds and peak RSS."""
     for n in args.pipeline_sizes:
         root = work / f"pipeline-{n}"
         root.mkdir()
         params = params_file(root, n, args.shard_size)
         y = yaml.safe_load(params.read_text())
-        y["coreset"]["fraction"] = args.coreset_fraction
-        params.write_text(yaml.safe_dump(y))
+        if args.coreset_fraction is not None:
+            y["coreset"]["fraction"] = args.coreset_fraction
+            params.write_text(yaml.safe_dump(y))
         total = 0.0
         for stage, paths in STAGES.items():
             cmd = [sys.executable, "-m", f"stages.{stage}", "--params", str(params)]
@@ -244,7 +245,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--merge", action="store_true", help="keep other rows of data.json")
     ap.add_argument("--pipeline-sizes", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--coreset-fraction", type=float, default=0.1)
+    ap.add_argument("--coreset-fraction", type=float, default=None, help="default: params.yaml's")
     ap.add_argument(
         "--skip", nargs="*", default=[], choices=["ingest", "embed", "scaling", "pipeline"]
     )

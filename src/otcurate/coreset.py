@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from otcurate.progress import track
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -366,7 +368,10 @@ def goracs(
 
     chosen_all, obj_greedy, obj_refined, sizes = [], 0.0, 0.0, {}
     swaps = evals = 0
-    for g, kg in zip(ids, per_group, strict=True):
+    groups_done = track(
+        zip(ids, per_group, strict=True), total=len(ids), description="goracs (per group)"
+    )
+    for g, kg in groups_done:
         if kg == 0:
             continue
         rows = np.flatnonzero(cand_g == g)

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from otcurate.io import write_text
+
 MANIFEST = Path("data") / "sources.json"
 CLEAN_MANIFESTS = {
     "coreset": Path("data") / "sources.coreset.json",
@@ -140,13 +142,6 @@ def _text(manifest: Mapping[str, Any]) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
 
 
-def _replace(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp-sync")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) -> dict:
     """Write the manifests for the current params (the whole params.yaml mapping) where
     their content changed, each atomically: `data/sources.json` for ingest and the clean
@@ -169,10 +164,10 @@ def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) 
     for rel, manifest in ((MANIFEST, new), *clean.items()):
         path, text = root / rel, _text(manifest)
         if not path.exists() or path.read_text() != text:
-            _replace(path, text)
+            write_text(path, text)
             written.append(rel)
     live = {_key(root, e["path"]) for m in (new, *clean.values()) for e in _files(m)}
-    _replace(root / CACHE, json.dumps({k: v for k, v in cache.items() if k in live}))
+    write_text(root / CACHE, json.dumps({k: v for k, v in cache.items() if k in live}))
     return {
         "changed": MANIFEST in written,
         "added": added,
