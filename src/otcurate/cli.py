@@ -208,8 +208,7 @@ def _source_news(root: Path) -> str:
             "`otcurate run` reruns from ingest."
         )
     for stage, rel in sources.CLEAN_MANIFESTS.items():
-        path = root / rel
-        if not path.exists() or json.loads(path.read_text()) != clean[rel]:
+        if sources.stale(root, rel, clean[rel]):
             lines.append(
                 f"{stage}'s clean source changed since {rel}. `otcurate run` reruns {stage}."
             )

@@ -274,9 +274,7 @@ class Coreset:
     grouped: bool = True  # split the budget by the target's classes (or text clusters)
     groups: int = 10  # k-means clusters of the text embeddings when there are no labels
     target_max: int = 2000  # subsample the target (val) to at most this many pairs
-    candidate_max: int = (
-        20000  # pre-cluster a larger pool into max(this, 2 x budget) representatives
-    )
+    candidate_max: int = 20000  # pre-cluster larger pools into max(this, 2 x budget)
     grad_batch_size: int = 256  # batches for the per-pair gradient norms
 
     def method_kwargs(self) -> dict[str, Any]:

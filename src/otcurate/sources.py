@@ -23,11 +23,10 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
-
-from otcurate.io import write_text
 
 MANIFEST = Path("data") / "sources.json"
 CLEAN_MANIFESTS = {
@@ -67,13 +66,7 @@ def local_files(root: Path, hf: Mapping[str, Any]) -> list[Path]:
     return sorted(p for p in found if not any(part.startswith(".") for part in p.parts[-2:]))
 
 
-def _key(root: Path, rel: str) -> str:
-    """A file's hash-cache key: its path, size and mtime (a rewrite changes the key)."""
-    st = (root / rel).stat()
-    return f"{rel}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def describe(root: Path, spec: Mapping[str, Any], cache: dict[str, Any]) -> dict:
+def describe(root: Path, spec: Mapping[str, Any], cache: MutableMapping[str, str]) -> dict:
     """One source's manifest entry: its settings, and for a local `hf` source its files
     (path relative to the root, size, sha256; hashes reused from ``cache``)."""
     source = spec.get("source", "shapes")
@@ -84,22 +77,25 @@ def describe(root: Path, spec: Mapping[str, Any], cache: dict[str, Any]) -> dict
     out["hf"] = {k: hf.get(k) for k in ("path", "name", "data_dir", "data_files", "split")}
     entries = []
     for p in local_files(root, hf):
+        st = p.stat()
         rel = os.path.relpath(p, root)
-        key = _key(root, rel)
+        key = f"{rel}|{st.st_size}|{st.st_mtime_ns}"  # a rewrite changes the key
         digest = cache.get(key) or _sha256(p)
         cache[key] = digest
-        entries.append({"path": rel, "size": int(key.rsplit("|", 2)[1]), "sha256": digest})
+        entries.append({"path": rel, "size": st.st_size, "sha256": digest})
     out["files"] = entries
     return out
 
 
-def build(root: Path, ingest: Mapping[str, Any], cache: dict[str, Any] | None = None) -> dict:
+def build(
+    root: Path, ingest: Mapping[str, Any], cache: MutableMapping[str, str] | None = None
+) -> dict:
     """The manifest for the `ingest` params section (see `describe`)."""
     return describe(root, ingest, cache if cache is not None else {})
 
 
 def build_clean(
-    root: Path, params: Mapping[str, Any], cache: dict[str, Any] | None = None
+    root: Path, params: Mapping[str, Any], cache: MutableMapping[str, str] | None = None
 ) -> dict[Path, dict]:
     """The clean sources' manifests, by path: `coreset.target` and each of `evaluate.sets`."""
     cache = cache if cache is not None else {}
@@ -124,18 +120,28 @@ def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], 
     return added, broken
 
 
-def scan(root: Path, ingest: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+def scan(root: Path, ingest: Mapping[str, Any]) -> tuple[dict, dict, ChainMap]:
     """(manifest on disk or {}, manifest of the source now, hash cache) without writing
-    anything; hashes come from `.otcurate/hash-cache.json` where size and mtime match."""
+    anything; hashes come from `.otcurate/hash-cache.json` where size and mtime match.
+    The cache is a ChainMap over the file's entries: every key a scan (or a later
+    `build_clean` given the same cache) looks up lands in its first map, which is what
+    `sync` keeps."""
     root = Path(root)
     try:
-        cache = json.loads((root / CACHE).read_text())
+        known = json.loads((root / CACHE).read_text())
     except (OSError, ValueError):
-        cache = {}
+        known = {}
+    cache = ChainMap({}, known)
     new = build(root, ingest, cache)
     path = root / MANIFEST
     old = json.loads(path.read_text()) if path.exists() else {}
     return old, new, cache
+
+
+def stale(root: Path, rel: Path, manifest: Mapping[str, Any]) -> bool:
+    """Whether the manifest file ``rel`` is missing or differs from ``manifest``."""
+    path = root / rel
+    return not path.exists() or path.read_text() != _text(manifest)
 
 
 def _text(manifest: Mapping[str, Any]) -> str:
@@ -149,6 +155,8 @@ def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) 
     "clean_changed" (the stages whose clean-source manifest changed)}. Raises SourceChanged,
     writing nothing, when a file the ingest source had vanished or changed and
     ``allow_rewrite`` is false."""
+    from otcurate.io import write_text  # here, not at import: status and the flow stay light
+
     root = Path(root)
     old, new, cache = scan(root, params.get("ingest") or {})
     added, broken = compare(old, new)
@@ -160,14 +168,10 @@ def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) 
             "rerun with --allow-rewrite."
         )
     clean = build_clean(root, params, cache)
-    written = []
-    for rel, manifest in ((MANIFEST, new), *clean.items()):
-        path, text = root / rel, _text(manifest)
-        if not path.exists() or path.read_text() != text:
-            write_text(path, text)
-            written.append(rel)
-    live = {_key(root, e["path"]) for m in (new, *clean.values()) for e in _files(m)}
-    write_text(root / CACHE, json.dumps({k: v for k, v in cache.items() if k in live}))
+    written = [rel for rel, m in ((MANIFEST, new), *clean.items()) if stale(root, rel, m)]
+    for rel in written:
+        write_text(root / rel, _text(new if rel == MANIFEST else clean[rel]))
+    write_text(root / CACHE, json.dumps(cache.maps[0]))  # the live files' entries only
     return {
         "changed": MANIFEST in written,
         "added": added,
@@ -175,11 +179,3 @@ def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) 
         "files": len(new.get("files", [])),
         "clean_changed": [s for s, rel in CLEAN_MANIFESTS.items() if rel in written],
     }
-
-
-def _files(manifest: Mapping[str, Any]) -> list[dict]:
-    """Every file entry of a manifest (ingest's, or a clean one with target / sets)."""
-    if "files" in manifest:
-        return list(manifest["files"])
-    found = [manifest.get("target")] + list(manifest.get("sets") or [])
-    return [e for m in found if m for e in m.get("files", [])]

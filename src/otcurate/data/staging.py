@@ -27,17 +27,9 @@ from otcurate.data.records import SCHEMA
 from otcurate.io import write_json, write_parquet
 
 STATE = "state.json"
-CHUNK_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("split", pa.string()),
-        ("image", pa.binary()),
-        ("caption", pa.string()),
-        ("label", pa.int32()),
-        ("pair_hash", pa.int64()),
-        ("image_hash", pa.int64()),
-        ("caption_hash", pa.int64()),
-    ]
+CHUNK_SCHEMA = pa.schema(  # the record columns of a shard, then the exact-duplicate hashes
+    [SCHEMA.field(name) for name in ("uid", "split", "image", "caption", "label")]
+    + [pa.field(name, pa.int64()) for name in ("pair_hash", "image_hash", "caption_hash")]
 )
 
 
