@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from otcurate import faults
+
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -65,11 +67,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    faults.point(f"commit:{path}")
     old = path.with_name(f"{path.name}{_OLD_MARK}{uuid.uuid4().hex[:8]}")
     if path.exists() or path.is_symlink():
         os.replace(path, old)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    faults.point(f"committed:{path}")
     if old.exists() or old.is_symlink():
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from open_clip import ClipLoss
 
+from otcurate import faults
 from otcurate.models import clamp_logit_scale
 from otcurate.parallel import average_gradients, shard_map
 from otcurate.progress import track
@@ -117,6 +118,7 @@ def _loop(
         losses.append(loss.item())
         if log is not None:
             log("loss", losses[-1], step)
+        faults.point(f"{description}:step:{step + 1}")
     model.eval()
     return TrainResult(losses, lrs)
 

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from otcurate_support import BIN, make_scratch, scratch_env, sh
 
+from otcurate import faults
+
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
 pytestmark = pytest.mark.e2e
 
@@ -314,39 +316,54 @@ def test_outputs_travel_through_a_dvc_remote(scratch, tmp_path):
     assert json.loads(sh(clone, dvc, "status", "--json").stdout or "{}") == {}
 
 
-def _find_pid(pattern: str, timeout: float = 240.0) -> int:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        ps = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-        if ps:
-            return int(ps[0])
-        time.sleep(0.2)
-    raise AssertionError(f"no process matching {pattern!r} appeared")
+KILLS = [  # (stage, crash point, the stage's outputs already in place when it is killed)
+    ("ingest", "staging:chunk:2", set()),  # resumable shards: 2 of 4 chunks staged
+    ("pretrain", "pretrain:step:3", set()),  # a training stage, mid-training
+    ("pretrain", "commit:models/pretrain", set()),  # the model written whole, not yet renamed
+    ("detect", "committed:data/detect", {"data/detect"}),  # several outputs: one of two in place
+]
 
 
-@pytest.mark.parametrize("stage", ["pretrain"])
-def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage):
-    """`dvc repro` alone, killed (SIGKILL, whole process group) during a stage, then run again."""
-    root_a, _, reference = scratch
+@pytest.mark.parametrize(("stage", "point", "in_place"), KILLS, ids=[k[1] for k in KILLS])
+def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage, point, in_place):
+    """`dvc repro` killed (SIGKILL, whole process group) while a stage stands at a named crash
+    point (otcurate.faults), then run again: the stage is not locked, its outputs are whole or
+    absent, and the rerun gives the reference bytes and leaves no temporaries."""
+    _, _, reference = scratch
     root = make_scratch(tmp_path / "repo")
+    ready = tmp_path / "stopped.pid"
+    env = {**scratch_env(tmp_path), faults.STOP_AT: point, faults.STOP_READY: str(ready)}
     proc = subprocess.Popen(
-        [str(BIN / "dvc"), "repro"],
+        [str(BIN / "dvc"), "repro", stage],
         cwd=root,
-        env=scratch_env(tmp_path),
+        env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _find_pid(f"stages.{stage} --data")
-    time.sleep(4.0)  # inside the stage: importing, loading or training
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 600
+        while not ready.exists():  # the stage writes it when it reaches the point
+            assert proc.poll() is None, f"dvc repro exited {proc.returncode} before {point}"
+            assert time.monotonic() < deadline, f"{point} not reached in 600 s"
+            time.sleep(0.1)
+        stopped = int(ready.read_text())
+        assert os.getpgid(stopped) == proc.pid  # the stage itself, in dvc's process group
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    upstream = STAGES[: STAGES.index(stage) + 1]
     locked = lock(root) if (root / "dvc.lock").exists() else {}
     assert stage not in locked  # it never completed
-    assert not (
-        root / "models" / stage / "model.safetensors"
-    ).exists()  # and left no partial output
-    sh(root, str(BIN / "dvc"), "repro")
+    assert set(locked) == set(upstream[:-1])  # the stages before it did, and stay locked
+    outs = [p for p in reference if p.startswith(("data/", "models/", "results/"))]
+    mine = {p for p in outs if p.split("/")[1] == stage}
+    assert {p for p in mine if (root / p).exists()} == in_place  # whole or absent, never partial
+    again = sh(root, str(BIN / "dvc"), "repro", stage)
+    if point.startswith("staging:"):  # ingest kept its finished chunks and read on after them
+        assert "resuming after 256 source records (2 finished shards" in again.stderr
     got = outs_md5(root)
-    assert got == reference
-    assert not list(root.glob("**/*.tmp-*"))
+    assert got == {p: reference[p] for p in got}
+    assert set(lock(root)) == set(upstream)
+    assert not list(root.glob("**/*.tmp-*")) and not list(root.glob("data/*.partial"))

@@ -19,6 +19,7 @@ import pytest
 from otcurate_support import ROOT, TinyRun, write_params
 from PIL import Image
 
+from otcurate import faults
 from otcurate.data import builtin
 
 
@@ -263,15 +264,21 @@ def test_sigkill_mid_ingest_then_rerun_keeps_finished_shards(tmp_path):
     cmd = [sys.executable, "-m", "stages.ingest", "--params", str(params)]
     cmd += ["--out", str(tmp_path / "ingest"), "--results", str(tmp_path / "res")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    ready = tmp_path / "stopped.pid"
+    stop = {faults.STOP_AT: "staging:chunk:3", faults.STOP_READY: str(ready)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, **stop}, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():  # written when the third chunk is finished
+            assert proc.poll() is None, f"ingest exited {proc.returncode} before its third chunk"
+            assert time.monotonic() < deadline, "ingest did not finish 3 chunks in 300 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     staging = tmp_path / "ingest.partial"
-    deadline = time.time() + 300
-    while len(list(staging.glob("chunk-*.parquet"))) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     finished = json.loads((staging / "state.json").read_text())["counts"]
-    assert finished["consumed"] >= 3 * 256 and not (tmp_path / "ingest").exists()
+    assert finished["consumed"] == 3 * 256 and not (tmp_path / "ingest").exists()
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert f"resuming after {finished['consumed']} source records" in again.stderr

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from otcurate import faults
 from otcurate.data.records import SCHEMA
 from otcurate.io import write_json, write_parquet
 
@@ -128,6 +129,7 @@ class Stager:
         write_json(
             self.dir / STATE, {"fingerprint": self.fingerprint, "counts": self.counts.__dict__}
         )
+        faults.point(f"staging:chunk:{len(self.counts.chunks)}")
 
     def rejects(self) -> Iterable[str]:
         for name in self.counts.chunks:
