@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from results_io import write_results  # noqa: E402
 
+from otcurate_app import wiring  # noqa: E402
+
 
 def row(case: str, n: int, metric: str, value: float) -> dict:
     return {"bench": "data", "case": case, "n": n, "metric": metric, "value": float(value)}
@@ -136,25 +138,6 @@ def bench_embed(args, data: Path, rows: list) -> None:
             print(f"embed {arch} workers={workers}: {n} pairs, {n / sec:.0f} pairs/s", flush=True)
 
 
-STAGES = {  # the dvc.yaml layout, in order
-    "ingest": {"out": "data/ingest", "results": "results/ingest"},
-    "pretrain": {"data": "data/ingest", "out": "models/pretrain", "results": "results/pretrain"},
-    "embed": {"data": "data/ingest", "model": "models/pretrain", "out": "data/embed"},
-    "detect": {"embed": "data/embed", "data": "data/ingest", "model": "models/pretrain",
-               "out": "data/detect", "results": "results/detect"},
-    "coreset": {"embed": "data/embed", "detect": "data/detect", "data": "data/ingest",
-                "model": "models/pretrain", "out": "data/coreset", "results": "results/coreset"},
-    "distill": {"data": "data/ingest", "embed": "data/embed", "detect": "data/detect",
-                "coreset": "data/coreset", "model": "models/pretrain", "out": "data/distill",
-                "results": "results/distill"},
-    "finetune": {"model": "models/pretrain", "data": "data/ingest", "coreset": "data/coreset",
-                 "detect": "data/detect", "distill": "data/distill", "out": "models/finetune",
-                 "results": "results/finetune"},
-    "evaluate": {"data": "data/ingest", "base": "models/pretrain", "finetuned": "models/finetune",
-                 "detect": "data/detect", "results": "results/evaluate"},
-}  # fmt: skip
-
-
 def bench_pipeline(args, work: Path, rows: list) -> None:
     """Every stage in order (as dvc repro runs them) on the shapes source of each size, with
     the repo's params (coreset.fraction from --coreset-fraction when given); seconds and peak RSS."""
@@ -167,10 +150,8 @@ def bench_pipeline(args, work: Path, rows: list) -> None:
             y["coreset"]["fraction"] = args.coreset_fraction
             params.write_text(yaml.safe_dump(y))
         total = 0.0
-        for stage, paths in STAGES.items():
-            cmd = [sys.executable, "-m", f"stages.{stage}", "--params", str(params)]
-            for k, v in paths.items():
-                cmd += [f"--{k}", str(root / v)]
+        for stage in wiring.stages(ROOT).values():  # in order, as dvc repro runs them
+            cmd = [sys.executable, "-m", stage.module, "--params", str(params), *stage.argv(root)]
             t0 = time.perf_counter()
             out = subprocess.run(
                 [sys.executable, "-c", _PROBE, json.dumps(cmd)],
@@ -178,14 +159,14 @@ def bench_pipeline(args, work: Path, rows: list) -> None:
             )  # fmt: skip
             sec = time.perf_counter() - t0
             if out.returncode != 0:
-                raise SystemExit(f"{stage} failed at n={n}:\n{out.stderr[-3000:]}")
+                raise SystemExit(f"{stage.name} failed at n={n}:\n{out.stderr[-3000:]}")
             rss = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] / 1024
             total += sec
             rows += [
-                row(f"pipeline/{stage}", n, "seconds", sec),
-                row(f"pipeline/{stage}", n, "peak_rss_mb", rss),
+                row(f"pipeline/{stage.name}", n, "seconds", sec),
+                row(f"pipeline/{stage.name}", n, "peak_rss_mb", rss),
             ]
-            print(f"pipeline {n} {stage}: {sec:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+            print(f"pipeline {n} {stage.name}: {sec:.1f} s, peak RSS {rss:.0f} MB", flush=True)
         rows.append(row("pipeline/total", n, "seconds", total))
         m = json.loads((root / "results/evaluate/metrics.json").read_text())
         for k in ("base_zs_acc", "finetune_zs_acc", "base_i2t_r1", "finetune_i2t_r1"):

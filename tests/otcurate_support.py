@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from otcurate_app import wiring
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: otcurate, dvc, prefect
 sys.path.insert(0, str(ROOT))
@@ -84,51 +86,8 @@ class TinyRun:
         return mod.main(self.args(stage, params, **paths))
 
 
-STAGE_PATHS = {
-    "ingest": {"out": "data/ingest", "results": "results/ingest"},
-    "pretrain": {"data": "data/ingest", "out": "models/pretrain", "results": "results/pretrain"},
-    "embed": {"data": "data/ingest", "model": "models/pretrain", "out": "data/embed"},
-    "detect": {
-        "embed": "data/embed",
-        "data": "data/ingest",
-        "model": "models/pretrain",
-        "out": "data/detect",
-        "results": "results/detect",
-    },
-    "coreset": {
-        "embed": "data/embed",
-        "detect": "data/detect",
-        "data": "data/ingest",
-        "model": "models/pretrain",
-        "out": "data/coreset",
-        "results": "results/coreset",
-    },
-    "distill": {
-        "data": "data/ingest",
-        "embed": "data/embed",
-        "detect": "data/detect",
-        "coreset": "data/coreset",
-        "model": "models/pretrain",
-        "out": "data/distill",
-        "results": "results/distill",
-    },
-    "finetune": {
-        "model": "models/pretrain",
-        "data": "data/ingest",
-        "coreset": "data/coreset",
-        "detect": "data/detect",
-        "distill": "data/distill",
-        "out": "models/finetune",
-        "results": "results/finetune",
-    },
-    "evaluate": {
-        "data": "data/ingest",
-        "base": "models/pretrain",
-        "finetuned": "models/finetune",
-        "detect": "data/detect",
-        "results": "results/evaluate",
-    },
-}
+WIRING = wiring.stages(ROOT)  # dvc.yaml's stages, their paths, deps and outs
+STAGE_PATHS = {name: dict(stage.paths) for name, stage in WIRING.items()}
 
 
 def scratch_env(tmp: Path) -> dict[str, str]:
