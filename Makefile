@@ -10,7 +10,7 @@ STAMP := $(VENV)/.otcurate-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	$(PY) -c "import otcurate, open_clip, ot, prefect, dvc, mlflow, distributed, pytest"
+	$(PY) -c "import otcurate, otcurate_pipeline, open_clip, ot, prefect, dvc, mlflow, distributed, pytest"
 	touch $(STAMP)
 
 run: $(STAMP)

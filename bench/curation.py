@@ -40,8 +40,6 @@ METRICS = ("zs_acc", "i2t_r1", "t2i_r1")
 
 
 def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from otcurate.data.shards import read_split
 
@@ -90,12 +88,11 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     evaluate("base", "-", "base", "base")
 
     def write_subset(name: str, uids: list[str]) -> str:
-        (ws.root / name).mkdir(parents=True, exist_ok=True)
-        n = len(uids)
-        table = pa.table(
-            {"uid": pa.array(uids, pa.string()), "weight": [1.0] * n, "score": [0.0] * n}
-        )
-        pq.write_table(table, ws.root / name / "subset.parquet")
+        from otcurate.io import atomic_dir
+        from otcurate_pipeline import artifacts
+
+        with atomic_dir(ws.root / name) as out:
+            artifacts.write_subset(out, uids, [1.0] * len(uids), [0.0] * len(uids))
         return name
 
     def finetune(coreset: str, distill: str, out: str) -> None:

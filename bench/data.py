@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from results_io import write_results  # noqa: E402
 
-from otcurate_app import wiring  # noqa: E402
+from otcurate_pipeline import layout  # noqa: E402
 
 
 def row(case: str, n: int, metric: str, value: float) -> dict:
@@ -48,7 +48,7 @@ def row(case: str, n: int, metric: str, value: float) -> dict:
 
 
 def params_file(folder: Path, n: int, shard_size: int) -> Path:
-    from otcurate.params import parse_yaml
+    from otcurate_pipeline.params import parse_yaml
 
     p = parse_yaml((ROOT / "params.yaml").read_text())
     p["ingest"].update({"source": "shapes", "size": n, "shard_size": shard_size})
@@ -150,7 +150,7 @@ def bench_pipeline(args, work: Path, rows: list) -> None:
             y["coreset"]["fraction"] = args.coreset_fraction
             params.write_text(yaml.safe_dump(y))
         total = 0.0
-        for stage in wiring.stages(ROOT).values():  # in order, as dvc repro runs them
+        for stage in layout.stages(ROOT).values():  # in order, as dvc repro runs them
             cmd = [sys.executable, "-m", stage.module, "--params", str(params), *stage.argv(root)]
             t0 = time.perf_counter()
             out = subprocess.run(

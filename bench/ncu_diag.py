@@ -35,12 +35,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
     from otcurate import models, ncu
     from otcurate.data.shards import read_classes, read_split
     from otcurate.runtime import make_reproducible
+    from otcurate_pipeline import artifacts
     from stages.evaluate import _model_metrics
 
     w = args.work
@@ -48,10 +48,7 @@ def main() -> None:
     train = read_split(w / "ingest", "train", columns=["uid", "image", "caption"])
     test = read_split(w / "ingest", "test", columns=["image", "caption", "label"])
     info = read_classes(w / "ingest")
-    det = pq.read_table(w / args.detect / "scores.parquet", columns=["uid", "noisy"])
-    if det["uid"].to_pylist() != train["uid"].to_pylist():
-        raise SystemExit(f"{w / args.detect} does not match {w / 'ingest'}")
-    noisy = np.asarray(det["noisy"].to_pylist(), dtype=bool)
+    noisy = artifacts.read_scores(w / args.detect, train["uid"].to_pylist()).noisy
     base = models.load(w / "base")
     images, tokens = models.pairs_to_tensors(
         train["image"].to_pylist(), train["caption"].to_pylist(), base

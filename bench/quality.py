@@ -48,7 +48,7 @@ class Workspace:
     def __init__(self, root: Path, overrides: dict):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        from otcurate.params import parse_yaml
+        from otcurate_pipeline.params import parse_yaml
 
         self.params = merge(parse_yaml((ROOT / "params.yaml").read_text()), overrides)
 

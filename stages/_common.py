@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from otcurate.params import ParamsError, load, parse_yaml
+from otcurate_pipeline.artifacts import Mismatch
+from otcurate_pipeline.params import ParamsError, load, parse_yaml
 
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -58,7 +59,7 @@ def run(name: str, body: Callable[[argparse.Namespace], None], args: argparse.Na
     """Run a stage body and map its failure to an exit code with a one-line reason."""
     try:
         body(args)
-    except (ParamsError, StageError) as exc:
+    except (ParamsError, StageError, Mismatch) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FileNotFoundError as exc:

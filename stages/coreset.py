@@ -7,22 +7,21 @@ only), or the clean source named in `coreset.target`. Writes `<out>/subset.parqu
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from otcurate import coreset as cs
-from otcurate.data.shards import read_embeddings, read_split
-from otcurate.io import atomic_dir, write_json, write_parquet
+from otcurate.data.shards import read_split
+from otcurate.io import atomic_dir, write_json
 from otcurate.runtime import make_reproducible
+from otcurate_pipeline import artifacts
 from stages._common import StageError, model_logit_scale, parser, read_params, run
 
 
 def _labels(data_dir: str, split: str, uids: list[str]) -> np.ndarray:
     t = read_split(data_dir, split, columns=["uid", "label"])
-    if t["uid"].to_pylist() != uids:
-        raise StageError(f"{data_dir} ({split}) does not match the embeddings; rerun embed.")
+    artifacts.check_uids(Path(data_dir), uids, t["uid"].to_pylist(), data_dir, "embed")
     return np.asarray(t["label"].to_pylist(), dtype=np.int64)
 
 
@@ -57,14 +56,9 @@ def _named_target(spec, args, base):
 def coreset(args) -> None:
     base, p = read_params(args.params, "coreset")
     make_reproducible(base.seed, base.threads)
-    uids, image, text = read_embeddings(args.embed, "train")
-    det = pq.read_table(f"{args.detect}/scores.parquet")
-    if det["uid"].to_pylist() != uids:
-        raise StageError(
-            f"{args.detect} does not match {args.embed} (different train uids); rerun detect."
-        )
-    scores = np.asarray(det["score"].to_pylist(), dtype=np.float64)
-    flagged = np.asarray(det["noisy"].to_pylist(), dtype=bool)
+    uids, image, text = artifacts.read_embeddings(args.embed, "train")
+    det = artifacts.read_scores(args.detect, uids, against=args.embed)
+    scores, flagged = det.score, det.noisy
     candidates = np.flatnonzero(~flagged) if p.exclude_flagged else np.arange(len(uids))
     try:
         k = cs.budget(len(uids), len(candidates), fraction=p.fraction, size=p.size)
@@ -76,7 +70,7 @@ def coreset(args) -> None:
             v_image, v_text, v_labels = _named_target(p.target, args, base)
         else:
             try:
-                v_uids, v_image, v_text = read_embeddings(args.embed, "val")
+                v_uids, v_image, v_text = artifacts.read_embeddings(args.embed, "val")
             except FileNotFoundError:
                 v_uids, v_image, v_text = [], None, None
             if not v_uids:
@@ -99,16 +93,7 @@ def coreset(args) -> None:
         raise StageError(str(exc)) from exc
     u = np.asarray(uids, dtype=object)
     with atomic_dir(args.out) as out:
-        write_parquet(
-            out / "subset.parquet",
-            pa.table(
-                {
-                    "uid": pa.array(u[sel.indices].tolist(), pa.string()),
-                    "weight": pa.array(sel.weights, pa.float64()),
-                    "score": pa.array(sel.scores, pa.float64()),
-                }
-            ),
-        )
+        artifacts.write_subset(out, u[sel.indices].tolist(), sel.weights, sel.scores)
     metrics = {
         "size": len(sel.indices),
         "candidates": len(candidates),

@@ -10,26 +10,23 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import pyarrow as pa
-from safetensors.torch import save_file
 
 from otcurate import detect as det
-from otcurate.data.shards import read_embeddings, read_split
+from otcurate.data.shards import read_split
 from otcurate.evaluate import plot_score_hist
-from otcurate.io import atomic_dir, write_json, write_parquet, write_tsv
+from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate.runtime import make_reproducible
-from stages._common import StageError, model_logit_scale, parser, read_params, run
+from otcurate_pipeline import artifacts
+from stages._common import model_logit_scale, parser, read_params, run
 
 
 def detect(args) -> None:
     base, p = read_params(args.params, "detect")
     make_reproducible(base.seed, base.threads)
-    uids, image, text = read_embeddings(args.embed, "train")
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
-    if truth_t["uid"].to_pylist() != uids:
-        raise StageError(
-            f"{args.embed} does not match {args.data} (different train uids); rerun embed (dvc repro embed)."
-        )
+    uids, image, text = artifacts.read_embeddings(
+        args.embed, "train", truth_t["uid"].to_pylist(), against=args.data
+    )
     truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
     kwargs = p.method_kwargs()
     if "logit_scale" not in kwargs:
@@ -61,19 +58,8 @@ def detect(args) -> None:
     else:
         metrics["est_noise_rate"] = float(result.noisy.mean())
     with atomic_dir(args.out) as out:
-        write_parquet(
-            out / "scores.parquet",
-            pa.table(
-                {
-                    "uid": pa.array(uids, pa.string()),
-                    "score": pa.array(result.scores, pa.float64()),
-                    "noisy": pa.array(result.noisy, pa.bool_()),
-                }
-            ),
-        )
-        write_json(out / "detector.json", meta)
-        if tensors:
-            save_file(tensors, str(out / "detector.safetensors"))
+        artifacts.write_scores(out, uids, result.scores, result.noisy)
+        artifacts.write_detector(out, meta, tensors)
     with atomic_dir(args.results) as res:
         (res / "plots").mkdir()
         plot_score_hist(

@@ -13,14 +13,12 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from otcurate import distill as dist
 from otcurate.data.builtin import png_bytes
 from otcurate.data.records import SCHEMA
 from otcurate.data.shards import (
     read_classes,
-    read_embeddings,
     read_selected,
     read_split,
     write_classes,
@@ -28,7 +26,8 @@ from otcurate.data.shards import (
 )
 from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate.runtime import make_reproducible, resolve_device
-from stages._common import StageError, live_logger, parser, read_params, run
+from otcurate_pipeline import artifacts
+from stages._common import live_logger, parser, read_params, run
 
 
 def distill(args) -> None:
@@ -37,22 +36,21 @@ def distill(args) -> None:
     wmdd = p.method == "wmdd" and p.ipc > 0
     # random_real needs the images of the picked pairs only (read after picking)
     train = read_split(args.data, "train", columns=None if wmdd else ["uid", "label"])
-    subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
-    flagged = pq.read_table(f"{args.detect}/scores.parquet", columns=["uid", "noisy"])
+    subset = artifacts.read_subset(args.coreset)
+    train_uids = train["uid"].to_pylist()
+    flagged = artifacts.read_scores(args.detect, train_uids, against=args.data)
     info = read_classes(args.data)
-    if flagged["uid"].to_pylist() != train["uid"].to_pylist():
-        raise StageError(f"{args.detect} does not match {args.data}; rerun detect.")
     labels = np.asarray(train["label"].to_pylist())
     labelled = info is not None and bool((labels >= 0).all())
     image = text = None
     if wmdd or not labelled:  # read once: clusters need the text, wmdd both
-        uids, image, text = read_embeddings(args.embed, "train")
-        if uids != train["uid"].to_pylist():
-            raise StageError(f"{args.embed} does not match {args.data}; rerun embed.")
+        _, image, text = artifacts.read_embeddings(
+            args.embed, "train", train_uids, against=args.data
+        )
     classes = labels if labelled else dist.clusters(text.numpy(), p.clusters, seed=base.seed)
     # Candidates: pairs detect did not flag, outside the coreset (so the two add up).
-    in_subset = pc.is_in(train["uid"], value_set=subset["uid"]).to_numpy(zero_copy_only=False)
-    ok = ~np.asarray(flagged["noisy"].to_pylist(), dtype=bool) & ~in_subset
+    in_subset = pc.is_in(train["uid"], value_set=pa.array(subset.uids, pa.string()))
+    ok = ~flagged.noisy & ~in_subset.to_numpy(zero_copy_only=False)
     candidates = np.flatnonzero(ok)
     extra: dict = {}
     if wmdd and len(candidates):

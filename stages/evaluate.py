@@ -11,7 +11,6 @@ import functools
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from otcurate import detect as det
@@ -20,6 +19,7 @@ from otcurate import models
 from otcurate.data.shards import read_classes, read_split
 from otcurate.io import atomic_dir, write_json, write_text
 from otcurate.runtime import make_reproducible, resolve_device
+from otcurate_pipeline import artifacts
 from stages._common import StageError, parser, read_params, run
 
 
@@ -92,12 +92,9 @@ def evaluate(args) -> None:
             for k, v in _set_metrics(clip, cset, spec, p.recall_at, p.batch_size).items():
                 rows[name][f"{spec.name}_{k}"] = v
 
-    scores = pq.read_table(f"{args.detect}/scores.parquet")
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
-    if scores["uid"].to_pylist() != truth_t["uid"].to_pylist():
-        raise StageError(f"{args.detect} does not match {args.data}; rerun detect.")
-    s = np.asarray(scores["score"].to_pylist())
-    flags = np.asarray(scores["noisy"].to_pylist(), dtype=bool)
+    scores = artifacts.read_scores(args.detect, truth_t["uid"].to_pylist(), against=args.data)
+    s, flags = scores.score, scores.noisy
     truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
     detection = (
         det.quality(s, flags, truth) if truth.any() else {"est_noise_rate": float(flags.mean())}

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from otcurate import models, parallel
 from otcurate.data.shards import read_selected, read_split
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate.train import FINETUNE_METHODS
+from otcurate_pipeline import artifacts
 from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
 
@@ -50,15 +50,14 @@ def finetune(args) -> None:
     # The processes share this machine's cores: same total threads as one process.
     threads = max(1, base.threads // size) if base.threads > 0 else base.threads
     make_reproducible(base.seed, threads, device)
-    subset = pq.read_table(f"{args.coreset}/subset.parquet", columns=["uid"])
+    subset = pa.array(artifacts.read_subset(args.coreset).uids, pa.string())
     # only the chosen rows, shard by shard; images stay encoded until their batch comes
-    chosen = read_selected(args.data, "train", subset["uid"], ["uid", "image", "caption"])
+    chosen = read_selected(args.data, "train", subset, ["uid", "image", "caption"])
     distilled = read_split(args.distill, "train", columns=["uid", "image", "caption"])
     distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
     data = pa.concat_tables([chosen, distilled])
     # detect's flags for the coreset part; distilled examples are treated as clean.
-    det = pq.read_table(f"{args.detect}/scores.parquet", columns=["uid", "noisy"])
-    flagged = set(det.filter(det["noisy"])["uid"].to_pylist())
+    flagged = artifacts.read_scores(args.detect).flagged()
     noisy = np.array(
         [u in flagged for u in chosen["uid"].to_pylist()] + [False] * distilled.num_rows
     )

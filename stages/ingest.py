@@ -62,7 +62,7 @@ def _raw_pairs(p, seed: int, start: int = 0):
 
 def _fingerprint(params_path: str, sources: Path) -> str:
     """What the staged chunks depend on: the ingest and base params and the source manifest."""
-    from otcurate.params import parse_yaml
+    from otcurate_pipeline.params import parse_yaml
 
     raw = parse_yaml(Path(params_path).read_text()) or {}
     blob = json.dumps({k: raw.get(k) for k in ("base", "ingest")}, sort_keys=True, default=str)

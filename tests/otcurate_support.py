@@ -1,4 +1,4 @@
-"""Test support shared by the test packages: the repo on sys.path (for `stages`), tiny params,
+"""Test support shared by the test packages: tiny params,
 and `TinyRun`, which runs stage mains in a folder laid out like dvc.yaml.
 
 A plain module, not a conftest: `from conftest import ...` resolves to whichever conftest.py
@@ -6,6 +6,7 @@ pytest imported last (tests/unit has its own), so helpers must live under a uniq
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import shutil
@@ -15,11 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from otcurate_app import wiring
+from otcurate_pipeline import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: otcurate, dvc, prefect
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -55,7 +55,7 @@ def merge(base: dict, over: dict) -> dict:
 
 def write_params(folder: Path, overrides: dict | None = None) -> Path:
     """A params.yaml: the repo's defaults, then TINY, then `overrides`."""
-    from otcurate.params import parse_yaml
+    from otcurate_pipeline.params import parse_yaml
 
     params = merge(merge(parse_yaml((ROOT / "params.yaml").read_text()), TINY), overrides or {})
     path = folder / "params.yaml"
@@ -86,8 +86,8 @@ class TinyRun:
         return mod.main(self.args(stage, params, **paths))
 
 
-WIRING = wiring.stages(ROOT)  # dvc.yaml's stages, their paths, deps and outs
-STAGE_PATHS = {name: dict(stage.paths) for name, stage in WIRING.items()}
+LAYOUT = layout.stages(ROOT)  # dvc.yaml's stages, their paths, deps and outs
+STAGE_PATHS = {name: dict(stage.paths) for name, stage in LAYOUT.items()}
 
 
 def scratch_env(tmp: Path) -> dict[str, str]:
@@ -142,3 +142,58 @@ def sh(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
             f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+# Imports, read from the source (nothing is imported): for the contract and layer tests.
+
+
+def module_file(module: str) -> Path | None:
+    """The repo file that `import module` runs, or None outside the repo (or a namespace)."""
+    for base in (ROOT / "src", ROOT):
+        path = base.joinpath(*module.split("."))
+        for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def module_name(file: Path) -> str:
+    rel = file.relative_to(ROOT / "src" if file.is_relative_to(ROOT / "src") else ROOT)
+    parts = rel.with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(file: Path) -> set[str]:
+    """Every module an import statement in `file` names, lazy ones inside functions too."""
+    package = (
+        module_name(file) if file.name == "__init__.py" else module_name(file).rpartition(".")[0]
+    )
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return names
+
+
+def closure(start: Path) -> set[Path]:
+    """The repo files that running `start` imports, transitively (packages' __init__ too)."""
+    seen, todo = set(), [start]
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        for name in imported(file):
+            parts = name.split(".")
+            for k in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b first
+                found = module_file(".".join(parts[:k]))
+                if found is not None:
+                    todo.append(found)
+    return seen

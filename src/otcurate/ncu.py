@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otcurate.optim import batches, make_optimizer, param_groups, update
 from otcurate.ot import sinkhorn_log
 from otcurate.parallel import shard_map
 from otcurate.progress import track
@@ -310,7 +311,6 @@ def finetune_ncu(
 
     noisy: (N,) bool global flags (``nc_source='detect'``), or None with ``nc_source='batch'``.
     """
-    from otcurate.train import _param_groups, batches, make_optimizer, update
 
     if nc_source not in ("detect", "batch"):
         raise ValueError(f"nc_source must be 'detect' or 'batch'; got {nc_source!r}.")
@@ -337,12 +337,12 @@ def finetune_ncu(
             continue
         set_phase(model, prompt, phase, frozen_text_blocks)
         if phase == "A":
-            groups = _param_groups(model, weight_decay)
+            groups = param_groups(model, weight_decay)
             for g in groups:
                 g["lr"] = lr_phase_a
             groups.append({"params": [prompt.ctx], "weight_decay": 0.0, "lr": lr_prompt})
         else:
-            groups = _param_groups(model, weight_decay)
+            groups = param_groups(model, weight_decay)
             for g in groups:
                 g["lr"] = lr
         # Each group keeps its own lr; the schedule multiplies them all.

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from open_clip import ClipLoss
 
 from otcurate import faults
-from otcurate.models import clamp_logit_scale
-from otcurate.parallel import average_gradients, shard_map
+from otcurate.optim import batches, make_optimizer, param_groups, update
+from otcurate.parallel import shard_map
 from otcurate.progress import track
 
 
@@ -26,68 +26,6 @@ from otcurate.progress import track
 class TrainResult:
     losses: list[float]  # one per step
     lrs: list[float]
-
-
-def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
-    """LR multiplier: linear warm-up to 1 over `warmup` steps, then cosine decay to 0."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    """Yield `steps` index batches: epoch-wise random permutations, last partial batch dropped."""
-    if n < 2:
-        raise ValueError(f"need at least 2 training pairs for a contrastive batch; got {n}.")
-    bs = min(batch_size, n)
-    done = 0
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - bs + 1, bs):
-            yield perm[i : i + bs]
-            done += 1
-            if done == steps:
-                return
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # As open_clip_train: no weight decay on gains, biases, embeddings and logit_scale.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = (
-            p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        )
-        (no_decay if exclude else decay).append(p)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
-
-
-def make_optimizer(groups: list[dict], *, lr: float, steps: int, warmup: int) -> tuple:
-    """AdamW (betas 0.9/0.98, as open_clip and NCU) with linear warm-up then cosine decay."""
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
-    )
-    return opt, sched
-
-
-def update(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> float:
-    """One optimisation step, then the temperature clamp; returns the learning rate used.
-
-    Under torchrun the gradients are averaged over the processes first (otcurate.parallel).
-    """
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(p for g in opt.param_groups for p in g["params"])
-    opt.step()
-    sched.step()
-    clamp_logit_scale(model)
-    return sched.get_last_lr()[0]
 
 
 def _loop(
@@ -106,7 +44,7 @@ def _loop(
 ) -> TrainResult:
     gen = torch.Generator().manual_seed(seed)
     opt, sched = make_optimizer(
-        _param_groups(model, weight_decay), lr=lr, steps=steps, warmup=warmup
+        param_groups(model, weight_decay), lr=lr, steps=steps, warmup=warmup
     )
     model.train()
     losses, lrs = [], []

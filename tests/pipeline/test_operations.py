@@ -17,7 +17,7 @@ import pytest
 from otcurate_support import BIN, make_scratch, scratch_env, sh, write_params
 from PIL import Image
 
-from otcurate import services
+from otcurate_pipeline import services
 
 pytestmark = pytest.mark.e2e
 

@@ -263,7 +263,10 @@ def test_sigkill_mid_ingest_then_rerun_keeps_finished_shards(tmp_path):
     )
     cmd = [sys.executable, "-m", "stages.ingest", "--params", str(params)]
     cmd += ["--out", str(tmp_path / "ingest"), "--results", str(tmp_path / "res")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     ready = tmp_path / "stopped.pid"
     stop = {faults.STOP_AT: "staging:chunk:3", faults.STOP_READY: str(ready)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, **stop}, stderr=subprocess.DEVNULL)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -498,7 +499,7 @@ def test_score_command_flags_new_pairs_with_the_fitted_detector(
 
     from otcurate import detect as det
     from otcurate import models
-    from otcurate.cli import app
+    from otcurate_pipeline.cli import app
 
     params = write_params(tmp_path, {"detect": {"method": method, "passes": 1, "batch_size": 64}})
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -539,6 +540,8 @@ def test_score_command_flags_new_pairs_with_the_fitted_detector(
     )
     got = pq.read_table(out / "scores.parquet")
     assert got["index"].to_pylist() == list(range(test.num_rows))
+    detect_schema = pq.read_schema(detect_out / "scores.parquet")
+    assert pa.schema(list(got.schema)[:3]) == detect_schema  # detect's columns, then extras
     # the same detector on the same embeddings, computed here
     clip = models.load(tiny.p("models/pretrain"))
     img, txt = models.encode(
@@ -560,7 +563,7 @@ def test_score_command_flags_new_pairs_with_the_fitted_detector(
 def test_score_command_without_a_fitted_detector_says_what_to_run(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from otcurate.cli import app
+    from otcurate_pipeline.cli import app
 
     write_params(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")

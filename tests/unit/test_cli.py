@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from otcurate.cli import apply_overrides
-from otcurate.params import ParamsError, load, parse_yaml
+from otcurate_pipeline.cli import apply_overrides
+from otcurate_pipeline.params import ParamsError, load, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from otcurate import lineage as lin
-from otcurate import sources
+from otcurate_pipeline import lineage as lin
+from otcurate_pipeline import manifests
 
 
 def run(run_id, stage, t, outs, deps=None, outcome="ran", parent="p1", params=None, metrics=None):
@@ -117,15 +117,15 @@ def _hf(folder="incoming"):
 def test_manifest_sees_new_files_and_nothing_else(tmp_path):
     (tmp_path / "incoming").mkdir()
     (tmp_path / "incoming" / "a.png").write_bytes(b"one")
-    first = sources.sync(tmp_path, {"ingest": _hf()})
-    text = (tmp_path / sources.MANIFEST).read_text()
+    first = manifests.sync(tmp_path, {"ingest": _hf()})
+    text = (tmp_path / manifests.MANIFEST).read_text()
     assert first["changed"] and first["files"] == 1
-    again = sources.sync(tmp_path, {"ingest": _hf()})
-    assert not again["changed"] and (tmp_path / sources.MANIFEST).read_text() == text
+    again = manifests.sync(tmp_path, {"ingest": _hf()})
+    assert not again["changed"] and (tmp_path / manifests.MANIFEST).read_text() == text
     (tmp_path / "incoming" / "b.png").write_bytes(b"two")
-    third = sources.sync(tmp_path, {"ingest": _hf()})
+    third = manifests.sync(tmp_path, {"ingest": _hf()})
     assert third["changed"] and third["added"] == ["incoming/b.png"]
-    listed = json.loads((tmp_path / sources.MANIFEST).read_text())["files"]
+    listed = json.loads((tmp_path / manifests.MANIFEST).read_text())["files"]
     assert [e["path"] for e in listed] == ["incoming/a.png", "incoming/b.png"]
     assert listed[1]["size"] == 3 and len(listed[1]["sha256"]) == 64
 
@@ -133,19 +133,21 @@ def test_manifest_sees_new_files_and_nothing_else(tmp_path):
 def test_manifest_refuses_a_rewritten_file_unless_allowed(tmp_path):
     (tmp_path / "incoming").mkdir()
     (tmp_path / "incoming" / "a.png").write_bytes(b"one")
-    sources.sync(tmp_path, {"ingest": _hf()})
-    before = (tmp_path / sources.MANIFEST).read_text()
+    manifests.sync(tmp_path, {"ingest": _hf()})
+    before = (tmp_path / manifests.MANIFEST).read_text()
     (tmp_path / "incoming" / "a.png").write_bytes(b"ONE!")
-    with pytest.raises(sources.SourceChanged, match="append-only.*incoming/a.png.*--allow-rewrite"):
-        sources.sync(tmp_path, {"ingest": _hf()})
-    assert (tmp_path / sources.MANIFEST).read_text() == before  # nothing written on refusal
-    assert sources.sync(tmp_path, {"ingest": _hf()}, allow_rewrite=True)["rewritten"] == [
+    with pytest.raises(
+        manifests.SourceChanged, match="append-only.*incoming/a.png.*--allow-rewrite"
+    ):
+        manifests.sync(tmp_path, {"ingest": _hf()})
+    assert (tmp_path / manifests.MANIFEST).read_text() == before  # nothing written on refusal
+    assert manifests.sync(tmp_path, {"ingest": _hf()}, allow_rewrite=True)["rewritten"] == [
         "incoming/a.png"
     ]
 
 
 def test_builtin_sources_have_a_static_manifest(tmp_path):
-    assert sources.build(tmp_path, {"source": "shapes", "size": 10}) == {"source": "shapes"}
+    assert manifests.build(tmp_path, {"source": "shapes", "size": 10}) == {"source": "shapes"}
 
 
 def test_clean_sources_have_manifests_of_their_own_and_may_be_rewritten(tmp_path):
@@ -160,17 +162,17 @@ def test_clean_sources_have_manifests_of_their_own_and_may_be_rewritten(tmp_path
             ]
         },
     }
-    first = sources.sync(tmp_path, params)
+    first = manifests.sync(tmp_path, params)
     assert first["clean_changed"] == ["coreset", "evaluate"] and first["changed"]
-    ev = tmp_path / sources.CLEAN_MANIFESTS["evaluate"]
-    cs = tmp_path / sources.CLEAN_MANIFESTS["coreset"]
+    ev = tmp_path / manifests.CLEAN_MANIFESTS["evaluate"]
+    cs = tmp_path / manifests.CLEAN_MANIFESTS["coreset"]
     assert json.loads(cs.read_text()) == {"target": {"source": "shapes"}}
     [listed] = json.loads(ev.read_text())["sets"]
     assert listed["name"] == "j" and [e["path"] for e in listed["files"]] == ["judge/a.png"]
-    assert sources.sync(tmp_path, params)["clean_changed"] == []
+    assert manifests.sync(tmp_path, params)["clean_changed"] == []
     (tmp_path / "judge" / "a.png").write_bytes(b"ONE!")  # not append-only: no refusal
-    again = sources.sync(tmp_path, params)
+    again = manifests.sync(tmp_path, params)
     assert again["clean_changed"] == ["evaluate"] and not again["changed"]
     assert json.loads(ev.read_text())["sets"][0]["files"][0]["size"] == 4
-    cache = json.loads((tmp_path / sources.CACHE).read_text())
+    cache = json.loads((tmp_path / manifests.CACHE).read_text())
     assert [k.split("|")[0] for k in cache] == ["judge/a.png"]  # clean files' hashes kept

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otcurate.params import ParamsError, load, load_all
+from otcurate_pipeline.params import ParamsError, load, load_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_missing_keys_take_defaults_and_ints_widen_to_float():
 
 
 def test_exponent_floats_read_as_numbers_like_dvc():
-    from otcurate.params import parse_yaml
+    from otcurate_pipeline.params import parse_yaml
 
     p = load(parse_yaml("finetune:\n  lr: 5e-05\n"), "finetune")
     assert p.lr == 5e-05

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from otcurate import models
-from otcurate.train import batches, train_contrastive, warmup_cosine
+from otcurate.optim import batches, warmup_cosine
+from otcurate.train import train_contrastive
 
 
 def test_warmup_cosine_shape():

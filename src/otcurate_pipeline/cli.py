@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from otcurate.params import SECTIONS, ParamsError, load_all, parse_yaml
+from otcurate_pipeline import artifacts, layout
+from otcurate_pipeline.params import SECTIONS, ParamsError, load_all, parse_yaml
 
 app = typer.Typer(
     add_completion=False,
@@ -131,9 +132,8 @@ def run(
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None
-    sys.path.insert(0, str(root))
-    from flows.pipeline import StageFailed, pipeline
-    from otcurate.sources import SourceChanged
+    from otcurate_pipeline.flow import StageFailed, pipeline
+    from otcurate_pipeline.manifests import SourceChanged
 
     t0 = time.perf_counter()
     try:
@@ -156,13 +156,13 @@ def run(
             r["stage"], f"[{style.get(r['outcome'], '')}]{r['outcome']}[/]", f"{r['seconds']:.1f}"
         )
     console.print(table)
-    report = root / "results" / "evaluate" / "report.md"
-    if report.exists():
-        _print_comparison(root)
+    evaluated = root / layout.stages(root)["evaluate"].paths["results"]
+    if (evaluated / "report.md").exists():
+        _print_comparison(evaluated)
 
 
-def _print_comparison(root: Path) -> None:
-    m = json.loads((root / "results" / "evaluate" / "metrics.json").read_text())
+def _print_comparison(evaluated: Path) -> None:
+    m = json.loads((evaluated / "metrics.json").read_text())
     keys = [
         k
         for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
@@ -178,23 +178,23 @@ def _print_comparison(root: Path) -> None:
     det = {k[len("detect_") :]: v for k, v in m.items() if k.startswith("detect_")}
     if det:
         console.print("detection: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(det.items())))
-    console.print(f"report: {root / 'results' / 'evaluate' / 'report.md'}")
+    console.print(f"report: {evaluated / 'report.md'}")
 
 
 def _source_news(root: Path) -> str:
     """What the sources have that their manifests (data/sources*.json) do not list yet:
     new or rewritten ingest files, changed clean sources (read only)."""
-    from otcurate import sources
+    from otcurate_pipeline import manifests
 
     try:
         params = parse_yaml((root / "params.yaml").read_text()) or {}
-        old, new, cache = sources.scan(root, params.get("ingest") or {})
-        clean = sources.build_clean(root, params, cache)
+        old, new, cache = manifests.scan(root, params.get("ingest") or {})
+        clean = manifests.build_clean(root, params, cache)
     except Exception as exc:  # noqa: BLE001 - status must still show DVC's view
         return f"(could not scan the sources: {exc})"
     lines = []
     if new != old:
-        added, broken = sources.compare(old, new)
+        added, broken = manifests.compare(old, new)
         parts = []
         if added:
             parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
@@ -204,11 +204,11 @@ def _source_news(root: Path) -> str:
             )
         what = "; ".join(parts) or "a different source"
         lines.append(
-            f"ingest source changed since {sources.MANIFEST}: {what}. "
+            f"ingest source changed since {manifests.MANIFEST}: {what}. "
             "`otcurate run` reruns from ingest."
         )
-    for stage, rel in sources.CLEAN_MANIFESTS.items():
-        if sources.stale(root, rel, clean[rel]):
+    for stage, rel in manifests.CLEAN_MANIFESTS.items():
+        if manifests.stale(root, rel, clean[rel]):
             lines.append(
                 f"{stage}'s clean source changed since {rel}. `otcurate run` reruns {stage}."
             )
@@ -258,8 +258,8 @@ def status() -> None:
 
 def _store(root: Path):
     """(pipeline runs, stage runs) from the MLflow store; empty when there is none yet."""
-    from otcurate.lineage import fetch
-    from otcurate.tracking import EXPERIMENT, tracking_uri
+    from otcurate_pipeline.lineage import fetch
+    from otcurate_pipeline.tracking import EXPERIMENT, tracking_uri
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (root / "mlflow.db").exists():
         return [], []
@@ -279,8 +279,8 @@ _VERSION = re.compile(r"(?:models:/)?([^/\s]+)/(\d+)")
 def _resolve_chain(root: Path, target: str) -> dict:
     """A lineage chain for an output path (dvc.lock now), an MLflow run id (pipeline or stage
     run) or a registered model version (`NAME/VERSION` or `models:/NAME/VERSION`)."""
-    from otcurate import lineage as lin
-    from otcurate.tracking import lock_params, read_lock, tracking_uri
+    from otcurate_pipeline import lineage as lin
+    from otcurate_pipeline.tracking import lock_params, read_lock, tracking_uri
 
     pipelines, stages = _store(root)
     if _RUN_ID.fullmatch(target):
@@ -342,7 +342,7 @@ def lineage(
 
     A path is traced through dvc.lock as it is now; a run id or model version through the
     MLflow history (each upstream run found by the md5 of the data it left)."""
-    from otcurate.lineage import CODE_PREFIXES, mermaid, node_key
+    from otcurate_pipeline.lineage import CODE_PREFIXES, mermaid, node_key
 
     root = find_root()
     try:
@@ -356,7 +356,7 @@ def lineage(
     if as_mermaid:
         print(mermaid(chain), end="")
         return
-    from otcurate.tracking import git_state
+    from otcurate_pipeline.tracking import git_state
 
     commit, dirty = git_state(root)
     tree = Tree(f"[bold]{target}[/]  (now: git {commit[:10]}{' dirty' if dirty else ''})")
@@ -427,7 +427,7 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Params and metrics that differ between two pipeline runs, and which stages' inputs changed."""
-    from otcurate.lineage import diff_runs
+    from otcurate_pipeline.lineage import diff_runs
 
     root = find_root()
     pipelines, _ = _store(root)
@@ -490,7 +490,7 @@ def schedule(
     Each scheduled run refreshes the source manifest, runs `dvc status`, does nothing when
     nothing changed, else reruns what changed and records dvc.lock. Needs a Prefect server:
     PREFECT_API_URL must point at one (`otcurate ui` starts one)."""
-    from otcurate.services import reachable
+    from otcurate_pipeline.services import reachable
 
     root = find_root()
     if lineage not in ("branch", "mlflow"):
@@ -517,9 +517,8 @@ def schedule(
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None
-    os.chdir(root)  # the deployment's entrypoint (flows/pipeline.py:nightly) is root-relative
-    sys.path.insert(0, str(root))
-    from flows.pipeline import nightly
+    os.chdir(root)
+    from otcurate_pipeline.flow import nightly
 
     console.print(
         f"serving deployment otcurate-nightly/{name} on {api}: cron {cron!r} ({timezone}), "
@@ -549,8 +548,8 @@ def ui(
     """Start the Prefect server and the MLflow UI on this project's store; Ctrl-C stops both."""
     import signal
 
-    from otcurate import services
-    from otcurate.tracking import tracking_uri
+    from otcurate_pipeline import services
+    from otcurate_pipeline.tracking import tracking_uri
 
     root = find_root()
     logs = root / ".otcurate" / "logs"
@@ -600,10 +599,12 @@ def score(
         str | None,
         typer.Option(help="Caption column (default: params.yaml ingest.hf.caption_column)."),
     ] = None,
-    model: Annotated[Path, typer.Option(help="The model detect scored with.")] = Path(
-        "models/pretrain"
-    ),
-    detector: Annotated[Path, typer.Option(help="detect's output folder.")] = Path("data/detect"),
+    model: Annotated[
+        Path | None, typer.Option(help="The model detect scored with (default: dvc.yaml's).")
+    ] = None,
+    detector: Annotated[
+        Path | None, typer.Option(help="detect's output folder (default: dvc.yaml's).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Report folder (default: results/score/<source name>).")
     ] = None,
@@ -613,28 +614,25 @@ def score(
     root = find_root()
     import numpy as np
     import torch
-    from safetensors.torch import load_file
 
     from otcurate import detect as det
     from otcurate import models
     from otcurate.data.hf import SourceError, load_pairs, local_source
-    from otcurate.io import atomic_dir, write_json, write_parquet, write_text
+    from otcurate.io import atomic_dir, write_json, write_text
     from otcurate.runtime import make_reproducible, resolve_device
 
     params = load_all(parse_yaml((root / "params.yaml").read_text()) or {})
     hf = params["ingest"].hf
-    model, detector = root / model, root / detector
-    meta_path = detector / "detector.json"
-    if not meta_path.exists():
+    wired = layout.stages(root)["detect"].paths
+    model, detector = root / (model or wired["model"]), root / (detector or wired["out"])
+    try:
+        fitted = det.detector_from_state(*artifacts.read_detector(detector))
+    except FileNotFoundError:
         err.print(
-            f"[red]error:[/] no fitted detector at {meta_path}; run the pipeline first (otcurate run)."
+            f"[red]error:[/] no fitted detector at {detector / artifacts.DETECTOR}; run the "
+            "pipeline first (otcurate run)."
         )
-        raise typer.Exit(2)
-    meta = json.loads(meta_path.read_text())
-    tensors_path = detector / "detector.safetensors"
-    fitted = det.detector_from_state(
-        meta, load_file(str(tensors_path)) if tensors_path.exists() else {}
-    )
+        raise typer.Exit(2) from None
     try:
         pairs, _, n = load_pairs(
             **local_source(source),
@@ -665,15 +663,10 @@ def score(
     order = np.argsort(found.scores, kind="stable")
     import pyarrow as pa
 
-    table = pa.table(
-        {
-            "index": pa.array([r.index for r in good], pa.int64()),
-            "uid": pa.array([r.uid for r in good], pa.string()),
-            "caption": pa.array([str(r.caption) for r in good], pa.string()),
-            "score": pa.array(found.scores, pa.float64()),
-            "noisy": pa.array(found.noisy, pa.bool_()),
-        }
-    )
+    extra = {
+        "index": pa.array([r.index for r in good], pa.int64()),
+        "caption": pa.array([str(r.caption) for r in good], pa.string()),
+    }
     summary = {
         "source": str(source),
         "method": fitted.method,
@@ -695,7 +688,7 @@ def score(
         shown.add_row(str(r.index), f"{found.scores[i]:.4f}", str(r.caption)[:80])
         lines.append(f"| {r.index} | {found.scores[i]:.4f} | {str(r.caption)[:80]} |")
     with atomic_dir(out) as o:
-        write_parquet(o / "scores.parquet", table)
+        artifacts.write_scores(o, [r.uid for r in good], found.scores, found.noisy, extra)
         write_json(o / "summary.json", summary)
         write_text(
             o / "report.md",

@@ -1,4 +1,4 @@
-"""The pipeline's wiring as dvc.yaml writes it: the one place stage paths are written.
+"""The pipeline's layout as dvc.yaml writes it: the one place stage paths are written.
 
 Each stage's `cmd` is `python -m stages.<name> --<arg> <path> ...`; `stages(root)` reads those
 path arguments back, with the stage's deps, outs and params, so tests, benchmarks and the CLI

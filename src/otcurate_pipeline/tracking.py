@@ -19,8 +19,11 @@ from typing import Any
 
 import yaml
 
+from otcurate_pipeline import layout
+
 EXPERIMENT = "otcurate"
 REGISTERED_MODEL = "otcurate-clip"
+MODEL_STAGE = "finetune"  # the stage whose `out` is registered as a model version
 
 
 def tracking_uri(root: Path) -> str:
@@ -98,6 +101,7 @@ class Tracker:
     ):
         self.root = Path(root).resolve()
         self.uri = tracking_uri(self.root)
+        self.stages = layout.stages(self.root)
         self.client = None
         self.parent_id: str | None = None
         try:
@@ -159,8 +163,9 @@ class Tracker:
             tags = {"dvc.outcome": outcome, **lock_tags(entry)}
             params = lock_params(entry)
             metrics = {"stage_seconds": seconds}
-            results = self.root / "results" / name
-            if (results / "metrics.json").exists():
+            paths = self.stages[name].paths
+            results = self.root / paths.get("results", "")  # embed has no results folder
+            if "results" in paths and (results / "metrics.json").exists():
                 metrics.update(_numeric(json.loads((results / "metrics.json").read_text())))
             self.client.log_batch(
                 run_id,
@@ -168,15 +173,15 @@ class Tracker:
                 params=[Param(k, v[:6000]) for k, v in params.items()],
                 tags=[RunTag(k, v) for k, v in tags.items()],
             )
-            if outcome != "failed":
+            if outcome != "failed" and "results" in paths:
                 for sub in ("plots", "report.md", "metrics.json"):
                     p = results / sub
                     if p.is_dir():
                         self.client.log_artifacts(run_id, str(p), artifact_path=sub)
                     elif p.exists():
                         self.client.log_artifact(run_id, str(p))
-            if name == "finetune" and outcome == "ran":
-                self._log_model(run_id, self.root / "models" / "finetune")
+            if name == MODEL_STAGE and outcome == "ran":
+                self._log_model(run_id, self.root / paths["out"])
             self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
         except Exception as exc:  # noqa: BLE001
             self._warn(f"could not record stage {name}", exc)
@@ -207,7 +212,7 @@ class Tracker:
                     self.parent_id,
                     tags=[RunTag(f"outcome.{k}", str(v)) for k, v in summary.items()],
                 )
-            from otcurate.sources import ALL_MANIFESTS
+            from otcurate_pipeline.manifests import ALL_MANIFESTS
 
             for rel in ("dvc.lock", "params.yaml", *map(str, ALL_MANIFESTS)):
                 if (self.root / rel).exists():  # the pipeline's state as this run left it

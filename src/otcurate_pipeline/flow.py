@@ -1,0 +1,280 @@
+"""The pipeline flow: DVC decides, Prefect drives, MLflow records.
+
+One Prefect task per DVC stage, in the order of DVC's graph; each task runs
+`dvc repro --single-item <stage>` in a subprocess (DVC skips it when nothing
+changed, or restores it from its run-cache). No Prefect caching: a Prefect
+cache hit would not restore files. Only transient failures (stage exit 75) are
+retried. A failed stage has its last good outputs restored with `dvc checkout`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from otcurate_pipeline.manifests import ALL_MANIFESTS
+from otcurate_pipeline.tracking import Tracker
+
+EXIT_TRANSIENT = 75
+_EXIT_RE = re.compile(r"exited with (-?\d+)")
+# DVC's advice about git and remotes, repeated after every stage: kept in the log, not echoed.
+_QUIET_RE = re.compile(
+    r"^\s*$|To track the changes with git|^\s+git add |To enable auto staging|core\.autostage|Use `dvc push`"
+)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, code: int, tail: str):
+        self.stage, self.code, self.tail = stage, code, tail
+        super().__init__(f"stage '{stage}' failed (exit {code}):\n{tail}")
+
+
+class TransientStageFailure(StageFailed):
+    """The stage exited 75: an I/O hiccup or a lock; worth retrying."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    outcome: str  # ran | restored | skipped
+    seconds: float
+
+
+def _bin_dir() -> str:
+    return str(Path(sys.executable).parent)
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = _bin_dir() + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(_bin_dir()) / "dvc"), *args],
+        cwd=root,
+        env=_env(),
+        text=True,
+        capture_output=capture,
+    )
+
+
+def stage_order(root: Path) -> list[str]:
+    """Stage names in an order that respects DVC's dependency graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        order = list(reversed(list(nx.topological_sort(graph))))
+        return [s.addressing for s in order if getattr(s, "cmd", None)]
+
+
+def _outcome(log: str, name: str) -> str:
+    if f"Stage '{name}' didn't change, skipping" in log:
+        return "skipped"
+    if f"Stage '{name}' is cached - skipping run" in log:
+        return "restored"
+    return "ran"
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001
+            return False
+    return isinstance(exc, TransientStageFailure)
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=_retry_transient,
+    task_run_name="{name}",
+)
+def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageResult:
+    """`dvc repro --single-item <name>`, streaming its output, classified ran/restored/skipped."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(Path(_bin_dir()) / "dvc"), "repro", "--single-item", name],
+        cwd=root,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if not _QUIET_RE.search(line):
+            print(f"[{name}] {line}", end="", flush=True)
+    code = proc.wait()
+    log = "".join(lines)
+    if code != 0:
+        m = _EXIT_RE.findall(log)
+        stage_code = int(m[-1]) if m else code
+        tail = "".join(lines[-15:])
+        if stage_code == EXIT_TRANSIENT or "Unable to acquire lock" in log:
+            raise TransientStageFailure(name, stage_code, tail)
+        raise StageFailed(name, stage_code, tail)
+    return StageResult(name, _outcome(log, name), time.perf_counter() - t0)
+
+
+def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
+    """Refresh the content manifests (data/sources.json for ingest, and those of the clean
+    sources in coreset.target and evaluate.sets) from the params."""
+    from otcurate_pipeline.manifests import sync
+    from otcurate_pipeline.params import parse_yaml
+
+    params = parse_yaml((root / "params.yaml").read_text()) or {}
+    report = sync(root, params, allow_rewrite=allow_rewrite)
+    if report["added"]:
+        shown = ", ".join(report["added"][:5]) + (" ..." if len(report["added"]) > 5 else "")
+        print(f"[sources] {len(report['added'])} new file(s): {shown}", flush=True)
+    for stage in report["clean_changed"]:
+        print(f"[sources] {stage}'s clean source changed: {stage} reruns", flush=True)
+    return report
+
+
+@flow(name="otcurate-pipeline", log_prints=False)
+def pipeline(
+    root: str = ".", run_name: str | None = None, allow_rewrite: bool = False
+) -> list[dict]:
+    """Run every stage in DVC's order; record each in MLflow; return [{stage, outcome, seconds}].
+    ``allow_rewrite`` accepts a source whose known files changed (see otcurate_pipeline.manifests)."""
+    rootp = Path(root).resolve()
+    sync_sources(rootp, allow_rewrite)
+    order = stage_order(rootp)
+    tracker = Tracker(rootp, run_name=run_name)
+    results: list[StageResult] = []
+    try:
+        for name in order:
+            child = tracker.start_stage(name)
+            env = tracker.env()
+            if child:
+                env["MLFLOW_RUN_ID"] = child
+            t0 = time.perf_counter()
+            try:
+                res = run_stage(name, str(rootp), env)
+            except StageFailed:
+                tracker.end_stage(child, name, "failed", time.perf_counter() - t0)
+                restore = dvc(rootp, "checkout", "--force", name)
+                if restore.returncode != 0:
+                    print(
+                        f"otcurate: could not restore the last outputs of '{name}': {restore.stderr.strip()}",
+                        file=sys.stderr,
+                    )
+                raise
+            tracker.end_stage(child, name, res.outcome, res.seconds)
+            results.append(res)
+    except BaseException:
+        tracker.finish("FAILED", {r.stage: r.outcome for r in results})
+        raise
+    tracker.finish("FINISHED", {r.stage: r.outcome for r in results})
+    return [asdict(r) for r in results]
+
+
+def record_lock_on_branch(root: Path, branch: str, message: str) -> str:
+    """Commit dvc.lock, params.yaml and the source manifests as they are now onto ``branch``
+    (created from HEAD if missing) with git plumbing: the checkout, its index and HEAD are
+    untouched. The commit's parents are the branch tip and HEAD (the code that ran), so
+    `git log <branch>` is the lineage history. Returns the new commit."""
+
+    def git(*args: str, env: dict | None = None, data: str | None = None) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+            input=data,
+            env={**os.environ, **(env or {})},
+        ).stdout.strip()
+
+    head = git("rev-parse", "HEAD")
+    tip = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    index = root / ".git" / "otcurate-lineage.index"
+    env = {"GIT_INDEX_FILE": str(index)}
+    try:
+        git("read-tree", head, env=env)
+        for rel in ("dvc.lock", "params.yaml", *map(str, ALL_MANIFESTS)):
+            if (root / rel).exists():
+                blob = git("hash-object", "-w", rel)
+                git("update-index", "--add", "--cacheinfo", f"100644,{blob},{rel}", env=env)
+        tree = git("write-tree", env=env)
+    finally:
+        index.unlink(missing_ok=True)
+    parents = [p for p in dict.fromkeys([tip, head]) if p]
+    ident = {
+        "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "otcurate"),
+        "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "otcurate@localhost"),
+        "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "otcurate"),
+        "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "otcurate@localhost"),
+    }
+    args = ["commit-tree", tree, "-F", "-"]
+    for p in parents:
+        args += ["-p", p]
+    commit = git(*args, env=ident, data=message)
+    git("update-ref", f"refs/heads/{branch}", commit, *([tip] if tip else []))
+    return commit
+
+
+@flow(name="otcurate-nightly", log_prints=True)
+def nightly(root: str = ".", lineage: str = "branch", branch: str = "otcurate/lineage") -> dict:
+    """A scheduled run: refresh the source manifest, ask `dvc status`; when nothing changed do
+    nothing, else run the pipeline and record dvc.lock (``lineage``: `branch` commits it to
+    ``branch``; `mlflow` keeps only the copy logged on the pipeline's MLflow run). Each run
+    appends one line to .otcurate/nightly.jsonl."""
+    import json
+    from datetime import datetime
+
+    rootp = Path(root).resolve()
+    if lineage not in ("branch", "mlflow"):
+        raise ValueError(f"lineage must be 'branch' or 'mlflow'; got {lineage!r}.")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    sources = sync_sources(rootp)
+    status = dvc(rootp, "status", "--json")
+    if status.returncode != 0:
+        raise RuntimeError(f"dvc status failed:\n{status.stderr}")
+    stale = json.loads(status.stdout or "{}")
+    record: dict = {"started": started, "new_files": sources["added"]}
+    if not stale:
+        print("nothing changed since the last run: no stage reruns")
+        record.update(outcome="no-op")
+    else:
+        print(f"changed: {', '.join(s.split(':')[-1] for s in stale)}")
+        results = pipeline(str(rootp), run_name=f"nightly {started}")
+        record.update(outcome="ran", stages={r["stage"]: r["outcome"] for r in results})
+        if lineage == "branch":
+            ran = ", ".join(s for s, o in record["stages"].items() if o != "skipped")
+            record["lineage_commit"] = record_lock_on_branch(
+                rootp, branch, f"otcurate nightly {started}: {ran or 'nothing'} reran"
+            )
+            print(f"dvc.lock committed to {branch}: {record['lineage_commit'][:10]}")
+    log = rootp / ".otcurate" / "nightly.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    return record

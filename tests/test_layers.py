@@ -1,0 +1,50 @@
+"""The layers, read from the imports: the library (`otcurate`: arrays in, records out) never
+imports the application (`otcurate_pipeline`: dvc.yaml, params.yaml, MLflow, Prefect, git), the
+stage entry points or the flows, nor the services the application talks to; and neither
+package has an import circle (lazy imports inside functions count too)."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+from otcurate_support import ROOT, imported, module_file, module_name
+
+LIBRARY, APPLICATION = ROOT / "src" / "otcurate", ROOT / "src" / "otcurate_pipeline"
+# what only the application may import: itself, the entry points, and the pipeline's services
+APP_ONLY = ("otcurate_pipeline", "stages", "flows", "mlflow", "prefect", "dvc", "typer")
+
+
+def files(package):
+    return sorted(package.rglob("*.py"))
+
+
+def test_the_library_never_imports_the_application():
+    bad = {
+        module_name(f): sorted(n for n in imported(f) if n.split(".")[0] in APP_ONLY)
+        for f in files(LIBRARY)
+    }
+    assert {m: names for m, names in bad.items() if names} == {}
+
+
+def graph(package) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for f in files(package):
+        g.add_node(module_name(f))
+        for name in imported(f):
+            target = module_file(name)
+            if target and target.is_relative_to(package) and target != f:
+                if target.name != "__init__.py":  # a package's __init__ is no module of its own
+                    g.add_edge(module_name(f), module_name(target))
+    return g
+
+
+@pytest.mark.parametrize("package", [LIBRARY, APPLICATION], ids=["otcurate", "otcurate_pipeline"])
+def test_no_import_circles(package):
+    assert list(nx.simple_cycles(graph(package))) == []
+
+
+def test_the_walk_sees_imports():  # the graph is not empty by accident
+    g = graph(LIBRARY)
+    assert g.has_edge("otcurate.train", "otcurate.optim")
+    assert g.has_edge("otcurate.optim", "otcurate.models")
+    assert g.has_edge("otcurate.io", "otcurate.faults")
