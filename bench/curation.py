@@ -14,9 +14,9 @@ exponent.
 
 Writes bench/results/curation.json (flat rows) and curation.md. One command:
 
-    .venv/bin/python bench/curation.py                                  # the full grid
-    .venv/bin/python bench/curation.py --datasets shapes --seeds 0 --scale 10000   # a slice
-    .venv/bin/python bench/curation.py --datasets digits --seeds 1 --scale --no-reference --merge
+    .venv/bin/python -m bench.curation                                  # the full grid
+    .venv/bin/python -m bench.curation --datasets shapes --seeds 0 --scale 10000   # a slice
+    .venv/bin/python -m bench.curation --datasets digits --seeds 1 --scale --no-reference --merge
                                       # redo one cell, keeping the other rows of curation.json
 """
 
@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.quality import DATASETS, PRETRAIN, evaluate_model, workspace
+from bench.results_io import save
 
-from quality import DATASETS, PRETRAIN, Workspace, evaluate_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CORESETS = ["random", "clip_score", "kcenter", "goracs"]
 DISTILLERS = ["random_real", "wmdd"]
@@ -67,57 +65,48 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
         "detect": {"method": "clip_score", "fraction": args.noise},
         "finetune": {"method": "clip", "steps": args.steps, "lr": args.lr},
     }
-    ws = Workspace(work / f"{dataset}-{seed}", common)
-    ws.run("ingest", out="ingest", results="r-ingest")
-    ws.run("pretrain", data="ingest", out="base", results="r-base")
-    ws.run("embed", data="ingest", model="base", out="embed")
-    ws.run(
-        "detect",
-        embed="embed",
-        data="ingest",
-        model="base",
-        out="detect-clip_score",
-        results="r-detect",
-    )
+    ws = workspace(work / f"{dataset}-{seed}", common)
+    ws.check("ingest")  # dvc.yaml's paths (data/ingest, models/pretrain, ...) unless renamed
+    ws.check("pretrain")
+    ws.check("embed")
+    flags = "data/detect-clip_score"
+    ws.check("detect", out=flags)
 
     def evaluate(stage: str, setting, method: str, model: str) -> None:
-        for k, v in evaluate_model(ws, "ingest", model).items():
+        for k, v in evaluate_model(ws, model).items():
             if k in METRICS:
                 row(stage, setting, method, k, v)
 
-    evaluate("base", "-", "base", "base")
+    evaluate("base", "-", "base", "models/pretrain")
 
     def write_subset(name: str, uids: list[str]) -> str:
         from otcurate.io import atomic_dir
         from otcurate_pipeline import artifacts
 
-        with atomic_dir(ws.root / name) as out:
+        with atomic_dir(ws.root / "data" / name) as out:
             artifacts.write_subset(out, uids, [1.0] * len(uids), [0.0] * len(uids))
-        return name
+        return f"data/{name}"
 
-    def finetune(coreset: str, distill: str, out: str) -> None:
-        ws.run(
+    def finetune(coreset: str, distill: str, out: str) -> str:
+        ws.check(
             "finetune",
-            model="base",
-            data="ingest",
             coreset=coreset,
-            detect="detect-clip_score",
+            detect=flags,
             distill=distill,
-            out=out,
-            results=f"r-{out}",
+            out=f"models/{out}",
+            results=f"results/{out}",
         )
+        return f"models/{out}"
 
     def distill(method: str, ipc: int, coreset: str, out: str) -> float:
-        return ws.run(
+        over = {"distill": {"method": method, "ipc": ipc}}
+        return ws.check(
             "distill",
-            {"distill": {"method": method, "ipc": ipc}},
-            data="ingest",
-            embed="embed",
-            detect="detect-clip_score",
+            over,
+            detect=flags,
             coreset=coreset,
-            model="base",
-            out=out,
-            results=f"r-{out}",
+            out=f"data/{out}",
+            results=f"results/{out}",
         )
 
     # Coreset alone: an empty distilled set beside it (bench-only empty subset file).
@@ -126,42 +115,42 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     for budget in args.budgets:
         for method in CORESETS:
             tag = f"coreset-{method}-{budget}"
-            sec = ws.run(
+            sec = ws.check(
                 "coreset",
                 {"coreset": {"method": method, "fraction": budget}},
-                embed="embed",
-                detect="detect-clip_score",
-                data="ingest",
-                model="base",
-                out=tag,
-                results=f"r-{tag}",
+                detect=flags,
+                out=f"data/{tag}",
+                results=f"results/{tag}",
             )
             row("coreset", budget, method, "seconds", sec)
             if method == "goracs":
-                m = json.loads((ws.root / f"r-{tag}" / "metrics.json").read_text())
+                m = ws.metrics(f"results/{tag}")
                 for k in ("objective_greedy", "objective_refined", "swaps"):
                     row("coreset", budget, method, k, m[k])
-            finetune(tag, "distill-none", f"ft-{tag}")
-            evaluate("finetune_coreset", budget, method, f"ft-{tag}")
-    truth = read_split(ws.root / "ingest", "train", columns=["uid", "noisy"])
+            model = finetune(f"data/{tag}", "data/distill-none", f"ft-{tag}")
+            evaluate("finetune_coreset", budget, method, model)
+    truth = read_split(ws.p("data/ingest"), "train", columns=["uid", "noisy"])
     pairs = zip(truth["uid"].to_pylist(), truth["noisy"].to_pylist(), strict=True)
     clean = write_subset("coreset-all_clean", [u for u, noisy in pairs if not noisy])
-    finetune(clean, "distill-none", "ft-all_clean")
-    evaluate("finetune_coreset", "all", "all_clean", "ft-all_clean")
+    evaluate(
+        "finetune_coreset", "all", "all_clean", finetune(clean, "data/distill-none", "ft-all_clean")
+    )
 
     # Distilled set alone: fine-tuned from the base, and trained from scratch.
     for ipc in args.ipc:
         for method in DISTILLERS:
             tag = f"distill-{method}-{ipc}"
             row("distill", ipc, method, "seconds", distill(method, ipc, empty, tag))
-            m = json.loads((ws.root / f"r-{tag}" / "metrics.json").read_text())
+            m = ws.metrics(f"results/{tag}")
             if "synthetic_zs_acc" in m:
                 row("distill", ipc, method, "synthetic_zs_acc", m["synthetic_zs_acc"])
-            finetune(empty, tag, f"ft-{tag}")
-            evaluate("finetune_distill", ipc, method, f"ft-{tag}")
+            evaluate("finetune_distill", ipc, method, finetune(empty, f"data/{tag}", f"ft-{tag}"))
             scratch = {"pretrain": {"steps": args.scratch_steps, "batch_size": 64, "warmup": 10}}
-            ws.run("pretrain", scratch, data=tag, out=f"scratch-{tag}", results=f"r-scratch-{tag}")
-            evaluate("scratch_distill", ipc, method, f"scratch-{tag}")
+            out = f"models/scratch-{tag}"
+            ws.check(
+                "pretrain", scratch, data=f"data/{tag}", out=out, results=f"results/scratch-{tag}"
+            )
+            evaluate("scratch_distill", ipc, method, out)
     return rows
 
 
@@ -202,9 +191,8 @@ def scaling(sizes: list[int], seed: int, frac: float) -> list[dict]:
         )
         k = max(10, int(frac * n))
         t0 = time.perf_counter()
-        sel = cs.select(
-            "goracs", pool, k, seed=seed, groups=10, target_max=1000, candidate_max=20000
-        )
+        opts = cs.GoracsOptions(groups=10, target_max=1000, candidate_max=20000)
+        sel = cs.select("goracs", pool, k, opts, seed=seed)
         sec = time.perf_counter() - t0
         print(
             f"[curation] goracs n={n} k={k}: {sec:.1f} s, candidates {sel.info['candidates_after_preclustering']}",
@@ -248,8 +236,8 @@ def reference(seed: int, max_iters: int, cut_num: int) -> list[dict]:
     img, txt, t_img, t_txt = synthetic(15_000, 5_000, seed)
     t0 = time.perf_counter()
     grad = cs.contrastive_grad_norms(img, txt, 50.0).double()
-    feat = cs._features(img, txt).double()
-    cost = cs.goracs_cost(feat, cs._features(t_img, t_txt).double(), grad, 0.5).numpy()
+    feat = cs.pair_features(img, txt).double()
+    cost = cs.goracs_cost(feat, cs.pair_features(t_img, t_txt).double(), grad, 0.5).numpy()
     t1 = time.perf_counter()
     first = cs.greedy_kmedian(cost, 1000)
     greedy_obj = cs.ot_objective(cost[first])[0]
@@ -416,23 +404,21 @@ def main() -> None:
             if (r.get("dataset"), r.get("seed")) not in redo and r.get("case") not in cases
         ]
 
-    def save():
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "curation.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (args.out / "curation.md").write_text(table(rows))
+    def checkpoint():  # after each slice, so an interrupted grid keeps what it finished
+        save("curation", rows, table(rows), args.out)
 
     for d in args.datasets:
         for s in args.seeds:
             t0 = time.perf_counter()
             rows += one(d, s, args.work, args)
             print(f"[curation] {d} seed={s}: {time.perf_counter() - t0:.0f} s", flush=True)
-            save()
+            checkpoint()
     if args.reference:
         rows += reference(0, *args.reference)
-        save()
+        checkpoint()
     if args.scale:
         rows += scaling(args.scale, 0, 0.01)
-        save()
+        checkpoint()
     print(table(rows))
 
 

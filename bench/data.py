@@ -1,7 +1,7 @@
 """Data-at-scale benchmark: streaming ingest, embedding throughput, detect and coreset scaling.
 
-    .venv/bin/python bench/data.py                         # 10k, 100k, 1M (the 1M ingest takes a while)
-    .venv/bin/python bench/data.py --sizes 10000 100000 --skip embed
+    .venv/bin/python -m bench.data                         # 10k, 100k, 1M (the 1M ingest takes a while)
+    .venv/bin/python -m bench.data --sizes 10000 100000 --skip embed
 
 - ingest: the ingest stage itself (a subprocess, `python -m stages.ingest`) on the built-in
   `shapes` source, a procedural stream (each image drawn when it is read; nothing
@@ -35,12 +35,10 @@ import numpy as np
 import torch
 import yaml
 
+from bench.results_io import write_results
+from otcurate_pipeline import layout
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from results_io import write_results  # noqa: E402
-
-from otcurate_pipeline import layout  # noqa: E402
 
 
 def row(case: str, n: int, metric: str, value: float) -> dict:
@@ -65,7 +63,7 @@ def bench_ingest(args, work: Path, rows: list) -> dict[int, Path]:
         folder.mkdir()
         params = params_file(folder, n, args.shard_size)
         cmd = [sys.executable, "-m", "stages.ingest", "--params", str(params)]
-        cmd += ["--out", str(folder / "data"), "--results", str(folder / "res")]
+        cmd += layout.stages(ROOT)["ingest"].argv(folder)  # dvc.yaml's paths under folder
         # a fresh process per size: RUSAGE_CHILDREN's maximum is then this child's
         probe = [sys.executable, "-c", _PROBE, json.dumps(cmd)]
         t0 = time.perf_counter()
@@ -81,7 +79,7 @@ def bench_ingest(args, work: Path, rows: list) -> dict[int, Path]:
             f"ingest {n}: {sec:.1f} s ({n / sec:.0f} records/s), peak RSS {rss_mb:.0f} MB",
             flush=True,
         )
-        made[n] = folder / "data"
+        made[n] = folder / layout.stages(ROOT)["ingest"].paths["out"]
     return made
 
 

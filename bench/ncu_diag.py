@@ -4,7 +4,7 @@ Runs `otcurate.ncu.finetune_ncu` in-process on a workspace that `bench/quality.p
 (base model, ingest shards, a detector's flags), so phase A alone, phase B alone and
 single-knob changes can be compared at equal steps. Appends JSON lines to --out.
 
-    .venv/bin/python bench/ncu_diag.py --work bench/work/shapes-0.5-0 \\
+    .venv/bin/python -m bench.ncu_diag --work bench/work/shapes-0.5-0 \\
         'B_only={"phase_a_fraction":0.0}' 'B_g03={"phase_a_fraction":0.0,"gamma":0.3}'
 
 Each spec is NAME=JSON of `finetune_ncu` keyword overrides on top of: 300 steps, batch 128,
@@ -15,13 +15,12 @@ phase_a_fraction 0.98 and steps 60 gives "phase A only").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -39,9 +38,9 @@ def main() -> None:
 
     from otcurate import models, ncu
     from otcurate.data.shards import read_classes, read_split
+    from otcurate.evaluate import split_metrics
     from otcurate.runtime import make_reproducible
     from otcurate_pipeline import artifacts
-    from stages.evaluate import _model_metrics
 
     w = args.work
     make_reproducible(0, 2, torch.device("cpu"))
@@ -55,7 +54,7 @@ def main() -> None:
     )
 
     def metrics(clip) -> dict[str, float]:
-        m = _model_metrics(clip, test, info, [1], 512)
+        m = split_metrics(clip, test, info, [1], 512)
         return {k: round(m[k], 4) for k in ("zs_acc", "i2t_r1", "t2i_r1")}
 
     rows = [{"name": "base", **metrics(base)}]
@@ -64,9 +63,13 @@ def main() -> None:
         clip = models.load(w / "base")
         logs: dict[str, list[float]] = defaultdict(list)
         kw = dict(noisy=noisy, steps=300, batch_size=128, lr=5e-4, warmup=30)
-        kw |= dict(weight_decay=0.2, seed=0, n_ctx=4) | json.loads(over)
+        kw |= dict(weight_decay=0.2, seed=0)
+        over_kw = json.loads(over)  # NCUOptions fields, or the shared optimisation keywords
+        own = {f.name for f in dataclasses.fields(ncu.NCUOptions)}
+        opts = ncu.NCUOptions(n_ctx=4, **{k: v for k, v in over_kw.items() if k in own})
+        kw |= {k: v for k, v in over_kw.items() if k not in own}
         ncu.finetune_ncu(
-            clip.model, images, tokens, log=lambda k, v, s, logs=logs: logs[k].append(v), **kw
+            clip.model, images, tokens, opts, log=lambda k, v, s, logs=logs: logs[k].append(v), **kw
         )
         terms = {
             k: [round(float(np.mean(v[:5])), 3), round(float(np.mean(v[-5:])), 3)]

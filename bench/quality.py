@@ -10,22 +10,20 @@ For each dataset x noise rate x seed, in a scratch folder:
 
 Writes bench/results/quality.json (flat rows) and quality.md. One command:
 
-    .venv/bin/python bench/quality.py                      # the full grid
-    .venv/bin/python bench/quality.py --datasets shapes --noise 0.5 --seeds 0   # a slice
+    .venv/bin/python -m bench.quality                      # the full grid
+    .venv/bin/python -m bench.quality --datasets shapes --noise 0.5 --seeds 0   # a slice
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-import yaml
+from bench.results_io import save
+from otcurate_pipeline.runner import Workspace, merge
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DETECTORS = ["clip_score", "ot", "ncu_batch", "gmm_loss", "infoot"]
 FINETUNERS = ["clip", "filter", "gradient_ascent", "ncu"]
@@ -37,48 +35,19 @@ DATASETS = {
 PRETRAIN = {"shapes": {"steps": 400}, "digits": {"steps": 400, "batch_size": 64}}
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
+def workspace(root: Path, overrides: dict) -> Workspace:
+    """The pipeline's runner in `root`, on the repo's params.yaml with `overrides`."""
+    from otcurate_pipeline.params import parse_yaml
+
+    return Workspace(root, merge(parse_yaml((ROOT / "params.yaml").read_text()), overrides), ROOT)
 
 
-class Workspace:
-    def __init__(self, root: Path, overrides: dict):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        from otcurate_pipeline.params import parse_yaml
-
-        self.params = merge(parse_yaml((ROOT / "params.yaml").read_text()), overrides)
-
-    def run(self, stage: str, over: dict | None = None, **paths: str) -> float:
-        import importlib
-
-        params = merge(self.params, over or {})
-        pfile = (
-            self.root
-            / f"params-{stage}-{abs(hash(json.dumps(params, sort_keys=True))) % 10**8}.yaml"
-        )
-        pfile.write_text(yaml.safe_dump(params))
-        argv = ["--params", str(pfile)]
-        for k, v in paths.items():
-            argv += [f"--{k}", str(self.root / v)]
-        t0 = time.perf_counter()
-        code = importlib.import_module(f"stages.{stage}").main(argv)
-        if code != 0:
-            raise RuntimeError(f"stage {stage} failed with exit {code} ({paths})")
-        return time.perf_counter() - t0
-
-
-def evaluate_model(ws: Workspace, data: str, model: str) -> dict[str, float]:
-    """evaluate's own metrics for one model (base and finetuned slots both get `model`)."""
-    out = f"eval-{Path(model).name}"
-    ws.run(
-        "evaluate", data=data, base=model, finetuned=model, detect="detect-clip_score", results=out
-    )
-    m = json.loads((ws.root / out / "metrics.json").read_text())
-    return {k[len("base_") :]: v for k, v in m.items() if k.startswith("base_")}
+def evaluate_model(ws: Workspace, model: str) -> dict[str, float]:
+    """evaluate's own metrics for one model (base and finetuned slots both get `model`),
+    on the clean test split of data/ingest."""
+    out = f"results/eval-{Path(model).name}"
+    ws.check("evaluate", base=model, finetuned=model, detect="data/detect-clip_score", results=out)
+    return {k[len("base_") :]: v for k, v in ws.metrics(out).items() if k.startswith("base_")}
 
 
 def one(
@@ -90,7 +59,7 @@ def one(
         "ingest": DATASETS[dataset] | {"noise": {"rate": noise}},
         "pretrain": PRETRAIN[dataset],
     }
-    ws = Workspace(work / f"{dataset}-{noise}-{seed}", common)
+    ws = workspace(work / f"{dataset}-{noise}-{seed}", common)
 
     def row(stage, method, metric, value):
         rows.append(
@@ -106,39 +75,32 @@ def one(
             }
         )
 
-    ws.run("ingest", out="ingest", results="r-ingest")
-    ws.run("pretrain", data="ingest", out="base", results="r-base")
-    oracle = "base"  # without planted noise the clean pre-training is the same run, byte for byte
+    ws.check("ingest")  # data/ingest, results/ingest: dvc.yaml's paths unless renamed
+    ws.check("pretrain")  # the base: models/pretrain
+    oracle = "models/pretrain"  # without planted noise the clean pre-training is the same run
     if noise > 0:
-        oracle = "oracle"
-        ws.run(
-            "ingest",
-            {"ingest": {"noise": {"rate": 0.0}}},
-            out="ingest-clean",
-            results="r-ingest-clean",
-        )
-        ws.run("pretrain", data="ingest-clean", out="oracle", results="r-oracle")
-    ws.run("embed", data="ingest", model="base", out="embed")
+        oracle = "models/oracle"
+        clean = {"ingest": {"noise": {"rate": 0.0}}}
+        ws.check("ingest", clean, out="data/ingest-clean", results="results/ingest-clean")
+        ws.check("pretrain", data="data/ingest-clean", out=oracle, results="results/oracle")
+    ws.check("embed")
 
     fraction = noise if noise > 0 else 0.1
     for method in DETECTORS:
-        sec = ws.run(
+        sec = ws.check(
             "detect",
             {"detect": {"method": method, "fraction": fraction}},
-            embed="embed",
-            data="ingest",
-            model="base",
-            out=f"detect-{method}",
-            results=f"r-detect-{method}",
+            out=f"data/detect-{method}",
+            results=f"results/detect-{method}",
         )
-        m = json.loads((ws.root / f"r-detect-{method}" / "metrics.json").read_text())
+        m = ws.metrics(f"results/detect-{method}")
         row("detect", method, "seconds", sec)
         if noise > 0:
             row("detect", method, "auroc", m["auroc"])
             row("detect", method, "f1", m["f1"])
 
-    for name, model in (("base", "base"), ("oracle", oracle)):
-        for k, v in evaluate_model(ws, "ingest", model).items():
+    for name, model in (("base", "models/pretrain"), ("oracle", oracle)):
+        for k, v in evaluate_model(ws, model).items():
             if k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
                 row("finetune", name, k, v)
 
@@ -146,42 +108,20 @@ def one(
         "coreset": {"method": "random", "fraction": 1.0, "exclude_flagged": False},
         "distill": {"ipc": 0},
     }
-    ws.run(
-        "coreset",
-        everything,
-        embed="embed",
-        detect=f"detect-{flags_from}",
-        data="ingest",
-        model="base",
-        out="coreset",
-        results="r-coreset",
-    )
-    ws.run(
-        "distill",
-        everything,
-        data="ingest",
-        embed="embed",
-        detect=f"detect-{flags_from}",
-        coreset="coreset",
-        model="base",
-        out="distill",
-        results="r-distill",
-    )
+    flags = f"data/detect-{flags_from}"
+    ws.check("coreset", everything, detect=flags)
+    ws.check("distill", everything, detect=flags)
     for method in FINETUNERS:
         over = merge(everything, {"finetune": {"method": method, "steps": steps, "lr": lr}})
-        sec = ws.run(
+        sec = ws.check(
             "finetune",
             over,
-            model="base",
-            data="ingest",
-            coreset="coreset",
-            detect=f"detect-{flags_from}",
-            distill="distill",
-            out=f"ft-{method}",
-            results=f"r-ft-{method}",
+            detect=flags,
+            out=f"models/ft-{method}",
+            results=f"results/ft-{method}",
         )
         row("finetune", method, "seconds", sec)
-        for k, v in evaluate_model(ws, "ingest", f"ft-{method}").items():
+        for k, v in evaluate_model(ws, f"models/ft-{method}").items():
             if k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
                 row("finetune", method, k, v)
     return rows
@@ -257,8 +197,7 @@ def main() -> None:
                     flush=True,
                 )
                 args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / "quality.json").write_text(json.dumps(rows, indent=1) + "\n")
-                (args.out / "quality.md").write_text(table(rows))
+                save("quality", rows, table(rows), args.out)
     print(table(rows))
 
 

@@ -13,18 +13,31 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def command(name: str) -> str:
+    """The command line that ran benchmark `name`, as a reader would type it."""
+    return " ".join([".venv/bin/python", "-m", f"bench.{name}", *sys.argv[1:]])
+
+
+def save(name: str, rows: list[dict], markdown: str, out: Path = RESULTS) -> None:
+    """<out>/<name>.json (the rows) and <name>.md, each written atomically: the one writer of
+    every benchmark's results."""
+    from otcurate.io import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{name}.json", json.dumps(rows, indent=1) + "\n")
+    write_text(out / f"{name}.md", markdown)
+
+
 def write_results(name: str, title: str, setup: str, rows: list[dict]) -> None:
     """bench/results/<name>.json (the rows) and <name>.md (the command, the machine, a table)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
         f"# {title}",
         "",
-        f"`{' '.join(['.venv/bin/python', f'bench/{name}.py', *sys.argv[1:]])}` on "
+        f"`{command(name)}` on "
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {setup}.",
         "",
         "| case | n | metric | value |",
         "|---|---:|---|---:|",
     ]
     lines += [f"| {r['case']} | {r['n']} | {r['metric']} | {r['value']:.4g} |" for r in rows]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    save(name, rows, "\n".join(lines) + "\n")

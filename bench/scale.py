@@ -1,8 +1,8 @@
 """Scale-out benchmark: embedding throughput in-process vs a local Dask cluster, fine-tuning step
 time in one process vs torchrun with two.
 
-    .venv/bin/python bench/scale.py                        # defaults: 16384 pairs, 40 steps
-    .venv/bin/python bench/scale.py --pairs 4096 --steps 20
+    .venv/bin/python -m bench.scale                        # defaults: 16384 pairs, 40 steps
+    .venv/bin/python -m bench.scale --pairs 4096 --steps 20
 
 Embedding runs the embed stage's own code path (`otcurate.data.embed_work.embed_shards`) on
 ingest-format shards of the built-in shapes source, with a model of random weights (the
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from bench.results_io import write_results
 
-from results_io import write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_shards(folder: Path, pairs: int, shard_size: int) -> list[str]:

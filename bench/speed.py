@@ -1,7 +1,7 @@
 """Speed benchmark: the OT layer vs POT, detection throughput and its scaling, NCU vs CLIP steps.
 
-    .venv/bin/python bench/speed.py                    # everything (the 1M point takes a while on 2 CPU cores)
-    .venv/bin/python bench/speed.py --sizes 10000 100000
+    .venv/bin/python -m bench.speed                    # everything (the 1M point takes a while on 2 CPU cores)
+    .venv/bin/python -m bench.speed --sizes 10000 100000
 
 Writes bench/results/speed.json (flat rows {"bench": "speed", "case", "n", "metric", "value"})
 and speed.md. Times are wall-clock medians over repeats, measured in one run on one machine.
@@ -10,10 +10,8 @@ and speed.md. Times are wall-clock medians over repeats, measured in one run on 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from bench.results_io import save
+from otcurate import detect as det
+from otcurate import ot as otl
 
-from otcurate import detect as det  # noqa: E402
-from otcurate import ot as otl  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
@@ -147,7 +145,7 @@ def detection_throughput(sizes, method: str, passes: int, rows: list) -> None:
 def ncu_vs_clip_step(rows: list, steps: int = 10) -> None:
     from otcurate import models
     from otcurate.data import builtin
-    from otcurate.ncu import finetune_ncu
+    from otcurate.ncu import NCUOptions, finetune_ncu
     from otcurate.train import train_contrastive
 
     recs = [builtin.shapes_record(0, i) for i in range(256)]
@@ -165,7 +163,8 @@ def ncu_vs_clip_step(rows: list, steps: int = 10) -> None:
             if name == "clip":
                 train_contrastive(clip.model, x, t, **kw)
             else:  # phase B steps only: the unlearning step that runs for most of the budget
-                finetune_ncu(clip.model, x, t, noisy=noisy, phase_a_fraction=0.0, **kw)
+                opts = NCUOptions(phase_a_fraction=0.0)
+                finetune_ncu(clip.model, x, t, opts, noisy=noisy, **kw)
             times[name] = (time.perf_counter() - t0) / n_steps
     rows += [
         {
@@ -229,8 +228,7 @@ def main() -> None:
     detection_throughput(args.sizes, args.method, args.passes, rows)
     rows = [{"bench": "speed", **r} for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / "speed.md").write_text(markdown(rows))
+    save("speed", rows, markdown(rows), args.out)
     print(markdown(rows))
 
 

@@ -88,7 +88,7 @@ def coreset(args) -> None:
         )
     pool = cs.Pool(candidates, image, text, scores, **extra)
     try:
-        sel = cs.select(p.method, pool, k, seed=base.seed, **p.method_kwargs())
+        sel = cs.select(p.method, pool, k, p.method_options(), seed=base.seed)
     except ValueError as exc:
         raise StageError(str(exc)) from exc
     u = np.asarray(uids, dtype=object)

@@ -7,6 +7,7 @@ for infoot: the fitted plan), the detector `otcurate score` applies to new pairs
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -28,29 +29,29 @@ def detect(args) -> None:
         args.embed, "train", truth_t["uid"].to_pylist(), against=args.data
     )
     truth = np.asarray(truth_t["noisy"].to_pylist(), dtype=bool)
-    kwargs = p.method_kwargs()
-    if "logit_scale" not in kwargs:
-        kwargs["logit_scale"] = model_logit_scale(args.model)
+    opts = p.method_options()
+    scale = model_logit_scale(args.model)
+    if getattr(opts, "logit_scale", False) is None:  # null: the pretrained model's own
+        opts = dataclasses.replace(opts, logit_scale=scale)
     result = det.detect(
         p.method,
         image,
         text,
+        opts,
         fraction=p.fraction,
         threshold=p.threshold,
         auto=p.auto,
         seed=base.seed,
-        **kwargs,
     )
-
     detector = det.fit_detector(
-        p.method, image, text, result, threshold=p.threshold, seed=base.seed, **kwargs
+        p.method, image, text, result, opts, threshold=p.threshold, seed=base.seed
     )
     meta, tensors = det.detector_state(detector)
 
     metrics: dict[str, float] = {
         "pairs": len(uids),
         "flagged": int(result.noisy.sum()),
-        "logit_scale": kwargs["logit_scale"],
+        "logit_scale": getattr(opts, "logit_scale", None) or scale,
     }
     has_truth = bool(truth.any())
     if has_truth:

@@ -7,11 +7,9 @@ and detection quality from `detect`. Writes `<results>/metrics.json`,
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import numpy as np
-import torch
 
 from otcurate import detect as det
 from otcurate import evaluate as ev
@@ -21,42 +19,6 @@ from otcurate.io import atomic_dir, write_json, write_text
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate_pipeline import artifacts
 from stages._common import StageError, parser, read_params, run
-
-
-def _model_metrics(clip: models.Clip, test, info, ks, batch_size: int) -> dict[str, float]:
-    images, tokens = models.pairs_to_tensors(
-        test["image"].to_pylist(), test["caption"].to_pylist(), clip
-    )
-    img, txt = models.encode(clip, images, tokens, batch_size=batch_size)
-    out = ev.retrieval_recall(img, txt, test["caption"].to_pylist(), ks)
-    labels = torch.tensor(test["label"].to_pylist())
-    if info is not None and (labels >= 0).all():
-        embed_text = functools.partial(models.encode_texts, clip, batch_size=batch_size)
-        classes = ev.class_embeddings(embed_text, info.class_names, info.templates)
-        out["zs_acc"] = ev.zero_shot_accuracy(img, classes, labels)
-        out["zs_acc_top5"] = ev.zero_shot_accuracy(img, classes, labels, topk=5)
-    return out
-
-
-def _set_metrics(clip: models.Clip, cset, spec, ks, batch_size: int) -> dict[str, float]:
-    """Metrics of one evaluate.sets entry (distinct images encoded once)."""
-    img, _ = models.encode(clip, models.decode_images(cset.images, clip), batch_size=batch_size)
-    if spec.task == "retrieval":
-        txt = models.encode_texts(clip, cset.captions, batch_size=batch_size)
-        return ev.retrieval_recall_grouped(img, txt, torch.from_numpy(cset.caption_image), ks)
-    labels = torch.from_numpy(cset.labels)
-    if cset.info is None or (labels < 0).any():
-        raise StageError(
-            f"evaluate.sets {spec.name}: a classification set needs a label for every image and "
-            "class names (hf.label_column, hf.class_names)."
-        )
-    templates = spec.templates or cset.info.templates
-    embed_text = functools.partial(models.encode_texts, clip, batch_size=batch_size)
-    classes = ev.class_embeddings(embed_text, cset.info.class_names, templates)
-    return {
-        "zs_acc": ev.zero_shot_accuracy(img, classes, labels),
-        "zs_acc_top5": ev.zero_shot_accuracy(img, classes, labels, topk=5),
-    }
 
 
 def _load_sets(sets) -> list:
@@ -87,10 +49,15 @@ def evaluate(args) -> None:
     rows = {}
     for name, folder in (("base", args.base), ("finetune", args.finetuned)):
         clip = models.load(folder, device=device)
-        rows[name] = _model_metrics(clip, test, info, p.recall_at, p.batch_size)
+        rows[name] = ev.split_metrics(clip, test, info, p.recall_at, p.batch_size)
         for spec, cset in sets:
-            for k, v in _set_metrics(clip, cset, spec, p.recall_at, p.batch_size).items():
-                rows[name][f"{spec.name}_{k}"] = v
+            try:
+                got = ev.clean_set_metrics(
+                    clip, cset, spec.task, spec.templates, p.recall_at, p.batch_size
+                )
+            except ValueError as exc:
+                raise StageError(f"evaluate.sets {spec.name}: {exc}") from exc
+            rows[name].update({f"{spec.name}_{k}": v for k, v in got.items()})
 
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
     scores = artifacts.read_scores(args.detect, truth_t["uid"].to_pylist(), against=args.data)
@@ -105,37 +72,9 @@ def evaluate(args) -> None:
     for k in rows["base"]:
         metrics[f"delta_{k}"] = rows["finetune"][k] - rows["base"][k]
 
-    shown = [
-        k
-        for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
-        if k in rows["base"]
-    ]
-    lines = [
-        "# otcurate: base vs fine-tuned",
-        "",
-        f"Clean test split: {test.num_rows} pairs. Higher is better.",
-        "",
-        "| metric | base | fine-tuned | change |",
-        "|---|---:|---:|---:|",
-    ]
-    for k in shown:
-        b, f = rows["base"][k], rows["finetune"][k]
-        lines.append(f"| {k} | {b:.4f} | {f:.4f} | {f - b:+.4f} |")
-    for spec, cset in sets:
-        what = (
-            f"{len(cset.images)} images, {len(cset.captions)} captions"
-            if spec.task == "retrieval"
-            else f"{len(cset.images)} images, {len(cset.info.class_names)} classes"
-        )
-        lines += ["", f"## {spec.name} ({spec.task}; {what})", ""]
-        lines += ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
-        for k in rows["base"]:
-            if k.startswith(f"{spec.name}_"):
-                b, f = rows["base"][k], rows["finetune"][k]
-                lines.append(f"| {k[len(spec.name) + 1 :]} | {b:.4f} | {f:.4f} | {f - b:+.4f} |")
-    lines += ["", "## Detection (train split, against planted noise)", ""]
-    lines += [f"- {k}: {v:.4f}" for k, v in sorted(detection.items())]
-    lines += ["", "![comparison](plots/comparison.png)", "", "![scores](plots/scores.png)", ""]
+    shown = [k for k in ev.HEADLINE if k in rows["base"]]
+    described = [(spec.name, ev.describe_set(cset, spec.task)) for spec, cset in sets]
+    report = ev.report_markdown(rows, shown, described, detection, test.num_rows)
     with atomic_dir(args.results) as res:
         (res / "plots").mkdir()
         ev.plot_comparison(res / "plots" / "comparison.png", rows, shown)
@@ -145,9 +84,9 @@ def evaluate(args) -> None:
             truth if truth.any() else None,
             "detection scores on train",
         )
-        write_text(res / "report.md", "\n".join(lines))
+        write_text(res / "report.md", report)
         write_json(res / "metrics.json", metrics)
-    print("\n".join(lines[4 : 6 + len(shown)]))
+    print(ev.headline_table(rows, shown))
 
 
 def main(argv=None) -> int:

@@ -14,10 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from otcurate import models, parallel
-from otcurate.data.shards import read_selected, read_split
+from otcurate import models, parallel, train
+from otcurate.data.shards import read_selected
 from otcurate.runtime import make_reproducible, resolve_device
-from otcurate.train import FINETUNE_METHODS
 from otcurate_pipeline import artifacts
 from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
@@ -53,7 +52,7 @@ def finetune(args) -> None:
     subset = pa.array(artifacts.read_subset(args.coreset).uids, pa.string())
     # only the chosen rows, shard by shard; images stay encoded until their batch comes
     chosen = read_selected(args.data, "train", subset, ["uid", "image", "caption"])
-    distilled = read_split(args.distill, "train", columns=["uid", "image", "caption"])
+    distilled = artifacts.read_distilled(args.distill, columns=["uid", "image", "caption"])
     distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
     data = pa.concat_tables([chosen, distilled])
     # detect's flags for the coreset part; distilled examples are treated as clean.
@@ -69,15 +68,16 @@ def finetune(args) -> None:
     if size > 1:
         parallel.global_batchnorm(clip.model)
     images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
-    res = FINETUNE_METHODS[p.method](
+    res = train.finetune(
+        p.method,
         clip.model,
         images,
         tokens,
+        p.method_options(),
         noisy=noisy,
         **p.optim_kwargs(),
         seed=base.seed,
         log=live_logger() if rank == 0 else None,
-        **p.method_kwargs(),
     )
     metrics = {
         "flagged_pairs": int(noisy.sum()),

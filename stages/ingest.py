@@ -16,15 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from otcurate.data import builtin
 from otcurate.data.hf import SourceError, load_pairs, source_kwargs
 from otcurate.data.records import SPLITS, check_record, plant_noise, split_of
 from otcurate.data.shards import write_classes
-from otcurate.data.staging import ShardWriter, Stager, read_column, split_positions
+from otcurate.data.staging import Stager, finalize, read_column, split_positions
 from otcurate.io import atomic_dir, write_json
 from otcurate.progress import track
 from stages._common import StageError, parser, read_params, run
@@ -137,38 +134,8 @@ def ingest(args) -> None:
     train_uids = [cols["uid"][i] for i in train]
     del cols
     with atomic_dir(args.out) as out:
-        writers = {s: ShardWriter(out, s, p.shard_size) for s in SPLITS}
-        k = 0  # position in the train split
-        for name in track(c.chunks, total=len(c.chunks), description="ingest: shards"):
-            t = pq.read_table(staging / name, columns=["uid", "split", "image", "caption", "label"])
-            for s in SPLITS:
-                part = t.filter(pc.equal(t["split"], s))
-                m = part.num_rows
-                if m == 0:
-                    continue
-                if s == "train":
-                    caps = pa.array(train_caps[k : k + m], pa.string())
-                    flags = pa.array(noisy[k : k + m], pa.bool_())
-                    src = pa.array([train_uids[j] for j in caption_from[k : k + m]], pa.string())
-                    k += m
-                else:
-                    caps, flags, src = part["caption"], pa.array(np.zeros(m, bool)), part["uid"]
-                writers[s].add(
-                    pa.table(
-                        {
-                            "uid": part["uid"],
-                            "split": part["split"],
-                            "image": part["image"],
-                            "caption": caps,
-                            "label": part["label"],
-                            "noisy": flags,
-                            "caption_from": src,
-                        }
-                    )
-                )
-        for s in SPLITS:
-            writers[s].close()
-            metrics[f"{s}_pairs"] = counts[s]
+        finalize(staging, c.chunks, out, p.shard_size, train_uids, train_caps, noisy, caption_from)
+        metrics.update({f"{s}_pairs": counts[s] for s in SPLITS})
         write_classes(out, info)
         with open(out / "rejects.jsonl", "w") as fh:
             for line in stager.rejects():
@@ -193,9 +160,7 @@ def main(argv=None) -> int:
     ap = parser("ingest", __doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--results", required=True)
-    ap.add_argument(
-        "--sources", default="data/sources.json", help="source manifest (resume fingerprint)"
-    )
+    ap.add_argument("--sources", required=True, help="source manifest (resume fingerprint)")
     return run("ingest", ingest, ap.parse_args(argv))
 
 

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from otcurate import models, parallel
+from otcurate.ncu import NCUOptions
 from otcurate.runtime import make_reproducible
-from otcurate.train import FINETUNE_METHODS
+from otcurate.train import finetune
 
 
 def main(out: str, method: str, batch_size: int) -> None:
@@ -30,10 +31,10 @@ def main(out: str, method: str, batch_size: int) -> None:
     images = torch.randn(n, 3, 32, 32, generator=g)
     tokens = torch.randint(1, 400, (n, 16), generator=g)
     noisy = np.arange(n) % 5 == 0
-    kw = {"ncu": {"n_ctx": 2, "phase_a_fraction": 0.5}}.get(method, {})
-    res = FINETUNE_METHODS[method](
-        clip.model, images, tokens, noisy=noisy, steps=4, batch_size=batch_size,
-        lr=1e-3, warmup=1, weight_decay=0.1, seed=0, **kw,
+    opts = NCUOptions(n_ctx=2, phase_a_fraction=0.5) if method == "ncu" else None
+    res = finetune(
+        method, clip.model, images, tokens, opts, noisy=noisy, steps=4, batch_size=batch_size,
+        lr=1e-3, warmup=1, weight_decay=0.1, seed=0,
     )  # fmt: skip
     parallel.shutdown()
     if rank == 0:

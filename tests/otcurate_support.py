@@ -7,7 +7,6 @@ pytest imported last (tests/unit has its own), so helpers must live under a uniq
 from __future__ import annotations
 
 import ast
-import copy
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from otcurate_pipeline import layout
+from otcurate_pipeline.runner import Workspace, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: otcurate, dvc, prefect
@@ -44,46 +44,28 @@ TINY = {
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = (
-            merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out
+def tiny_params(overrides: dict | None = None) -> dict:
+    """The repo's params.yaml, then TINY, then `overrides`."""
+    from otcurate_pipeline.params import parse_yaml
+
+    return merge(merge(parse_yaml((ROOT / "params.yaml").read_text()), TINY), overrides or {})
 
 
 def write_params(folder: Path, overrides: dict | None = None) -> Path:
-    """A params.yaml: the repo's defaults, then TINY, then `overrides`."""
-    from otcurate_pipeline.params import parse_yaml
-
-    params = merge(merge(parse_yaml((ROOT / "params.yaml").read_text()), TINY), overrides or {})
+    """`folder`/params.yaml holding `tiny_params(overrides)`."""
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
     return path
 
 
-class TinyRun:
-    """Runs stages' `main()` in a folder with the layout of dvc.yaml."""
+class TinyRun(Workspace):
+    """The pipeline's runner (otcurate_pipeline.runner) on TINY params, in `root`."""
 
     def __init__(self, root: Path):
-        self.root = root
-        self.params = write_params(root)
-
-    def p(self, rel: str) -> str:
-        return str(self.root / rel)
-
-    def args(self, stage: str, params: Path | None = None, **paths: str) -> list[str]:
-        argv = ["--params", str(params or self.params)]
-        for k, v in paths.items():
-            argv += [f"--{k}", self.p(v) if not os.path.isabs(v) else v]
-        return argv
+        super().__init__(root, tiny_params(), repo=ROOT)
 
     def run(self, stage: str, params: Path | None = None, **paths: str) -> int:
-        import importlib
-
-        mod = importlib.import_module(f"stages.{stage}")
-        return mod.main(self.args(stage, params, **paths))
+        return super().run(stage, params=params, **paths)
 
 
 LAYOUT = layout.stages(ROOT)  # dvc.yaml's stages, their paths, deps and outs

@@ -46,3 +46,11 @@ def test_every_path_a_cmd_names_is_a_dep_or_an_out(stage):
 def test_code_deps_exist(stage):
     code = [d for d in LAYOUT[stage].deps if d.startswith(("src/", "stages/"))]
     assert [d for d in code if not (ROOT / d).exists()] == []
+
+
+def test_the_source_manifests_are_the_deps_dvc_yaml_lists():
+    from otcurate_pipeline import manifests
+
+    assert LAYOUT["ingest"].paths["sources"] == str(manifests.MANIFEST)
+    for stage, rel in manifests.CLEAN_MANIFESTS.items():
+        assert str(rel) in LAYOUT[stage].deps, stage

@@ -48,3 +48,30 @@ def test_the_walk_sees_imports():  # the graph is not empty by accident
     assert g.has_edge("otcurate.train", "otcurate.optim")
     assert g.has_edge("otcurate.optim", "otcurate.models")
     assert g.has_edge("otcurate.io", "otcurate.faults")
+
+
+def test_no_scorer_or_selector_swallows_unknown_keywords():
+    """Options come as one record per method; a misspelt option cannot vanish into **_."""
+    import inspect
+
+    from otcurate import coreset, detect, distill
+
+    for registry in (detect.METHODS, coreset.METHODS, distill.METHODS):
+        for name, method in registry.items():
+            kinds = {p.kind for p in inspect.signature(method.fn).parameters.values()}
+            assert inspect.Parameter.VAR_KEYWORD not in kinds, name
+
+
+def test_nothing_imports_through_sys_path_and_bench_uses_no_private_names():
+    """Every package is importable as installed (src/) or from the repo root (stages, flows,
+    bench: `python -m`); the benchmarks use the library's and the runner's public names."""
+    import re
+
+    code = [
+        f for d in ("src", "stages", "flows", "tests", "bench") for f in (ROOT / d).rglob("*.py")
+    ]
+    hack = re.compile(r"sys\.path\.(?:insert|append)\(")
+    assert [str(f.relative_to(ROOT)) for f in code if hack.search(f.read_text())] == []
+    private = re.compile(r"\b(?:cs|det|dist|ev|ncu|models|stages\.\w+)\._[a-z]\w*")
+    for f in (ROOT / "bench").glob("*.py"):
+        assert private.findall(f.read_text()) == [], f.name

@@ -12,13 +12,15 @@ k-median first, then swaps pruned by the OT dual potentials.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from otcurate import methods as registry
+from otcurate.clusters import clusters
+from otcurate.methods import Method, NoOptions
 from otcurate.progress import track
 
 
@@ -75,14 +77,14 @@ def _finish(indices: np.ndarray, scores: np.ndarray, info: dict | None = None) -
     )
 
 
-def random(pool: Pool, k: int, *, seed: int) -> Selection:
+def random(pool: Pool, k: int, opts: NoOptions | None = None, *, seed: int) -> Selection:
     """k candidates uniformly at random."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(pool.candidates, size=k, replace=False)
     return _finish(chosen, pool.scores[chosen])
 
 
-def clip_score(pool: Pool, k: int, *, seed: int) -> Selection:
+def clip_score(pool: Pool, k: int, opts: NoOptions | None = None, *, seed: int) -> Selection:
     """The k candidates with the highest detection score (DataComp-style top-k)."""
     cand = pool.candidates
     order = np.argsort(-pool.scores[cand], kind="stable")[:k]
@@ -90,16 +92,16 @@ def clip_score(pool: Pool, k: int, *, seed: int) -> Selection:
     return _finish(chosen, pool.scores[chosen])
 
 
-def _features(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def pair_features(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """One vector per pair: [image, text] / sqrt(2) (unit norm when both are)."""
     return torch.cat([image, text], dim=1) / np.sqrt(2.0)
 
 
-def kcenter(pool: Pool, k: int, *, seed: int) -> Selection:
+def kcenter(pool: Pool, k: int, opts: NoOptions | None = None, *, seed: int) -> Selection:
     """k-center greedy (farthest-first traversal) on the pairs' [image, text] embeddings,
     from a seeded random first centre; ``info['radius']`` is the final covering radius."""
     cand = pool.candidates
-    x = _features(pool.image[cand], pool.text[cand]).double()
+    x = pair_features(pool.image[cand], pool.text[cand]).double()
     first = int(np.random.default_rng(seed).integers(len(cand)))
     chosen = [first]
     dist = torch.cdist(x, x[first : first + 1]).squeeze(1)
@@ -315,20 +317,30 @@ def split_budget(k: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarra
     return out
 
 
-def goracs(
-    pool: Pool,
-    k: int,
-    *,
-    seed: int,
-    lam: float = 0.5,
-    max_iters: int = 100,
-    cut_num: int = 10,
-    grouped: bool = True,
-    groups: int = 10,
-    target_max: int = 2000,
-    candidate_max: int = 20000,
-    grad_batch_size: int = 256,
-) -> Selection:
+@dataclass(frozen=True, kw_only=True)
+class GoracsOptions:
+    """goracs: cost = distance/max - lam * gradnorm/max; swap refinement limits."""
+
+    lam: float = 0.5
+    max_iters: int = 100  # accepted swaps at most (the reference's default)
+    cut_num: int = 10  # members and outsiders tried per swap round (pruned by the duals' estimate)
+    grouped: bool = True  # split the budget by the target's classes (or text clusters)
+    groups: int = 10  # k-means clusters of the text embeddings when there are no labels
+    target_max: int = 2000  # subsample the target (val) to at most this many pairs
+    candidate_max: int = 20000  # pre-cluster larger pools into max(this, 2 x budget)
+    grad_batch_size: int = 256  # batches for the per-pair gradient norms
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0; got {self.lam}.")
+        if self.max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0; got {self.max_iters}.")
+        for name in ("cut_num", "groups", "target_max", "candidate_max", "grad_batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
+
+
+def goracs(pool: Pool, k: int, opts: GoracsOptions | None = None, *, seed: int) -> Selection:
     """GORACS: stage-1 greedy and stage-2 swap refinement on the OT cost to the target,
     per group (labels, or k-means clusters of the text embeddings) with the budget split by
     the target's group proportions. ``target_max`` subsamples the target and
@@ -337,21 +349,22 @@ def goracs(
     the cost matrix stays ≤ max(candidate_max, 2k) × target_max and a budget beyond
     candidate_max still leaves GORACS a choice.
     """
+    o = opts or GoracsOptions()
     if pool.target_image is None or pool.target_text is None or len(pool.target_image) == 0:
         raise ValueError("goracs needs a non-empty target set (the clean val split).")
     rng = np.random.default_rng(seed)
     cand = pool.candidates
     grad_all = contrastive_grad_norms(
-        pool.image, pool.text, pool.logit_scale, batch_size=grad_batch_size, seed=seed
+        pool.image, pool.text, pool.logit_scale, batch_size=o.grad_batch_size, seed=seed
     )
-    feat = _features(pool.image[cand], pool.text[cand])  # float until pre-clustering is done
+    feat = pair_features(pool.image[cand], pool.text[cand])  # float until pre-clustering is done
     grad = grad_all[cand]
     tgt = np.arange(len(pool.target_image))
-    if len(tgt) > target_max:
-        tgt = np.sort(rng.choice(tgt, size=target_max, replace=False))
-    tfeat = _features(pool.target_image[tgt], pool.target_text[tgt]).double()
+    if len(tgt) > o.target_max:
+        tgt = np.sort(rng.choice(tgt, size=o.target_max, replace=False))
+    tfeat = pair_features(pool.target_image[tgt], pool.target_text[tgt]).double()
 
-    pool_max = max(candidate_max, 2 * k)  # a large budget keeps two candidates per slot
+    pool_max = max(o.candidate_max, 2 * k)  # a large budget keeps two candidates per slot
     if len(cand) > pool_max:
         keep = precluster(feat.float().numpy(), pool_max, seed=seed)
         if len(keep) < k:  # rounding and shared nearest members can leave a few short
@@ -360,7 +373,7 @@ def goracs(
         cand, feat, grad = cand[keep], feat[keep], grad[keep]
     feat, grad = feat.double(), grad.double()
 
-    cand_g, tgt_g = _groups(pool, cand, tgt, grouped=grouped, groups=groups, seed=seed)
+    cand_g, tgt_g = _groups(pool, cand, tgt, grouped=o.grouped, groups=o.groups, seed=seed)
     ids = np.unique(np.concatenate([cand_g, tgt_g]))
     weights = np.array([(tgt_g == g).sum() for g in ids], dtype=np.float64)
     capacity = np.array([(cand_g == g).sum() for g in ids])
@@ -378,10 +391,10 @@ def goracs(
         cols = np.flatnonzero(tgt_g == g)
         if len(cols) == 0:  # a group the target lacks: only reachable when others are full
             cols = np.arange(len(tgt))
-        cost = goracs_cost(feat[rows], tfeat[cols], grad[rows], lam).numpy()
+        cost = goracs_cost(feat[rows], tfeat[cols], grad[rows], o.lam).numpy()
         first = greedy_kmedian(cost, int(kg))
         o_g, _, _ = ot_objective(cost[first])
-        picked, o_r, s_g, e_g = swap_refine(cost, first, max_iters=max_iters, cut_num=cut_num)
+        picked, o_r, s_g, e_g = swap_refine(cost, first, max_iters=o.max_iters, cut_num=o.cut_num)
         share = kg / k
         obj_greedy += share * o_g
         obj_refined += share * o_r
@@ -454,23 +467,25 @@ def _groups(
         lc, lt = np.asarray(pool.labels)[cand], np.asarray(pool.target_labels)[tgt]
         if (lc >= 0).all() and (lt >= 0).all():
             return lc.astype(np.int64), lt.astype(np.int64)
-    from otcurate.distill import clusters
-
     both = torch.cat([pool.text[cand], pool.target_text[tgt]]).numpy()
     ids = clusters(both, groups, seed=seed)
     return ids[: len(cand)].astype(np.int64), ids[len(cand) :].astype(np.int64)
 
 
-METHODS: dict[str, Callable[..., Selection]] = {
-    "random": random,
-    "clip_score": clip_score,
-    "kcenter": kcenter,
-    "goracs": goracs,
+METHODS: dict[str, Method] = {
+    "random": Method(random),
+    "clip_score": Method(clip_score),
+    "kcenter": Method(kcenter),
+    "goracs": Method(goracs, GoracsOptions),
 }
 
 
-def select(method: str, pool: Pool, k: int, *, seed: int, **kwargs: Any) -> Selection:
-    """Run ``method``; ``kwargs`` are its own options (only `goracs` takes any)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown coreset method {method!r}; known: {', '.join(sorted(METHODS))}.")
-    return METHODS[method](pool, k, seed=seed, **kwargs)
+def options(method: str, **values: Any) -> Any:
+    """The options record of `method` with `values` set; an unknown key is an error."""
+    return registry.options("coreset", METHODS, method, **values)
+
+
+def select(method: str, pool: Pool, k: int, opts: Any = None, *, seed: int) -> Selection:
+    """Run ``method`` with its options record (None: its defaults; only goracs has any)."""
+    opts = registry.checked("coreset", METHODS, method, opts)
+    return METHODS[method].fn(pool, k, opts, seed=seed)

@@ -10,13 +10,16 @@ are the data's labels, or k-means clusters of the text embeddings when it has no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from otcurate.data.records import ClassInfo
+from otcurate.methods import Method
 from otcurate.progress import track
 
 
@@ -24,16 +27,6 @@ from otcurate.progress import track
 class Distilled:
     indices: np.ndarray  # (m,) sorted indices of the real pairs chosen
     classes: np.ndarray  # (m,) the class (or cluster) each stands for
-
-
-def clusters(text: np.ndarray, k: int, *, seed: int) -> np.ndarray:
-    """Cluster ids (n,) of text embeddings by k-means, for data without labels."""
-    from sklearn.cluster import KMeans
-
-    k = min(k, len(text))
-    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(
-        np.asarray(text, dtype=np.float64)
-    )
 
 
 def random_real(classes: np.ndarray, candidates: np.ndarray, ipc: int, *, seed: int) -> Distilled:
@@ -70,12 +63,15 @@ def barycenters(
     ipc: int,
     *,
     seed: int,
-    max_iter: int = 100,
+    max_iter: int | None = None,
 ) -> Barycenters:
     """Per class, the free-support Wasserstein barycenter (POT
     ``ot.lp.free_support_barycenter``, uniform weights) of the candidates' features with
-    ``min(ipc, members)`` points, initialised at seeded random members."""
+    ``min(ipc, members)`` points, initialised at seeded random members; ``max_iter`` None
+    is wmdd's default (`WmddOptions.barycenter_iter`)."""
     import ot
+
+    max_iter = WmddOptions.barycenter_iter if max_iter is None else max_iter
 
     rng = np.random.default_rng(seed)
     pts, cls, near, cost = [], [], [], {}
@@ -184,6 +180,29 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True, kw_only=True)
+class WmddOptions:
+    """wmdd: per-class Wasserstein barycenter (``barycenter_iter`` iterations), then
+    ``steps`` of pixel optimisation (Adam betas (0.5, 0.9), cosine ``lr``) weighing three
+    terms; ``stat_samples`` real images per class give the activation statistics."""
+
+    barycenter_iter: int = 100
+    steps: int = 300
+    lr: float = 0.05
+    w_feat: float = 1.0  # feature-to-barycenter distance
+    w_ce: float = 1.0  # cross-entropy against the zero-shot class embeddings
+    w_stat: float = 1.0  # per-class activation statistics matching
+    stat_samples: int = 256  # real images per class for the statistics
+
+    def __post_init__(self) -> None:
+        for name in ("barycenter_iter", "steps", "lr", "stat_samples"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
+        for name in ("w_feat", "w_ce", "w_stat"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+
+
 def synthesize(
     model: torch.nn.Module,
     bary: Barycenters,
@@ -195,11 +214,7 @@ def synthesize(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     scale: float,
-    steps: int,
-    lr: float,
-    w_feat: float = 1.0,
-    w_ce: float = 1.0,
-    w_stat: float = 1.0,
+    opts: WmddOptions | None = None,
     seed: int = 0,
     log: Callable[[str, float, int], None] | None = None,
 ) -> Synthetic:
@@ -212,6 +227,8 @@ def synthesize(
     each step; Adam betas (0.5, 0.9), cosine lr; pixels clipped to [0, 1] after each step.
     The model's weights are not changed.
     """
+    o = opts or WmddOptions()
+    steps, lr = o.steps, o.lr
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     m = len(bary.points)
@@ -253,7 +270,7 @@ def synthesize(
                         + torch.linalg.vector_norm(sv - rv.to(dev))
                     )
             stat = stat / max(1, len(groups))
-            loss = w_feat * feat + w_ce * ce + w_stat * stat
+            loss = o.w_feat * feat + o.w_ce * ce + o.w_stat * stat
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -273,7 +290,10 @@ def synthesize(
     return Synthetic(pix.detach().cpu(), losses, terms)
 
 
-METHODS: dict[str, Callable[..., object]] = {"random_real": random_real, "wmdd": synthesize}
+METHODS: dict[str, Method] = {
+    "random_real": Method(random_real),
+    "wmdd": Method(synthesize, WmddOptions),
+}
 PICKERS: dict[str, Callable[..., Distilled]] = {"random_real": random_real}
 
 
@@ -287,3 +307,112 @@ def distill(
             f"{method!r} does not pick real examples; pickers: {', '.join(sorted(PICKERS))}."
         )
     return PICKERS[method](classes, candidates, ipc, seed=seed)
+
+
+@dataclass(frozen=True)
+class WmddSet:
+    """A synthesised set: one pair per barycenter point, in the ingest record format."""
+
+    uids: list[str]
+    captions: list[str]  # the class's prompt, or (no labels) the real caption nearest the point
+    labels: list[int]  # -1 without labels
+    images: list[bytes]  # PNG
+    pixels: np.ndarray  # (m, 3, H, W) in [0, 1]
+    row_names: list[str]  # the class (or cluster) name of each image
+    losses: list[float]
+    metrics: dict
+
+
+def wmdd(
+    clip,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_bytes: Callable[[int], bytes],
+    captions: Sequence[str],
+    classes: np.ndarray,
+    candidates: np.ndarray,
+    ipc: int,
+    info: ClassInfo | None,
+    opts: WmddOptions | None = None,
+    *,
+    seed: int,
+    log: Callable[[str, float, int], None] | None = None,
+) -> WmddSet:
+    """WMDD's distilled set from the candidates (rows of the train split) in `clip`'s
+    feature space: per class the barycenter of the candidates' image features (``image``),
+    then one image synthesised per point (`synthesize`), captioned by the class's prompt.
+
+    ``info`` None means ``classes`` are text clusters (no usable labels): each cluster's
+    mean text embedding stands in for its class prompt, and each image takes the real
+    caption nearest its point. ``image_bytes(i)`` and ``captions[i]`` are train row i's
+    (only the rows sampled for the activation statistics are read)."""
+    from PIL import Image
+
+    from otcurate import models
+    from otcurate.data.builtin import png_bytes
+    from otcurate.evaluate import class_embeddings, zero_shot_accuracy
+
+    o = opts or WmddOptions()
+    device = clip.device
+    bary = barycenters(image, classes, candidates, ipc, seed=seed, max_iter=o.barycenter_iter)
+    cls_ids = [int(c) for c in np.unique(bary.classes)]
+    index = {c: i for i, c in enumerate(cls_ids)}
+    if info is not None:
+        names = [info.class_names[c] for c in cls_ids]
+        embed_text = functools.partial(models.encode_texts, clip, batch_size=512)
+        classifier = class_embeddings(embed_text, names, info.templates)
+    else:
+        names = [f"cluster {c}" for c in cls_ids]
+        means = [text[candidates[classes[candidates] == c]].mean(0) for c in cls_ids]
+        classifier = F.normalize(torch.stack(means), dim=-1)
+    rng = np.random.default_rng(seed)
+    real = {}
+    for c in cls_ids:
+        members = candidates[classes[candidates] == c]
+        take = np.sort(rng.choice(members, size=min(o.stat_samples, len(members)), replace=False))
+        x, _ = models.pairs_to_tensors(
+            [image_bytes(int(i)) for i in take], [captions[int(i)] for i in take], clip
+        )
+        real[c] = x.to(device)
+    cfg = clip.preprocess_cfg
+    syn = synthesize(
+        clip.model,
+        bary,
+        classifier,
+        index,
+        class_statistics(clip.model, real),
+        size=models.input_size(cfg) or (32, 32),
+        mean=tuple(cfg.get("mean")),
+        std=tuple(cfg.get("std")),
+        scale=float(clip.model.logit_scale.exp().clamp(max=100.0)),
+        opts=o,
+        seed=seed,
+        log=log,
+    )
+    uid, cap, lab, png = [], [], [], []
+    count: dict[int, int] = {}
+    for j, c in enumerate(bary.classes.tolist()):
+        n = count.get(c, 0)
+        count[c] = n + 1
+        uid.append(f"wmdd-{c}-{n}")
+        if info is not None:
+            cap.append(info.templates[n % len(info.templates)].format(info.class_names[c]))
+        else:  # the real caption nearest (in image features) to the barycenter point
+            cap.append(captions[int(bary.nearest[j])])
+        lab.append(c if info is not None else -1)
+        arr = (syn.pixels[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        png.append(png_bytes(Image.fromarray(arr)))
+    # Sanity: does the base model read each synthetic image as its class?
+    x, _ = models.pairs_to_tensors(png, cap, clip)
+    img, _ = models.encode(clip, x)
+    y = torch.tensor([index[c] for c in bary.classes.tolist()])
+    metrics = {
+        "pairs": len(uid),
+        "classes": len(cls_ids),
+        "synthetic_zs_acc": zero_shot_accuracy(img, classifier.cpu(), y),
+        "final_loss": syn.losses[-1] if syn.losses else float("nan"),
+        **{f"final_{k}": v for k, v in syn.terms.items()},
+        "barycenter_w2": float(np.mean(list(bary.cost.values()))),
+    }
+    rows = [names[index[c]] for c in bary.classes.tolist()]
+    return WmddSet(uid, cap, lab, png, syn.pixels.numpy(), rows, syn.losses, metrics)

@@ -6,6 +6,7 @@ plain floats; plots take records and write PNGs through a given path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -173,3 +174,96 @@ def retrieval_recall_grouped(
         out[f"i2t_r{k}"] = float((i2t[:, : min(k, kt)] == rows).any(1).float().mean())
         out[f"t2i_r{k}"] = float((t2i[:, : min(k, ki)] == owner.view(-1, 1)).any(1).float().mean())
     return out
+
+
+def split_metrics(clip, test, info, ks: Sequence[int], batch_size: int) -> dict[str, float]:
+    """Retrieval recall@k (i2t, t2i) and, with labels and class names, zero-shot top-1/5 of
+    `clip` (an `otcurate.models.Clip`) on a split: a table with image, caption, label."""
+    from otcurate import models
+
+    images, tokens = models.pairs_to_tensors(
+        test["image"].to_pylist(), test["caption"].to_pylist(), clip
+    )
+    img, txt = models.encode(clip, images, tokens, batch_size=batch_size)
+    out = retrieval_recall(img, txt, test["caption"].to_pylist(), ks)
+    labels = torch.tensor(test["label"].to_pylist())
+    if info is not None and (labels >= 0).all():
+        embed_text = functools.partial(models.encode_texts, clip, batch_size=batch_size)
+        classes = class_embeddings(embed_text, info.class_names, info.templates)
+        out["zs_acc"] = zero_shot_accuracy(img, classes, labels)
+        out["zs_acc_top5"] = zero_shot_accuracy(img, classes, labels, topk=5)
+    return out
+
+
+def clean_set_metrics(
+    clip, cset, task: str, templates: Sequence[str] | None, ks: Sequence[int], batch_size: int
+) -> dict[str, float]:
+    """Metrics of one clean set (`otcurate.data.evalsets.CleanSet`; distinct images encoded
+    once): recall@k for a retrieval set, zero-shot top-1/5 for a classification set."""
+    from otcurate import models
+
+    img, _ = models.encode(clip, models.decode_images(cset.images, clip), batch_size=batch_size)
+    if task == "retrieval":
+        txt = models.encode_texts(clip, cset.captions, batch_size=batch_size)
+        return retrieval_recall_grouped(img, txt, torch.from_numpy(cset.caption_image), ks)
+    labels = torch.from_numpy(cset.labels)
+    if cset.info is None or (labels < 0).any():
+        raise ValueError(
+            "a classification set needs a label for every image and class names "
+            "(hf.label_column, hf.class_names)."
+        )
+    templates = templates or cset.info.templates
+    embed_text = functools.partial(models.encode_texts, clip, batch_size=batch_size)
+    classes = class_embeddings(embed_text, cset.info.class_names, templates)
+    return {
+        "zs_acc": zero_shot_accuracy(img, classes, labels),
+        "zs_acc_top5": zero_shot_accuracy(img, classes, labels, topk=5),
+    }
+
+
+HEADLINE = ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
+
+
+def describe_set(cset, task: str) -> str:
+    if task == "retrieval":
+        return f"{task}; {len(cset.images)} images, {len(cset.captions)} captions"
+    return f"{task}; {len(cset.images)} images, {len(cset.info.class_names)} classes"
+
+
+def _comparison(rows: Mapping[str, Mapping[str, float]], keys: Sequence[str], strip: int = 0):
+    lines = ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
+    for k in keys:
+        b, f = rows["base"][k], rows["finetune"][k]
+        lines.append(f"| {k[strip:]} | {b:.4f} | {f:.4f} | {f - b:+.4f} |")
+    return lines
+
+
+def headline_table(rows: Mapping[str, Mapping[str, float]], shown: Sequence[str]) -> str:
+    """The base vs fine-tuned table of the headline metrics (markdown)."""
+    return "\n".join(_comparison(rows, shown))
+
+
+def report_markdown(
+    rows: Mapping[str, Mapping[str, float]],
+    shown: Sequence[str],
+    sets: Sequence[tuple[str, str]],
+    detection: Mapping[str, float],
+    n_test: int,
+) -> str:
+    """evaluate's report.md: the headline table on the clean test split, one table per clean
+    set (``sets``: (name, description)), detection quality, and the two plots."""
+    lines = [
+        "# otcurate: base vs fine-tuned",
+        "",
+        f"Clean test split: {n_test} pairs. Higher is better.",
+        "",
+    ]
+    lines += _comparison(rows, shown)
+    for name, what in sets:
+        lines += ["", f"## {name} ({what})", ""]
+        keys = [k for k in rows["base"] if k.startswith(f"{name}_")]
+        lines += _comparison(rows, keys, strip=len(name) + 1)
+    lines += ["", "## Detection (train split, against planted noise)", ""]
+    lines += [f"- {k}: {v:.4f}" for k, v in sorted(detection.items())]
+    lines += ["", "![comparison](plots/comparison.png)", "", "![scores](plots/scores.png)", ""]
+    return "\n".join(lines)

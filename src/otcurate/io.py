@@ -137,18 +137,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     """Write `table` without pandas metadata or statistics timestamps (same table, same bytes)."""
-    table = table.replace_schema_metadata(None)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    with atomic_file(path, "wb") as fh:
+        pq.write_table(
+            table.replace_schema_metadata(None),
+            fh,
+            compression="zstd",
+            use_dictionary=False,
+            write_statistics=False,
+        )
 
 
 def write_tsv(path: str | os.PathLike, columns: Mapping[str, Any]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -284,10 +285,46 @@ class NCUResult:
     noisy_seen: float  # mean fraction of noisy rows per batch
 
 
+@dataclass(frozen=True, kw_only=True)
+class NCUOptions:
+    """NCU's own options; the optimisation budget (steps, batch, lr of phase B, warm-up,
+    weight decay) is every fine-tuning method's and comes separately."""
+
+    # Where noisy rows come from: detect's global flags, or the reference's per-batch rule.
+    nc_source: Literal["detect", "batch"] = "detect"
+    nc_ratio: float = (
+        0.1  # per-batch rule: flag the lowest round(nc_ratio * B) own-caption probabilities
+    )
+    phase_a_fraction: float = (
+        0.2  # share of the steps spent learning the negation prompt (2 of 10 epochs)
+    )
+    n_ctx: int = 4  # prompt vectors after the start token (reference: 8 with a 77-token context)
+    lr_phase_a: float = 2e-4  # text tower in phase A (reference ratio 1e-4 : 5e-5 to phase B)
+    lr_prompt: float = 6e-4  # prompt in phase A (reference ratio 3e-4 : 5e-5)
+    reg: float = 0.03  # entropic strength of the unlearning OT
+    gamma: float = 0.7  # weight of the OT plan in the targets
+    frozen_text_blocks: int = 1  # first text blocks frozen in phase B (reference: 5 of 12)
+
+    def __post_init__(self) -> None:
+        if self.nc_source not in ("detect", "batch"):
+            raise ValueError(f"nc_source must be 'detect' or 'batch'; got {self.nc_source!r}.")
+        for name in ("nc_ratio", "phase_a_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}.")
+        for name in ("n_ctx", "reg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1]; got {self.gamma}.")
+        if self.frozen_text_blocks < 0:
+            raise ValueError(f"frozen_text_blocks must be >= 0; got {self.frozen_text_blocks}.")
+
+
 def finetune_ncu(
     model: nn.Module,
     images: torch.Tensor,
     tokens: torch.Tensor,
+    opts: NCUOptions | None = None,
     *,
     noisy: np.ndarray | None,
     steps: int,
@@ -296,24 +333,14 @@ def finetune_ncu(
     warmup: int,
     weight_decay: float,
     seed: int,
-    nc_source: str = "detect",
-    nc_ratio: float = 0.1,
-    phase_a_fraction: float = 0.2,
-    n_ctx: int = 8,
-    lr_phase_a: float = 2e-4,
-    lr_prompt: float = 6e-4,
-    reg: float = 0.03,
-    gamma: float = 0.7,
-    frozen_text_blocks: int = 1,
     log: Callable[[str, float, int], None] | None = None,
 ) -> NCUResult:
     """NCU fine-tuning for ``steps`` optimisation steps in total (phase A then phase B).
 
     noisy: (N,) bool global flags (``nc_source='detect'``), or None with ``nc_source='batch'``.
     """
-
-    if nc_source not in ("detect", "batch"):
-        raise ValueError(f"nc_source must be 'detect' or 'batch'; got {nc_source!r}.")
+    o = opts or NCUOptions()
+    nc_source, nc_ratio, n_ctx = o.nc_source, o.nc_ratio, o.n_ctx
     if nc_source == "detect" and noisy is None:
         raise ValueError("nc_source='detect' needs the detect flags of the training pairs.")
     device = next(model.parameters()).device
@@ -321,7 +348,7 @@ def finetune_ncu(
     width = _text_tower(model).token_embedding.weight.shape[1]
     prompt = NegationPrompt(n_ctx, width, gen).to(device)
     flags = None if noisy is None else torch.as_tensor(np.asarray(noisy, dtype=bool))
-    steps_a = int(round(phase_a_fraction * steps))
+    steps_a = int(round(o.phase_a_fraction * steps))
     steps_b = steps - steps_a
     losses, lrs, seen = [], [], []
     batch_iter = batches(len(images), batch_size, steps, gen)
@@ -335,12 +362,12 @@ def finetune_ncu(
     for phase, n_steps in (("A", steps_a), ("B", steps_b)):
         if n_steps == 0:
             continue
-        set_phase(model, prompt, phase, frozen_text_blocks)
+        set_phase(model, prompt, phase, o.frozen_text_blocks)
         if phase == "A":
             groups = param_groups(model, weight_decay)
             for g in groups:
-                g["lr"] = lr_phase_a
-            groups.append({"params": [prompt.ctx], "weight_decay": 0.0, "lr": lr_prompt})
+                g["lr"] = o.lr_phase_a
+            groups.append({"params": [prompt.ctx], "weight_decay": 0.0, "lr": o.lr_prompt})
         else:
             groups = param_groups(model, weight_decay)
             for g in groups:
@@ -366,7 +393,7 @@ def finetune_ncu(
                     continue
                 out = phase_a_losses(img_e[clean], txt_e[clean], neg_e[clean], scale)
             else:
-                out = phase_b_losses(img_e, txt_e, neg_e, scale, nz, reg=reg, gamma=gamma)
+                out = phase_b_losses(img_e, txt_e, neg_e, scale, nz, reg=o.reg, gamma=o.gamma)
             lrs.append(update(model, opt, sched, out["loss"]))
             step = len(losses)
             losses.append(out["loss"].item())

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from open_clip import ClipLoss
 
 from otcurate import faults
+from otcurate import methods as registry
+from otcurate.methods import Method
+from otcurate.ncu import NCUOptions, finetune_ncu
 from otcurate.optim import batches, make_optimizer, param_groups, update
 from otcurate.parallel import shard_map
 from otcurate.progress import track
@@ -88,12 +91,12 @@ def train_contrastive(
     )
 
 
-def finetune_clip(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
+def finetune_clip(model, images, tokens, opts=None, *, noisy=None, **kw) -> TrainResult:
     """Plain fine-tuning with the contrastive loss on every pair: the baseline every method is compared with."""
     return train_contrastive(model, images, tokens, description="finetune (clip)", **kw)
 
 
-def finetune_filter(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
+def finetune_filter(model, images, tokens, opts=None, *, noisy=None, **kw) -> TrainResult:
     """Drop the pairs `detect` flagged noisy, then plain contrastive fine-tuning."""
     if noisy is None:
         raise ValueError("finetune.method 'filter' needs the detect flags of the training pairs.")
@@ -103,8 +106,17 @@ def finetune_filter(model, images, tokens, *, noisy=None, **kw) -> TrainResult:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class GradientAscentOptions:
+    ascent_weight: float = 0.1  # weight of the (capped) ascent term on flagged pairs
+
+    def __post_init__(self) -> None:
+        if self.ascent_weight < 0:
+            raise ValueError(f"ascent_weight must be >= 0; got {self.ascent_weight}.")
+
+
 def finetune_gradient_ascent(
-    model, images, tokens, *, noisy=None, ascent_weight: float = 0.1, **kw
+    model, images, tokens, opts: GradientAscentOptions | None = None, *, noisy=None, **kw
 ) -> TrainResult:
     """Descend the contrastive loss on the unflagged pairs and ascend it on the flagged ones.
 
@@ -115,6 +127,7 @@ def finetune_gradient_ascent(
         raise ValueError(
             "finetune.method 'gradient_ascent' needs the detect flags of the training pairs."
         )
+    ascent_weight = (opts or GradientAscentOptions()).ascent_weight
     flags = torch.as_tensor(np.asarray(noisy, dtype=bool))
     device = next(model.parameters()).device
 
@@ -143,16 +156,17 @@ def finetune_gradient_ascent(
     )
 
 
-def finetune_ncu(model, images, tokens, *, noisy=None, **kw):
-    """NCU noisy-correspondence unlearning (see otcurate.ncu)."""
-    from otcurate.ncu import finetune_ncu as _ncu
-
-    return _ncu(model, images, tokens, noisy=noisy, **kw)
-
-
-FINETUNE_METHODS: dict[str, Callable[..., TrainResult]] = {
-    "clip": finetune_clip,
-    "filter": finetune_filter,
-    "gradient_ascent": finetune_gradient_ascent,
-    "ncu": finetune_ncu,
+# Every method: fn(model, images, tokens, opts, *, noisy, steps, batch_size, lr, warmup,
+# weight_decay, seed, log); `opts` is its options record (None: defaults).
+FINETUNE_METHODS: dict[str, Method] = {
+    "clip": Method(finetune_clip),
+    "filter": Method(finetune_filter),
+    "gradient_ascent": Method(finetune_gradient_ascent, GradientAscentOptions),
+    "ncu": Method(finetune_ncu, NCUOptions),
 }
+
+
+def finetune(method: str, model, images, tokens, opts=None, **kw):
+    """Fine-tune by the named method with its options record (None: its defaults)."""
+    opts = registry.checked("finetune", FINETUNE_METHODS, method, opts)
+    return FINETUNE_METHODS[method].fn(model, images, tokens, opts, **kw)

@@ -7,6 +7,7 @@ inside the reader, so a stage never reads another's output by hand.
 | scores | detect, `otcurate score` | `scores.parquet`: uid, score (high = clean), noisy; `otcurate score` adds index, caption |
 | subset | coreset | `subset.parquet`: uid, weight, score |
 | detector | detect | `detector.json` (+ `detector.safetensors`: the fitted InfoOT plan) |
+| distilled set | distill | ingest's record format: `train-00000.parquet` + `classes.json` |
 
 Writers write into a folder the caller has opened with `otcurate.io.atomic_dir`. Readers
 given `uids` raise `Mismatch` (a ValueError whose message says what to rerun) unless the
@@ -137,3 +138,35 @@ def read_detector(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = read_json(folder / DETECTOR)
     tensors = folder / DETECTOR_TENSORS
     return meta, load_file(str(tensors)) if tensors.exists() else {}
+
+
+def distilled_table(uids, images, captions, labels) -> pa.Table:
+    """Synthetic pairs as ingest records (clean, their own caption source)."""
+    from otcurate.data.records import SCHEMA
+
+    n = len(uids)
+    columns = {
+        "uid": list(uids),
+        "split": ["train"] * n,
+        "image": list(images),
+        "caption": list(captions),
+        "label": pa.array(list(labels), pa.int32()),
+        "noisy": [False] * n,
+        "caption_from": list(uids),
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def write_distilled(folder: Path, table: pa.Table, info) -> None:
+    """The distilled set in ingest's format (one shard + classes.json), so `finetune` reads
+    it like real data."""
+    from otcurate.data.shards import write_classes, write_split
+
+    write_split(Path(folder), "train", table, shard_size=max(1, table.num_rows))
+    write_classes(Path(folder), info)
+
+
+def read_distilled(folder: str | Path, columns: list[str] | None = None) -> pa.Table:
+    from otcurate.data.shards import read_split
+
+    return read_split(folder, "train", columns=columns)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,9 +20,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from rich.console import Console
 from rich.table import Table
-from rich.tree import Tree
 
-from otcurate_pipeline import artifacts, layout
+from otcurate_pipeline import layout
 from otcurate_pipeline.params import SECTIONS, ParamsError, load_all, parse_yaml
 
 app = typer.Typer(
@@ -181,40 +179,6 @@ def _print_comparison(evaluated: Path) -> None:
     console.print(f"report: {evaluated / 'report.md'}")
 
 
-def _source_news(root: Path) -> str:
-    """What the sources have that their manifests (data/sources*.json) do not list yet:
-    new or rewritten ingest files, changed clean sources (read only)."""
-    from otcurate_pipeline import manifests
-
-    try:
-        params = parse_yaml((root / "params.yaml").read_text()) or {}
-        old, new, cache = manifests.scan(root, params.get("ingest") or {})
-        clean = manifests.build_clean(root, params, cache)
-    except Exception as exc:  # noqa: BLE001 - status must still show DVC's view
-        return f"(could not scan the sources: {exc})"
-    lines = []
-    if new != old:
-        added, broken = manifests.compare(old, new)
-        parts = []
-        if added:
-            parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
-        if broken:
-            parts.append(
-                f"{len(broken)} removed or rewritten, e.g. {broken[0]} (needs --allow-rewrite)"
-            )
-        what = "; ".join(parts) or "a different source"
-        lines.append(
-            f"ingest source changed since {manifests.MANIFEST}: {what}. "
-            "`otcurate run` reruns from ingest."
-        )
-    for stage, rel in manifests.CLEAN_MANIFESTS.items():
-        if manifests.stale(root, rel, clean[rel]):
-            lines.append(
-                f"{stage}'s clean source changed since {rel}. `otcurate run` reruns {stage}."
-            )
-    return "\n".join(lines)
-
-
 @app.command()
 def status() -> None:
     """What would rerun, and why (DVC's view of changed deps, params and outputs)."""
@@ -227,7 +191,9 @@ def status() -> None:
         err.print(proc.stderr)
         raise typer.Exit(proc.returncode)
     data = json.loads(proc.stdout or "{}")
-    pending = _source_news(root)
+    from otcurate_pipeline.manifests import pending_news
+
+    pending = pending_news(root)
     if pending:
         console.print(pending)
     if not data and not pending:
@@ -256,74 +222,6 @@ def status() -> None:
     console.print(t)
 
 
-def _store(root: Path):
-    """(pipeline runs, stage runs) from the MLflow store; empty when there is none yet."""
-    from otcurate_pipeline.lineage import fetch
-    from otcurate_pipeline.tracking import EXPERIMENT, tracking_uri
-
-    if not os.environ.get("MLFLOW_TRACKING_URI") and not (root / "mlflow.db").exists():
-        return [], []
-    try:
-        from mlflow.tracking import MlflowClient
-
-        return fetch(MlflowClient(tracking_uri=tracking_uri(root)), EXPERIMENT)
-    except Exception as exc:  # noqa: BLE001
-        err.print(f"(MLflow store not readable: {exc})")
-        return [], []
-
-
-_RUN_ID = re.compile(r"[0-9a-f]{32}")
-_VERSION = re.compile(r"(?:models:/)?([^/\s]+)/(\d+)")
-
-
-def _resolve_chain(root: Path, target: str) -> dict:
-    """A lineage chain for an output path (dvc.lock now), an MLflow run id (pipeline or stage
-    run) or a registered model version (`NAME/VERSION` or `models:/NAME/VERSION`)."""
-    from otcurate_pipeline import lineage as lin
-    from otcurate_pipeline.tracking import lock_params, read_lock, tracking_uri
-
-    pipelines, stages = _store(root)
-    if _RUN_ID.fullmatch(target):
-        for p in pipelines:
-            if p.run_id == target:
-                return lin.chain_of_pipeline(stages, p)
-        for st in stages:
-            if st.run_id == target:
-                return lin.chain_from_runs(stages, st)
-        raise typer.BadParameter(
-            f"{target} looks like an MLflow run id but no otcurate run has it in {tracking_uri(root)}."
-        )
-    version = _VERSION.fullmatch(target)
-    if version and not (root / target).exists():
-        from mlflow.tracking import MlflowClient
-
-        name, number = version.groups()
-        try:
-            mv = MlflowClient(tracking_uri=tracking_uri(root)).get_model_version(name, number)
-        except Exception as exc:  # noqa: BLE001
-            raise typer.BadParameter(
-                f"no registered model version {name}/{number}: {exc}"
-            ) from None
-        for st in stages:
-            if st.run_id == mv.run_id:
-                return lin.chain_from_runs(stages, st)
-        raise typer.BadParameter(
-            f"model version {name}/{number} comes from run {mv.run_id}, which is not an otcurate stage run."
-        )
-    try:
-        return lin.chain_from_lock(read_lock(root), target, stages, lock_params)
-    except KeyError as exc:
-        raise typer.BadParameter(
-            f"{exc.args[0]}. Or pass an MLflow run id or a registered model version (otcurate-clip/1)."
-        ) from None
-
-
-def _when(ms) -> str:
-    if not ms:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
-
-
 @app.command()
 def lineage(
     target: Annotated[
@@ -342,76 +240,25 @@ def lineage(
 
     A path is traced through dvc.lock as it is now; a run id or model version through the
     MLflow history (each upstream run found by the md5 of the data it left)."""
-    from otcurate_pipeline.lineage import CODE_PREFIXES, mermaid, node_key
+    from otcurate_pipeline import lineage as lin
 
     root = find_root()
     try:
-        chain = _resolve_chain(root, target)
-    except typer.BadParameter as exc:
+        chain = lin.resolve(root, target, *lin.read_store(root, warn=err.print))
+    except lin.LineageError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     if as_json:
         console.print_json(json.dumps(chain))
         return
     if as_mermaid:
-        print(mermaid(chain), end="")
+        print(lin.mermaid(chain), end="")
         return
     from otcurate_pipeline.tracking import git_state
 
     commit, dirty = git_state(root)
-    tree = Tree(f"[bold]{target}[/]  (now: git {commit[:10]}{' dirty' if dirty else ''})")
-    shown: set = set()
-
-    def add(node: dict, branch: Tree) -> None:
-        key = node_key(node)
-        if key in shown:  # a DAG, not a tree: each stage run is printed once
-            branch.add(f"[cyan]{node['stage']}[/] (shown above)")
-            return
-        shown.add(key)
-        head = f"[bold cyan]{node['stage']}[/]"
-        if node.get("cmd"):
-            head += f": {node['cmd']}"
-        b = branch.add(head)
-        if node.get("run_id"):
-            b.add(
-                f"{node.get('outcome')} · {_when(node.get('start_time'))} · git "
-                f"{str(node.get('git_commit'))[:10]}{' dirty' if node.get('git_dirty') == 'true' else ''}"
-                f" · mlflow run {node['run_id']}"
-                + (f" (pipeline run {node['parent_run_id']})" if node.get("parent_run_id") else "")
-            )
-        for p, md5 in node["outs"].items():
-            b.add(f"out {p}  md5 {md5}")
-        for p, md5 in node["deps"].items():
-            if not p.startswith(CODE_PREFIXES):
-                b.add(f"dep {p}  md5 {md5}")
-        params = {
-            k: v
-            for k, v in node["params"].items()
-            if not k.startswith("base.") or node["stage"] == "ingest"
-        }
-        if params:
-            b.add("params " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-        for up in node["upstream"]:
-            add(up, b)
-
-    add(chain, tree)
-    console.print(tree)
-
-
-def _pipeline_run(pipelines: list, ref: str):
-    """A pipeline run by id, id prefix, run name, or -1/-2 (the latest, the one before)."""
-    if re.fullmatch(r"-\d+", ref):
-        i = int(ref)
-        if -i > len(pipelines):
-            raise typer.BadParameter(f"{ref}: only {len(pipelines)} pipeline runs are recorded.")
-        return pipelines[i]
-    hits = [p for p in pipelines if p.run_id.startswith(ref) or p.name == ref]
-    if len(hits) != 1:
-        what = "no pipeline run" if not hits else f"{len(hits)} pipeline runs"
-        raise typer.BadParameter(
-            f"{ref}: {what} match (give a run id, a unique prefix, a run name, or -1 for the latest)."
-        )
-    return hits[0]
+    now = f"(now: git {commit[:10]}{' dirty' if dirty else ''})"
+    console.print(lin.render_tree(chain, f"[bold]{target}[/]  {now}"))
 
 
 def _fmt(v) -> str:
@@ -427,22 +274,21 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Params and metrics that differ between two pipeline runs, and which stages' inputs changed."""
-    from otcurate_pipeline.lineage import diff_runs
+    from otcurate_pipeline import lineage as lin
 
-    root = find_root()
-    pipelines, _ = _store(root)
+    pipelines, _ = lin.read_store(find_root(), warn=err.print)
     try:
-        a, b = _pipeline_run(pipelines, run_a), _pipeline_run(pipelines, run_b)
-    except typer.BadParameter as exc:
+        a, b = lin.pipeline_run(pipelines, run_a), lin.pipeline_run(pipelines, run_b)
+    except lin.LineageError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    d = diff_runs(a, b)
+    d = lin.diff_runs(a, b)
     if as_json:
         console.print_json(json.dumps(d))
         return
     console.print(
-        f"A {a.run_id} ({a.name}, {_when(a.start_time)}, git {str(a.git_commit)[:10]})\n"
-        f"B {b.run_id} ({b.name}, {_when(b.start_time)}, git {str(b.git_commit)[:10]})"
+        f"A {a.run_id} ({a.name}, {lin.when(a.start_time)}, git {str(a.git_commit)[:10]})\n"
+        f"B {b.run_id} ({b.name}, {lin.when(b.start_time)}, git {str(b.git_commit)[:10]})"
     )
     for title, rows in (("params", d["params"]), ("metrics", d["metrics"])):
         if not rows:
@@ -611,97 +457,30 @@ def score(
     top: Annotated[int, typer.Option(help="Suspected pairs to list.")] = 10,
 ) -> None:
     """Score new pairs with the fitted detector (no refit) and report the suspected noisy ones."""
-    root = find_root()
-    import numpy as np
-    import torch
+    from otcurate_pipeline.scoring import ScoreError, score_source
 
-    from otcurate import detect as det
-    from otcurate import models
-    from otcurate.data.hf import SourceError, load_pairs, local_source
-    from otcurate.io import atomic_dir, write_json, write_text
-    from otcurate.runtime import make_reproducible, resolve_device
-
-    params = load_all(parse_yaml((root / "params.yaml").read_text()) or {})
-    hf = params["ingest"].hf
-    wired = layout.stages(root)["detect"].paths
-    model, detector = root / (model or wired["model"]), root / (detector or wired["out"])
     try:
-        fitted = det.detector_from_state(*artifacts.read_detector(detector))
-    except FileNotFoundError:
-        err.print(
-            f"[red]error:[/] no fitted detector at {detector / artifacts.DETECTOR}; run the "
-            "pipeline first (otcurate run)."
+        report = score_source(
+            find_root(),
+            source,
+            image_column=image_column,
+            caption_column=caption_column,
+            model=model,
+            detector=detector,
+            out=out,
+            top=top,
         )
-        raise typer.Exit(2) from None
-    try:
-        pairs, _, n = load_pairs(
-            **local_source(source),
-            image_column=image_column or hf.image_column,
-            caption_column=caption_column or hf.caption_column,
-        )
-        rows = list(pairs)
-    except SourceError as exc:
+    except ScoreError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    good = [r for r in rows if r.reject is None]
-    rejected = [r for r in rows if r.reject is not None]
-    if len(good) < 2:
-        err.print(
-            f"[red]error:[/] {source}: {len(good)} usable pairs ({len(rejected)} rejected); need at least 2."
-        )
-        raise typer.Exit(2)
-    device = resolve_device(params["base"].device)
-    make_reproducible(params["base"].seed, params["base"].threads, device)
-    clip = models.load(model, device=device)
-    image, text = models.encode(
-        clip, *models.pairs_to_tensors([r.image for r in good], [r.caption for r in good], clip)
-    )
-    with torch.no_grad():
-        found = det.score_new(fitted, image, text)
-    name = source.resolve().name.split(".")[0]
-    out = root / (out or Path("results/score") / name)
-    order = np.argsort(found.scores, kind="stable")
-    import pyarrow as pa
-
-    extra = {
-        "index": pa.array([r.index for r in good], pa.int64()),
-        "caption": pa.array([str(r.caption) for r in good], pa.string()),
-    }
-    summary = {
-        "source": str(source),
-        "method": fitted.method,
-        "scorer": "infoot conditional projection"
-        if fitted.fit is not None
-        else "method's own rule",
-        "cutoff": fitted.cutoff,
-        "pairs": len(good),
-        "rejected": len(rejected),
-        "flagged": int(found.noisy.sum()),
-        "flagged_fraction": float(found.noisy.mean()),
-    }
-    shown = Table(title=f"{summary['flagged']} of {len(good)} pairs suspected noisy")
+    s = report.summary
+    shown = Table(title=f"{s['flagged']} of {s['pairs']} pairs suspected noisy")
     for col in ("index", "score", "caption"):
         shown.add_column(col, justify="right" if col != "caption" else "left")
-    lines = ["| index | score | caption |", "|---:|---:|---|"]
-    for i in order[: min(top, int(found.noisy.sum()))]:
-        r = good[i]
-        shown.add_row(str(r.index), f"{found.scores[i]:.4f}", str(r.caption)[:80])
-        lines.append(f"| {r.index} | {found.scores[i]:.4f} | {str(r.caption)[:80]} |")
-    with atomic_dir(out) as o:
-        artifacts.write_scores(o, [r.uid for r in good], found.scores, found.noisy, extra)
-        write_json(o / "summary.json", summary)
-        write_text(
-            o / "report.md",
-            f"# Suspected noisy pairs in {source}\n\n"
-            f"detect.method {fitted.method} ({summary['scorer']}), cutoff {fitted.cutoff:.4f}: "
-            f"{summary['flagged']} of {len(good)} pairs flagged ({len(rejected)} unreadable)."
-            "\n\n" + "\n".join(lines) + "\n",
-        )
+    for index, value, caption in report.suspected:
+        shown.add_row(str(index), f"{value:.4f}", caption)
     console.print(shown)
-    console.print(
-        f"{fitted.method} ({summary['scorer']}), cutoff {fitted.cutoff:.4f}: "
-        f"{summary['flagged']}/{len(good)} flagged, {len(rejected)} unreadable -> {out}"
-    )
+    console.print(report.line())
 
 
 def main() -> None:  # pragma: no cover

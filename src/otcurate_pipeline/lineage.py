@@ -16,8 +16,11 @@ The functions here take records and return records; `fetch_*` read the store.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 CODE_PREFIXES = ("stages/", "src/", "flows/")  # deps that are code, not data
@@ -326,3 +329,135 @@ def diff_runs(a: PipelineRun, b: PipelineRun) -> dict[str, Any]:
         },
         "git_commit": [a.git_commit, b.git_commit],
     }
+
+
+class LineageError(ValueError):
+    """A lineage target or a run reference that no record matches; the message says why."""
+
+
+def read_store(
+    root: Path, warn: Callable[[str], Any] = print
+) -> tuple[list[PipelineRun], list[StageRun]]:
+    """(pipeline runs, stage runs) from the project's MLflow store; empty when there is none
+    yet, or (with a warning) when it cannot be read."""
+    from otcurate_pipeline.tracking import EXPERIMENT, tracking_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (root / "mlflow.db").exists():
+        return [], []
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return fetch(MlflowClient(tracking_uri=tracking_uri(root)), EXPERIMENT)
+    except Exception as exc:  # noqa: BLE001
+        warn(f"(MLflow store not readable: {exc})")
+        return [], []
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_VERSION = re.compile(r"(?:models:/)?([^/\s]+)/(\d+)")
+
+
+def resolve(
+    root: Path, target: str, pipelines: list[PipelineRun], stages: list[StageRun]
+) -> dict[str, Any]:
+    """A lineage chain for an output path (dvc.lock now), an MLflow run id (pipeline or stage
+    run) or a registered model version (`NAME/VERSION` or `models:/NAME/VERSION`)."""
+    from otcurate_pipeline.tracking import lock_params, read_lock, tracking_uri
+
+    if _RUN_ID.fullmatch(target):
+        for p in pipelines:
+            if p.run_id == target:
+                return chain_of_pipeline(stages, p)
+        for st in stages:
+            if st.run_id == target:
+                return chain_from_runs(stages, st)
+        raise LineageError(
+            f"{target} looks like an MLflow run id but no otcurate run has it in {tracking_uri(root)}."
+        )
+    version = _VERSION.fullmatch(target)
+    if version and not (root / target).exists():
+        from mlflow.tracking import MlflowClient
+
+        name, number = version.groups()
+        try:
+            mv = MlflowClient(tracking_uri=tracking_uri(root)).get_model_version(name, number)
+        except Exception as exc:  # noqa: BLE001
+            raise LineageError(f"no registered model version {name}/{number}: {exc}") from None
+        for st in stages:
+            if st.run_id == mv.run_id:
+                return chain_from_runs(stages, st)
+        raise LineageError(
+            f"model version {name}/{number} comes from run {mv.run_id}, which is not an otcurate stage run."
+        )
+    try:
+        return chain_from_lock(read_lock(root), target, stages, lock_params)
+    except KeyError as exc:
+        raise LineageError(
+            f"{exc.args[0]}. Or pass an MLflow run id or a registered model version (otcurate-clip/1)."
+        ) from None
+
+
+def pipeline_run(pipelines: list[PipelineRun], ref: str) -> PipelineRun:
+    """A pipeline run by id, id prefix, run name, or -1/-2 (the latest, the one before)."""
+    if re.fullmatch(r"-\d+", ref):
+        i = int(ref)
+        if -i > len(pipelines):
+            raise LineageError(f"{ref}: only {len(pipelines)} pipeline runs are recorded.")
+        return pipelines[i]
+    hits = [p for p in pipelines if p.run_id.startswith(ref) or p.name == ref]
+    if len(hits) != 1:
+        what = "no pipeline run" if not hits else f"{len(hits)} pipeline runs"
+        raise LineageError(
+            f"{ref}: {what} match (give a run id, a unique prefix, a run name, or -1 for the latest)."
+        )
+    return hits[0]
+
+
+def when(ms) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def render_tree(chain: Mapping[str, Any], title: str):
+    """The chain as a rich Tree: each stage run once (a DAG, not a tree), its run, outs,
+    data deps and params (base.* on ingest only), then its upstream."""
+    from rich.tree import Tree
+
+    tree = Tree(title)
+    shown: set = set()
+
+    def add(node: Mapping[str, Any], branch) -> None:
+        key = node_key(node)
+        if key in shown:
+            branch.add(f"[cyan]{node['stage']}[/] (shown above)")
+            return
+        shown.add(key)
+        head = f"[bold cyan]{node['stage']}[/]"
+        if node.get("cmd"):
+            head += f": {node['cmd']}"
+        b = branch.add(head)
+        if node.get("run_id"):
+            b.add(
+                f"{node.get('outcome')} · {when(node.get('start_time'))} · git "
+                f"{str(node.get('git_commit'))[:10]}{' dirty' if node.get('git_dirty') == 'true' else ''}"
+                f" · mlflow run {node['run_id']}"
+                + (f" (pipeline run {node['parent_run_id']})" if node.get("parent_run_id") else "")
+            )
+        for p, md5 in node["outs"].items():
+            b.add(f"out {p}  md5 {md5}")
+        for p, md5 in node["deps"].items():
+            if not p.startswith(CODE_PREFIXES):
+                b.add(f"dep {p}  md5 {md5}")
+        params = {
+            k: v
+            for k, v in node["params"].items()
+            if not k.startswith("base.") or node["stage"] == "ingest"
+        }
+        if params:
+            b.add("params " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+        for up in node["upstream"]:
+            add(up, b)
+
+    add(chain, tree)
+    return tree

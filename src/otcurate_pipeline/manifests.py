@@ -179,3 +179,36 @@ def sync(root: Path, params: Mapping[str, Any], *, allow_rewrite: bool = False) 
         "files": len(new.get("files", [])),
         "clean_changed": [s for s, rel in CLEAN_MANIFESTS.items() if rel in written],
     }
+
+
+def pending_news(root: Path) -> str:
+    """What the sources have that their manifests (data/sources*.json) do not list yet:
+    new or rewritten ingest files, changed clean sources (read only)."""
+    from otcurate_pipeline.params import parse_yaml
+
+    try:
+        params = parse_yaml((root / "params.yaml").read_text()) or {}
+        old, new, cache = scan(root, params.get("ingest") or {})
+        clean = build_clean(root, params, cache)
+    except Exception as exc:  # noqa: BLE001 - status must still show DVC's view
+        return f"(could not scan the sources: {exc})"
+    lines = []
+    if new != old:
+        added, broken = compare(old, new)
+        parts = []
+        if added:
+            parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
+        if broken:
+            parts.append(
+                f"{len(broken)} removed or rewritten, e.g. {broken[0]} (needs --allow-rewrite)"
+            )
+        what = "; ".join(parts) or "a different source"
+        lines.append(
+            f"ingest source changed since {MANIFEST}: {what}. `otcurate run` reruns from ingest."
+        )
+    for stage, rel in CLEAN_MANIFESTS.items():
+        if stale(root, rel, clean[rel]):
+            lines.append(
+                f"{stage}'s clean source changed since {rel}. `otcurate run` reruns {stage}."
+            )
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import types
 import typing
@@ -149,6 +150,14 @@ class Ingest:
             )
 
 
+class _Methods:
+    """Sections with per-method subsections: `method_options()` is the chosen one's record."""
+
+    def method_options(self) -> Any:
+        registry = _registry(type(self).METHOD_OPTIONS)
+        return getattr(self, self.method, None) or registry[self.method].options()
+
+
 class _Optimised:
     """Sections that train a model share these keys: steps, batch_size, lr, warmup, weight_decay."""
 
@@ -211,40 +220,22 @@ class Embed:
 
 
 @dataclass(frozen=True)
-class Detect:
+class Detect(_Methods):
     method: str = field(default="clip_score", metadata=_choices("otcurate.detect:METHODS"))
     # Flag by exactly one of: the lowest-scoring `fraction` of train pairs, scores below
     # `threshold`, or `auto` (a two-component mixture on the scores estimates the noise rate).
     fraction: float | None = 0.2
     threshold: float | None = None
     auto: bool = False
-    # Minibatch scorers (ot, ncu_batch, gmm_loss, infoot): random batches, averaged over passes.
-    batch_size: int = 256
-    passes: int = 4
-    reg: float = 0.02  # ot, infoot: entropic strength on the max-normalised 1 - cosine cost
-    max_iter: int = 1000
-    tol: float = 1e-4
-    logit_scale: float | None = (
-        None  # ncu_batch, gmm_loss: the temperature s; null = the model's own
-    )
-    lam: float = 0.01  # infoot: weight of the mutual-information term
-    h: float = 0.5  # infoot: kernel bandwidth (relative to the median distance)
-    outer_iter: int = 5  # infoot: Sinkhorn solves on the linearised objective
-
-    def method_kwargs(self) -> dict[str, Any]:
-        keys = ("batch_size", "passes", "reg", "max_iter", "tol", "lam", "h", "outer_iter")
-        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
-        if self.logit_scale is not None:
-            out["logit_scale"] = self.logit_scale
-        return out
+    # Per-method subsections (detect.ot, detect.ncu_batch, detect.gmm_loss, detect.infoot):
+    # the library's options records (otcurate.detect.METHODS[...].options), added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.detect:METHODS"
 
     def check(self) -> None:
-        _positive("detect.batch_size", self.batch_size)
-        _positive("detect.passes", self.passes)
-        _positive("detect.reg", self.reg)
-        if self.logit_scale is not None and not 0 < self.logit_scale <= 100:
+        scale = getattr(self.method_options(), "logit_scale", None)
+        if scale is not None and not 0 < scale <= 100:
             raise ParamsError(
-                f"detect.logit_scale must be in (0, 100] (CLIP clamps it there); got {self.logit_scale}."
+                f"detect.{self.method}.logit_scale must be in (0, 100] (CLIP clamps it there); got {scale}."
             )
         if sum([self.fraction is not None, self.threshold is not None, self.auto]) != 1:
             raise ParamsError(
@@ -257,7 +248,7 @@ class Detect:
 
 
 @dataclass(frozen=True)
-class Coreset:
+class Coreset(_Methods):
     method: str = field(default="goracs", metadata=_choices("otcurate.coreset:METHODS"))
     # Budget: exactly one of a fraction of the train split, or an absolute size.
     fraction: float | None = 0.5
@@ -267,28 +258,10 @@ class Coreset:
     # goracs target: null = the ingest val split; or a clean source (as an evaluate.sets entry,
     # without name/task), embedded with the base model.
     target: SourceSpec | None = None
-    # goracs: cost = distance/max − lam·gradnorm/max; swap refinement limits.
-    lam: float = 0.5
-    max_iters: int = 100  # accepted swaps at most (the reference's default)
-    cut_num: int = 10  # members and outsiders tried per swap round (pruned by the duals' estimate)
-    grouped: bool = True  # split the budget by the target's classes (or text clusters)
-    groups: int = 10  # k-means clusters of the text embeddings when there are no labels
-    target_max: int = 2000  # subsample the target (val) to at most this many pairs
-    candidate_max: int = 20000  # pre-cluster larger pools into max(this, 2 x budget)
-    grad_batch_size: int = 256  # batches for the per-pair gradient norms
-
-    def method_kwargs(self) -> dict[str, Any]:
-        """The extra keyword arguments of the chosen method (only goracs has any)."""
-        if self.method != "goracs":
-            return {}
-        keys = ("lam", "max_iters", "cut_num", "grouped", "groups", "target_max")
-        return {k: getattr(self, k) for k in (*keys, "candidate_max", "grad_batch_size")}
+    # Per-method subsection coreset.goracs: otcurate.coreset.GoracsOptions, added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.coreset:METHODS"
 
     def check(self) -> None:
-        _nonneg("coreset.lam", self.lam)
-        _nonneg("coreset.max_iters", self.max_iters)
-        for name in ("cut_num", "groups", "target_max", "candidate_max", "grad_batch_size"):
-            _positive(f"coreset.{name}", getattr(self, name))
         if (self.fraction is None) == (self.size is None):
             raise ParamsError(
                 "coreset: set exactly one of coreset.fraction and coreset.size "
@@ -302,81 +275,35 @@ class Coreset:
 
 
 @dataclass(frozen=True)
-class Distill:
+class Distill(_Methods):
     method: str = field(default="random_real", metadata=_choices("otcurate.distill:METHODS"))
     # Images per class (or per cluster when the data has no labels); 0 disables distillation.
     ipc: int = 10
     # Clusters of the text embeddings used as classes when the data has no labels.
     clusters: int = 10
-    # wmdd: barycenter iterations, then pixel optimisation (Adam betas (0.5, 0.9), cosine lr).
-    barycenter_iter: int = 100
-    steps: int = 300
-    lr: float = 0.05
-    w_feat: float = 1.0  # feature-to-barycenter distance
-    w_ce: float = 1.0  # cross-entropy against the zero-shot class embeddings
-    w_stat: float = 1.0  # per-class activation statistics matching
-    stat_samples: int = 256  # real images per class for the statistics
+    # Per-method subsection distill.wmdd: otcurate.distill.WmddOptions, added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.distill:METHODS"
 
     def check(self) -> None:
         _nonneg("distill.ipc", self.ipc)
         _positive("distill.clusters", self.clusters)
-        for name in ("barycenter_iter", "steps", "lr", "stat_samples"):
-            _positive(f"distill.{name}", getattr(self, name))
-        for name in ("w_feat", "w_ce", "w_stat"):
-            _nonneg(f"distill.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
-class NCUParams:
-    # Where noisy rows come from: detect's global flags, or the reference's per-batch rule.
-    nc_source: Literal["detect", "batch"] = "detect"
-    nc_ratio: float = (
-        0.1  # per-batch rule: flag the lowest round(nc_ratio * B) own-caption probabilities
-    )
-    phase_a_fraction: float = (
-        0.2  # share of the steps spent learning the negation prompt (2 of 10 epochs)
-    )
-    n_ctx: int = 4  # prompt vectors after the start token (reference: 8 with a 77-token context)
-    lr_phase_a: float = 2e-4  # text tower in phase A (reference ratio 1e-4 : 5e-5 to phase B)
-    lr_prompt: float = 6e-4  # prompt in phase A (reference ratio 3e-4 : 5e-5)
-    reg: float = 0.03  # entropic strength of the unlearning OT
-    gamma: float = 0.7  # weight of the OT plan in the targets
-    frozen_text_blocks: int = 1  # first text blocks frozen in phase B (reference: 5 of 12)
-
-    def check(self) -> None:
-        _frac("finetune.ncu.nc_ratio", self.nc_ratio)
-        _frac("finetune.ncu.phase_a_fraction", self.phase_a_fraction)
-        _positive("finetune.ncu.n_ctx", self.n_ctx)
-        _positive("finetune.ncu.reg", self.reg)
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ParamsError(f"finetune.ncu.gamma must be in [0, 1]; got {self.gamma}.")
-        _nonneg("finetune.ncu.frozen_text_blocks", self.frozen_text_blocks)
-
-
-@dataclass(frozen=True)
-class Finetune(_Optimised):
+class Finetune(_Methods, _Optimised):
     method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
     steps: int = 150
     batch_size: int = 128
     lr: float = 1e-4
     warmup: int = 15
     weight_decay: float = 0.2
-    # gradient_ascent: weight of the (capped) ascent term on flagged pairs.
-    ascent_weight: float = 0.1
-    ncu: NCUParams = field(default_factory=NCUParams)
     # Processes (torchrun, data parallel at the same global batch): gloo on CPU, nccl on CUDA.
     nproc: int = 1
-
-    def method_kwargs(self) -> dict[str, Any]:
-        """The extra keyword arguments of the chosen method."""
-        if self.method == "ncu":
-            return dataclasses.asdict(self.ncu)
-        if self.method == "gradient_ascent":
-            return {"ascent_weight": self.ascent_weight}
-        return {}
+    # Per-method subsections finetune.gradient_ascent, finetune.ncu: the library's records
+    # (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions), added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.train:FINETUNE_METHODS"
 
     def check(self) -> None:
-        _nonneg("finetune.ascent_weight", self.ascent_weight)
         _positive("finetune.steps", self.steps)
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.nproc", self.nproc)
@@ -421,6 +348,25 @@ SECTIONS: dict[str, type] = {
     "finetune": Finetune,
     "evaluate": Evaluate,
 }
+
+
+@functools.cache
+def _schema(section: str) -> type:
+    """The section's dataclass; a section with METHOD_OPTIONS gains one subsection per
+    registered method that has options, typed and defaulted by the library's own record, so
+    an option is written once (in the library) and a new method needs no change here."""
+    cls = SECTIONS[section]
+    spec = getattr(cls, "METHOD_OPTIONS", None)
+    if spec is None:
+        return cls
+    subsections = [
+        (name, m.options, field(default_factory=m.options))
+        for name, m in _registry(spec).items()
+        if dataclasses.fields(m.options)
+    ]
+    made = dataclasses.make_dataclass(cls.__name__, subsections, bases=(cls,), frozen=True)
+    made.__module__, made.__doc__ = cls.__module__, cls.__doc__
+    return made
 
 
 def _frac(name: str, v: float) -> None:
@@ -523,6 +469,14 @@ def build(cls: type, data: Any, key: str) -> Any:
         k = unknown[0]
         close = difflib.get_close_matches(str(k), list(fields), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        moved = [  # a method's option written flat, as params.yaml had it before subsections
+            f"{key}.{name}.{k}"
+            for name, f in fields.items()
+            if dataclasses.is_dataclass(hints[name])
+            and k in {g.name for g in dataclasses.fields(hints[name])}
+        ]
+        if moved:
+            hint = f" A method's options live in its subsection: {', '.join(moved)}."
         raise ParamsError(
             f"{key}.{k}: unknown key.{hint} Known keys of '{key}': {', '.join(sorted(fields))}."
         )
@@ -538,7 +492,10 @@ def build(cls: type, data: Any, key: str) -> Any:
                         f"{key}.{name}: unknown method {value!r}. Known: {', '.join(sorted(known))}."
                     )
             kwargs[name] = value
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as exc:  # a library options record checks its own values
+        raise ParamsError(f"{key}: {exc}") from None
     check = getattr(obj, "check", None)
     if check is not None:
         check()
@@ -568,7 +525,7 @@ def load(params: Mapping[str, Any], section: str) -> Any:
         raise ParamsError(
             f"params.yaml: unknown section {unknown[0]!r}.{hint} Known sections: {', '.join(SECTIONS)}."
         )
-    return build(SECTIONS[section], params.get(section), section)
+    return build(_schema(section), params.get(section), section)
 
 
 def load_all(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -263,6 +263,7 @@ def test_sigkill_mid_ingest_then_rerun_keeps_finished_shards(tmp_path):
     )
     cmd = [sys.executable, "-m", "stages.ingest", "--params", str(params)]
     cmd += ["--out", str(tmp_path / "ingest"), "--results", str(tmp_path / "res")]
+    cmd += ["--sources", str(tmp_path / "sources.json")]  # none: a built-in source
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

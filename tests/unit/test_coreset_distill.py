@@ -4,6 +4,7 @@ import torch
 
 from otcurate import coreset as cs
 from otcurate import distill as dist
+from otcurate.clusters import clusters
 
 
 def pool(n=50, flagged=()):
@@ -59,7 +60,7 @@ def test_random_real_picks_ipc_per_class():
 def test_clusters_stand_in_for_labels():
     rng = np.random.default_rng(0)
     text = np.concatenate([rng.normal(0, 0.05, (20, 4)) + 3 * np.eye(4)[i] for i in range(3)])
-    ids = dist.clusters(text, 3, seed=0)
+    ids = clusters(text, 3, seed=0)
     assert len(np.unique(ids)) == 3
     for i in range(3):
         assert len(np.unique(ids[20 * i : 20 * (i + 1)])) == 1

@@ -147,30 +147,32 @@ def clustered_pool(n_per=40, centres=4, d=8, target_from=(0, 1), target_n=30, la
 @pytest.mark.parametrize("labels", [True, False])
 def test_goracs_selects_what_the_target_looks_like(grouped, labels):
     p = clustered_pool(labels=labels)
-    sel = cs.select("goracs", p, 20, seed=0, grouped=grouped, groups=4)
+    sel = cs.select("goracs", p, 20, cs.GoracsOptions(grouped=grouped, groups=4), seed=0)
     lab = np.repeat(np.arange(4), 40)
     assert set(lab[sel.indices]) <= {0, 1}  # nothing from the clusters the target lacks
     assert abs(int((lab[sel.indices] == 0).sum()) - 10) <= (0 if grouped else 4)
     info = sel.info
     assert info["objective_refined"] <= info["objective_greedy"] + 1e-12
     assert sum(info["size_per_group"].values()) == 20
-    again = cs.select("goracs", p, 20, seed=0, grouped=grouped, groups=4)
+    again = cs.select("goracs", p, 20, cs.GoracsOptions(grouped=grouped, groups=4), seed=0)
     np.testing.assert_array_equal(sel.indices, again.indices)
 
 
 def test_goracs_lambda_prefers_high_gradient_pairs():
     p = clustered_pool(target_from=(0, 1, 2, 3))
     grad = cs.contrastive_grad_norms(p.image, p.text, p.logit_scale, seed=0).numpy()
-    lo = cs.select("goracs", p, 16, seed=0, lam=0.0)
-    hi = cs.select("goracs", p, 16, seed=0, lam=5.0)
+    lo = cs.select("goracs", p, 16, cs.GoracsOptions(lam=0.0), seed=0)
+    hi = cs.select("goracs", p, 16, cs.GoracsOptions(lam=5.0), seed=0)
     assert grad[hi.indices].mean() > grad[lo.indices].mean()
 
 
 def test_goracs_preclusters_large_pools_and_needs_a_target():
     p = clustered_pool()
-    sel = cs.select("goracs", p, 10, seed=0, candidate_max=40)
+    sel = cs.select("goracs", p, 10, cs.GoracsOptions(candidate_max=40), seed=0)
     assert abs(sel.info["candidates_after_preclustering"] - 40) <= 7 and len(sel.indices) == 10
-    big = cs.select("goracs", p, 10, seed=0, candidate_max=8)  # budget above candidate_max
+    big = cs.select(
+        "goracs", p, 10, cs.GoracsOptions(candidate_max=8), seed=0
+    )  # budget above candidate_max
     assert abs(big.info["candidates_after_preclustering"] - 20) <= 4 and len(big.indices) == 10
     assert len(np.unique(big.indices)) == 10
     with pytest.raises(ValueError, match="needs a non-empty target"):

@@ -2,6 +2,7 @@
 exact formulas on single-batch cases. AUROC bounds are the values measured on these
 fixtures (noted next to each case) minus a margin."""
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -12,6 +13,8 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from otcurate import detect as det
+from otcurate.detect.infoot import mi_grad
+from otcurate.detect.minibatch import batch_mean, partitions
 from otcurate.ot import ConvergenceWarning, cost_cosine, normalize_cost, sinkhorn_log
 
 F = torch.nn.functional
@@ -49,11 +52,17 @@ def auroc(scores, noisy):
 KW = {"passes": 2}
 
 
+def opts(method, **kw):
+    """`method`'s options from those of `kw` it has (clip_score has none)."""
+    known = {f.name for f in dataclasses.fields(det.METHODS[method].options)}
+    return det.options(method, **{k: v for k, v in kw.items() if k in known})
+
+
 @functools.cache
 def scored(method, rate, noise=0.15, seed=0):
     """Scores on planted(rate, noise, seed) with KW, shared between tests."""
     img, txt, noisy = planted(rate=rate, noise=noise, seed=seed)
-    return det.score(method, img, txt, **KW), noisy
+    return det.score(method, img, txt, opts(method, **KW)), noisy
 
 
 # (method, rate, noise): measured (AUROC, F1 at fraction = rate) with KW.
@@ -107,9 +116,9 @@ def test_clean_data_scores_high_and_flags_few(method):
 def test_same_seed_same_scores_and_another_seed_differs(method):
     img, txt, _ = planted(n=200, rate=0.2)
     kw = {"batch_size": 64, "passes": 2, "max_iter": 200}
-    a = det.score(method, img, txt, seed=3, **kw)
-    b = det.score(method, img, txt, seed=3, **kw)
-    c = det.score(method, img, txt, seed=4, **kw)
+    a = det.score(method, img, txt, opts(method, **kw), seed=3)
+    b = det.score(method, img, txt, opts(method, **kw), seed=3)
+    c = det.score(method, img, txt, opts(method, **kw), seed=4)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -117,8 +126,8 @@ def test_same_seed_same_scores_and_another_seed_differs(method):
 @pytest.mark.parametrize("method", ["ot", "ncu_batch", "infoot"])
 def test_one_batch_holding_every_pair_does_not_depend_on_the_seed(method):
     img, txt, _ = planted(n=50)
-    a = det.score(method, img, txt, batch_size=64, passes=1, seed=0)
-    b = det.score(method, img, txt, batch_size=64, passes=3, seed=9)
+    a = det.score(method, img, txt, opts(method, batch_size=64, passes=1), seed=0)
+    b = det.score(method, img, txt, opts(method, batch_size=64, passes=3), seed=9)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -128,41 +137,53 @@ def test_scorers_do_not_touch_the_global_rng():
     expected = torch.rand(3)
     torch.manual_seed(123)
     for method in RANDOM_METHODS:
-        det.score(method, img, txt, batch_size=32, passes=1, max_iter=50)
+        det.score(method, img, txt, opts(method, batch_size=32, passes=1, max_iter=50))
     torch.testing.assert_close(torch.rand(3), expected)
 
 
-def test_new_methods_are_registered_and_ignore_unknown_kwargs():
+def test_methods_are_registered_and_an_unknown_option_is_an_error():
     assert {"clip_score", "ot", "ncu_batch", "gmm_loss", "infoot"} <= set(det.METHODS)
     img, txt, _ = planted(n=40)
     for method in RANDOM_METHODS:
-        s = det.score(method, img, txt, batch_size=16, passes=1, max_iter=50, unknown=1)
+        s = det.score(method, img, txt, opts(method, batch_size=16, passes=1, max_iter=50))
         assert s.shape == (40,)
+        with pytest.raises(ValueError, match=f"{method}' has no option 'unknown'; its options: "):
+            det.options(method, unknown=1)
+    with pytest.raises(TypeError, match="ot takes OTOptions, got SoftmaxOptions"):
+        det.score("ot", img, txt, det.SoftmaxOptions())
+    # options records are keyword-only, frozen, and check their own values
+    with pytest.raises(TypeError):
+        det.OTOptions(256)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        det.OTOptions().reg = 1.0
+    for bad, match in [({"reg": 0.0}, "reg must be > 0"), ({"batch_size": 1}, "batch_size")]:
+        with pytest.raises(ValueError, match=match):
+            det.InfoOTOptions(**bad)
 
 
 @pytest.mark.parametrize("method", RANDOM_METHODS)
 def test_shape_mismatch_is_an_error(method):
     with pytest.raises(ValueError, match="same shape"):
-        det.METHODS[method](torch.zeros(3, 4), torch.zeros(3, 5))
+        det.METHODS[method].fn(torch.zeros(3, 4), torch.zeros(3, 5))
 
 
 def test_partitions_score_every_pair_in_every_pass_with_full_batches():
     n, b, passes = 103, 16, 3
-    idx = det._partitions(n, b, passes, seed=0)
+    idx = partitions(n, b, passes, seed=0)
     k = -(-n // b)
     assert idx.shape == (passes, k, b)
     for rows in idx:
         assert sorted(rows.reshape(-1)[:n].tolist()) == list(range(n))  # a permutation first
         for batch in rows:
             assert len(set(batch.tolist())) == b  # the top-up never repeats a pair in its batch
-    assert det._partitions(5, 16, 1, seed=0).shape == (1, 1, 5)  # fewer pairs than a batch
+    assert partitions(5, 16, 1, seed=0).shape == (1, 1, 5)  # fewer pairs than a batch
     with pytest.raises(ValueError, match="batch_size"):
-        det._partitions(10, 1, 1, seed=0)
+        partitions(10, 1, 1, seed=0)
 
 
 def test_batch_mean_averages_each_pairs_own_batch_over_passes():
     n, passes = 10, 3
-    idx = det._partitions(n, 4, passes, seed=1)  # 3 batches of 4 per pass, 2 of them top-up
+    idx = partitions(n, 4, passes, seed=1)  # 3 batches of 4 per pass, 2 of them top-up
     img = torch.arange(n, dtype=torch.float64)[:, None]
 
     def own_plus_context(i, t):  # depends on the batch a pair is in
@@ -176,7 +197,7 @@ def test_batch_mean_averages_each_pairs_own_batch_over_passes():
                 if j not in seen:  # the first (own) batch counts, not the top-up copy
                     seen.add(j)
                     expected[j] += (j + 100 * batch.double().mean()) / passes
-    torch.testing.assert_close(det._batch_mean(img, img, idx, own_plus_context), expected)
+    torch.testing.assert_close(batch_mean(img, img, idx, own_plus_context), expected)
 
 
 def plain_plan(img, txt):
@@ -189,22 +210,23 @@ def test_ot_score_is_own_plan_mass_over_row_max_on_one_batch():
     img, txt, _ = planted(n=40, rate=0.2)
     img, txt = img.double(), txt.double()
     P = plain_plan(img, txt)
-    got = det.ot_score(img, txt, batch_size=64, passes=1, reg=0.1, max_iter=5000, tol=1e-10)
+    o = det.OTOptions(batch_size=64, passes=1, reg=0.1, max_iter=5000, tol=1e-10)
+    got = det.ot_score(img, txt, o)
     torch.testing.assert_close(got, P.diagonal() / P.amax(dim=1), rtol=1e-9, atol=1e-12)
 
 
 def test_ncu_batch_is_the_own_caption_softmax_with_clamped_scale():
     img, txt, _ = planted(n=40, rate=0.2)
     expected = torch.softmax(100.0 * img @ txt.T, dim=1).diagonal()
-    torch.testing.assert_close(det.ncu_batch_score(img, txt, batch_size=64), expected)
+    o = det.SoftmaxOptions(batch_size=64)  # logit_scale None: CLIP's clamp, 100
+    torch.testing.assert_close(det.ncu_batch_score(img, txt, o), expected)
     # the scale is clamped to 100, as CLIP's logit_scale
-    torch.testing.assert_close(
-        det.ncu_batch_score(img, txt, batch_size=64, logit_scale=1e4), expected
-    )
-    low = det.ncu_batch_score(img, txt, batch_size=64, logit_scale=10.0)
+    o = det.SoftmaxOptions(batch_size=64, logit_scale=1e4)
+    torch.testing.assert_close(det.ncu_batch_score(img, txt, o), expected)
+    low = det.ncu_batch_score(img, txt, det.SoftmaxOptions(batch_size=64, logit_scale=10.0))
     torch.testing.assert_close(low, torch.softmax(10.0 * img @ txt.T, dim=1).diagonal())
     with pytest.raises(ValueError, match="logit_scale"):
-        det.ncu_batch_score(img, txt, logit_scale=0.0)
+        det.ncu_batch_score(img, txt, det.SoftmaxOptions(logit_scale=0.0))
 
 
 def test_small_loss_posterior_picks_the_low_loss_component():
@@ -234,16 +256,15 @@ def test_mi_gradient_matches_autograd():
         return (P * torch.log(fxy / (Kx.mean(1)[:, None] * Ky.mean(1)[None, :]))).sum()
 
     (auto,) = torch.autograd.grad(mutual_information(P), P)
-    torch.testing.assert_close(det._mi_grad(P.detach(), Kx, Ky), auto, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mi_grad(P.detach(), Kx, Ky), auto, rtol=1e-10, atol=1e-12)
 
 
 def test_infoot_without_the_mi_term_is_plain_entropic_ot():
     img, txt, _ = planted(n=40, rate=0.2)
     img, txt = img.double(), txt.double()
     P = plain_plan(img, txt)
-    got = det.infoot_score(
-        img, txt, batch_size=64, passes=1, lam=0.0, reg=0.1, max_iter=5000, tol=1e-10
-    )
+    o = det.InfoOTOptions(batch_size=64, passes=1, lam=0.0, reg=0.1, max_iter=5000, tol=1e-10)
+    got = det.infoot_score(img, txt, o)
     torch.testing.assert_close(got, P.diagonal() * 40, rtol=1e-8, atol=1e-12)
 
 
@@ -263,7 +284,7 @@ def test_unconverged_sinkhorn_warns_once_per_call():
     img, txt, _ = planted(n=100)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        det.ot_score(img, txt, batch_size=32, passes=3, max_iter=2)
+        det.ot_score(img, txt, det.OTOptions(batch_size=32, passes=3, max_iter=2))
     ours = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(ours) == 1 and "ot: Sinkhorn reached max_iter=2" in str(ours[0].message)
     assert ours[0].filename == __file__  # points at the caller, not at library internals
@@ -275,9 +296,9 @@ def test_fitted_detector_scores_new_pairs_without_refit(method):
     state round trip) and the cut flags about the train fraction (0.2) of them."""
     img, txt, noisy = planted(n=1200, rate=0.2, noise=0.2, seed=3)
     tr, new_rows = slice(0, 600), slice(600, None)
-    kw = {**KW, "seed": 0}
-    train = det.detect(method, img[tr], txt[tr], fraction=0.2, **kw)
-    fitted = det.fit_detector(method, img[tr], txt[tr], train, **kw)
+    o = opts(method, **KW)
+    train = det.detect(method, img[tr], txt[tr], o, fraction=0.2, seed=0)
+    fitted = det.fit_detector(method, img[tr], txt[tr], train, o, seed=0)
     assert (fitted.fit is not None) == (method == "infoot")
     meta, tensors = det.detector_state(fitted)
     again = det.detector_from_state(json.loads(json.dumps(meta)), tensors)

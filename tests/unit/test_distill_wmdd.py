@@ -95,8 +95,7 @@ def run_synthesis(clip, steps, seed=0):
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         scale=10.0,
-        steps=steps,
-        lr=0.05,
+        opts=dist.WmddOptions(steps=steps, lr=0.05),
         seed=seed,
     )
 

@@ -173,17 +173,14 @@ def test_finetune_ncu_learns_and_clamps_the_temperature(nc_source):
         clip.model,
         x,
         tok,
+        ncu.NCUOptions(nc_source=nc_source, phase_a_fraction=0.3, lr_phase_a=1e-3, lr_prompt=3e-3),
         noisy=noisy if nc_source == "detect" else None,
-        nc_source=nc_source,
         steps=10,
         batch_size=16,
         lr=1e-3,
         warmup=0,
         weight_decay=0.0,
         seed=0,
-        phase_a_fraction=0.3,
-        lr_phase_a=1e-3,
-        lr_prompt=3e-3,
     )
     assert r.phase_a_steps == 3 and len(r.losses) == 10
     assert all(math.isfinite(v) for v in r.losses)

@@ -91,3 +91,62 @@ def test_detect_auto_excludes_fraction_and_threshold():
     assert load({"detect": {"auto": True, "fraction": None}}, "detect").auto
     with pytest.raises(ParamsError, match="or detect.auto: true"):
         load({"detect": {"auto": True, "fraction": 0.2}}, "detect")
+
+
+METHOD_SECTIONS = {  # section -> the library registry its per-method subsections come from
+    "detect": "otcurate.detect:METHODS",
+    "coreset": "otcurate.coreset:METHODS",
+    "distill": "otcurate.distill:METHODS",
+    "finetune": "otcurate.train:FINETUNE_METHODS",
+}
+
+
+def _registry(spec):
+    import importlib
+
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize("section", list(METHOD_SECTIONS))
+def test_each_method_option_is_written_once_in_the_library(section):
+    """The subsections are the library's options records: same keys, same defaults, and the
+    values params.yaml ships are those defaults (no second copy that could drift)."""
+    import dataclasses
+
+    registry = _registry(METHOD_SECTIONS[section])
+    defaults = load({}, section)
+    with_options = {n: m for n, m in registry.items() if dataclasses.fields(m.options)}
+    assert with_options, section
+    for name, method in with_options.items():
+        assert getattr(defaults, name) == method.options()
+        assert shipped()[section][name] == dataclasses.asdict(method.options()), name
+    assert set(shipped()[section]) >= set(with_options)
+
+
+def test_a_flat_method_option_points_at_its_subsection():
+    with pytest.raises(
+        ParamsError, match=r"detect.reg: unknown key. .*detect.ot.reg, detect.infoot.reg"
+    ):
+        load({"detect": {"reg": 0.1}}, "detect")
+    with pytest.raises(ParamsError, match="finetune.gradient_ascent.ascent_weight"):
+        load({"finetune": {"ascent_weight": 0.2}}, "finetune")
+    with pytest.raises(ParamsError, match="Did you mean 'lam'"):
+        load({"detect": {"infoot": {"lamda": 1}}}, "detect")
+
+
+def test_the_library_checks_its_own_option_values_and_the_key_is_named():
+    with pytest.raises(ParamsError, match=r"finetune.ncu: gamma must be in \[0, 1\]; got 2.0"):
+        load({"finetune": {"ncu": {"gamma": 2}}}, "finetune")
+    with pytest.raises(ParamsError, match="coreset.goracs: cut_num must be > 0"):
+        load({"coreset": {"goracs": {"cut_num": 0}}}, "coreset")
+    with pytest.raises(
+        ParamsError, match="finetune.ncu.nc_source: expected one of 'detect' or 'batch'"
+    ):
+        load({"finetune": {"ncu": {"nc_source": "magic"}}}, "finetune")
+    p = load({"detect": {"method": "ot", "ot": {"reg": 0.05}}}, "detect")
+    assert p.method_options().reg == 0.05 and p.infoot.reg == 0.02  # only the chosen one is used
+    assert (
+        load({"detect": {"method": "clip_score"}}, "detect").method_options()
+        == type(load({}, "detect").method_options())()
+    )

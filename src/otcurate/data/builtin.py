@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from otcurate.data.records import ClassInfo
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon")
 COLORS = {
     "red": (220, 40, 40),
@@ -64,12 +66,6 @@ class Record:
     image: bytes  # encoded image (PNG for built-ins)
     caption: str
     label: int  # -1 when the source has no labels
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    class_names: list[str]
-    templates: list[str]  # zero-shot prompt templates with one "{}"
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from otcurate.data import builtin
-from otcurate.data.builtin import ClassInfo
 from otcurate.data.hf import load_pairs, source_kwargs
+from otcurate.data.records import ClassInfo
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from otcurate.data.builtin import ClassInfo
-from otcurate.data.records import check_record, content_uid
+from otcurate.data.records import ClassInfo, check_record, content_uid
 
 
 class SourceError(ValueError):

@@ -24,6 +24,15 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """A labelled source's class names and its zero-shot prompt templates."""
+
+    class_names: list[str]
+    templates: list[str]  # zero-shot prompt templates with one "{}"
+
+
 SCHEMA = pa.schema(
     [
         ("uid", pa.string()),

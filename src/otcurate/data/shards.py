@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from otcurate.data.builtin import ClassInfo
-from otcurate.data.records import SCHEMA, SPLITS
+from otcurate.data.records import SCHEMA, SPLITS, ClassInfo
 from otcurate.io import dumps_json, write_parquet
 
 CLASSES_FILE = "classes.json"

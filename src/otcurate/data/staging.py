@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from otcurate import faults
-from otcurate.data.records import SCHEMA
+from otcurate.data.records import SCHEMA, SPLITS
 from otcurate.io import write_json, write_parquet
+from otcurate.progress import track
 
 STATE = "state.json"
 CHUNK_SCHEMA = pa.schema(  # the record columns of a shard, then the exact-duplicate hashes
@@ -162,6 +164,50 @@ class ShardWriter:
     def close(self) -> None:
         if self._n or not self.files:
             self._write(self._n)
+
+
+def finalize(
+    staging: Path,
+    chunks: list[str],
+    out: Path,
+    shard_size: int,
+    train_uids: list[str],
+    train_captions: list[str],
+    noisy: np.ndarray,
+    caption_from: np.ndarray,
+) -> None:
+    """Phase 2: the finished chunks, in order, into `out`'s per-split shards of `shard_size`
+    rows. Train rows take their (possibly noised) caption from ``train_captions``, with
+    ``noisy`` flags and ``caption_from`` (the train position whose caption they got, named
+    by ``train_uids``), all indexed by train position; val and test keep their captions."""
+    writers = {s: ShardWriter(out, s, shard_size) for s in SPLITS}
+    k = 0  # position in the train split
+    for name in track(chunks, total=len(chunks), description="ingest: shards"):
+        t = pq.read_table(staging / name, columns=["uid", "split", "image", "caption", "label"])
+        for s in SPLITS:
+            part = t.filter(pc.equal(t["split"], s))
+            m = part.num_rows
+            if m == 0:
+                continue
+            if s == "train":
+                caps = pa.array(train_captions[k : k + m], pa.string())
+                flags = pa.array(noisy[k : k + m], pa.bool_())
+                src = pa.array([train_uids[j] for j in caption_from[k : k + m]], pa.string())
+                k += m
+            else:
+                caps, flags, src = part["caption"], pa.array(np.zeros(m, bool)), part["uid"]
+            columns = {
+                "uid": part["uid"],
+                "split": part["split"],
+                "image": part["image"],
+                "caption": caps,
+                "label": part["label"],
+                "noisy": flags,
+                "caption_from": src,
+            }
+            writers[s].add(pa.table(columns))
+    for w in writers.values():
+        w.close()
 
 
 def read_column(staging: Path, chunks: list[str], columns: list[str]) -> dict[str, list]:
