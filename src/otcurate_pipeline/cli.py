@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from otcurate_pipeline import layout
-from otcurate_pipeline.params import SECTIONS, ParamsError, load_all, parse_yaml
+from otcurate_pipeline.params import PARAMS_FILE, ParamsError, apply_overrides, validate_file
 
 app = typer.Typer(
     add_completion=False,
@@ -43,62 +43,6 @@ def find_root(start: Path | None = None) -> Path:
         "[red]error:[/] no dvc.yaml here or in any parent folder; run otcurate inside the project."
     )
     raise typer.Exit(2)
-
-
-def _parse_value(text: str):
-    try:
-        return parse_yaml(text)
-    except Exception:  # noqa: BLE001 - not YAML: keep the text
-        return text
-
-
-def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
-    """Write `section.key=value` overrides into params.yaml (comments kept), after validating the result."""
-    from ruamel.yaml import YAML
-
-    path = root / "params.yaml"
-    ry = YAML()
-    ry.preserve_quotes = True
-    doc = ry.load(path.read_text())
-    plain = parse_yaml(path.read_text()) or {}
-    changed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ParamsError(
-                f"--set {item!r}: expected section.key=value, e.g. --set finetune.lr=5e-5"
-            )
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) < 2 or parts[0] not in SECTIONS:
-            raise ParamsError(
-                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)})."
-            )
-        value = _parse_value(text)
-        node, pnode = doc, plain
-        for part in parts[:-1]:
-            if part not in node or node[part] is None:
-                node[part] = {}
-                pnode[part] = {}
-            node, pnode = node[part], pnode[part]
-        if node.get(parts[-1]) != value:
-            changed.append(f"{key}={value!r}")
-        node[parts[-1]] = value
-        pnode[parts[-1]] = value
-    load_all(plain)  # strict: unknown keys, wrong types, bad combinations stop here
-    if changed:
-        from io import StringIO
-
-        buf = StringIO()
-        ry.dump(doc, buf)
-        load_all(parse_yaml(buf.getvalue()))  # what is written must read back valid, too
-        tmp = path.with_name(path.name + ".tmp-set")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
-    return changed
-
-
-def _validate_params(root: Path) -> None:
-    load_all(parse_yaml((root / "params.yaml").read_text()) or {})
 
 
 @app.command()
@@ -123,10 +67,10 @@ def run(
     root = find_root()
     try:
         if set_:
-            changed = apply_overrides(root, set_)
+            changed = apply_overrides(root / PARAMS_FILE, set_)
             if changed:
                 console.print(f"params.yaml updated: {', '.join(changed)}")
-        _validate_params(root)
+        validate_file(root / PARAMS_FILE)
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None
@@ -359,7 +303,7 @@ def schedule(
         )
         raise typer.Exit(2)
     try:
-        _validate_params(root)
+        validate_file(root / PARAMS_FILE)
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None

@@ -19,6 +19,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -364,6 +365,9 @@ def _schema(section: str) -> type:
         for name, m in _registry(spec).items()
         if dataclasses.fields(m.options)
     ]
+    clash = {name for name, *_ in subsections} & {f.name for f in dataclasses.fields(cls)}
+    if clash:  # a schema bug, not a user error
+        raise TypeError(f"{section}: methods {sorted(clash)} clash with keys of the section.")
     made = dataclasses.make_dataclass(cls.__name__, subsections, bases=(cls,), frozen=True)
     made.__module__, made.__doc__ = cls.__module__, cls.__doc__
     return made
@@ -535,3 +539,63 @@ def load_all(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+PARAMS_FILE = "params.yaml"  # at the project root, beside dvc.yaml
+
+
+def _parse_value(text: str):
+    try:
+        return parse_yaml(text)
+    except Exception:  # noqa: BLE001 - not YAML: keep the text
+        return text
+
+
+def apply_overrides(path: Path, overrides: list[str]) -> list[str]:
+    """Write `section.key=value` overrides into the params file at `path` (comments kept),
+    after validating the result; returns the changed ones. Nothing is written on an error."""
+    from ruamel.yaml import YAML
+
+    ry = YAML()
+    ry.preserve_quotes = True
+    doc = ry.load(path.read_text())
+    plain = parse_yaml(path.read_text()) or {}
+    changed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(
+                f"--set {item!r}: expected section.key=value, e.g. --set finetune.lr=5e-5"
+            )
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or parts[0] not in SECTIONS:
+            raise ParamsError(
+                f"--set {item!r}: the key must start with a section ({', '.join(SECTIONS)})."
+            )
+        value = _parse_value(text)
+        node, pnode = doc, plain
+        for part in parts[:-1]:
+            if part not in node or node[part] is None:
+                node[part] = {}
+                pnode[part] = {}
+            node, pnode = node[part], pnode[part]
+        if node.get(parts[-1]) != value:
+            changed.append(f"{key}={value!r}")
+        node[parts[-1]] = value
+        pnode[parts[-1]] = value
+    load_all(plain)  # strict: unknown keys, wrong types, bad combinations stop here
+    if changed:
+        from io import StringIO
+
+        buf = StringIO()
+        ry.dump(doc, buf)
+        load_all(parse_yaml(buf.getvalue()))  # what is written must read back valid, too
+        tmp = path.with_name(path.name + ".tmp-set")
+        tmp.write_text(buf.getvalue())
+        tmp.replace(path)
+    return changed
+
+
+def validate_file(path: Path) -> dict[str, Any]:
+    """Every section of the params file at `path`, typed and checked."""
+    return load_all(parse_yaml(path.read_text()) or {})

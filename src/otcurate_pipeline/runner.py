@@ -81,20 +81,22 @@ class Workspace:
     ) -> int:
         """`stages.<stage>.main(...)`'s exit code; `over` overrides params, or `params` names
         a params file."""
-        if over:
-            params = self.write_params(over)
-        return importlib.import_module(self.stages[stage].module).main(
-            self.argv(stage, params, **paths)
-        )
+        return self._main(stage, self.argv(stage, self._params(over, params), **paths))
 
     def check(self, stage: str, over: Mapping[str, Any] | None = None, **paths: str) -> float:
         """`run`, raising StageFailed unless the stage exits 0; returns its seconds."""
         t0 = time.perf_counter()
-        argv = self.argv(stage, self.write_params(over) if over else None, **paths)
-        code = importlib.import_module(self.stages[stage].module).main(argv)
+        argv = self.argv(stage, self._params(over, None), **paths)
+        code = self._main(stage, argv)
         if code != 0:
             raise StageFailed(stage, code, argv)
         return time.perf_counter() - t0
+
+    def _params(self, over: Mapping[str, Any] | None, params: Path | None) -> Path | None:
+        return self.write_params(over) if over else params
+
+    def _main(self, stage: str, argv: list[str]) -> int:
+        return importlib.import_module(self.stages[stage].module).main(argv)
 
     def metrics(self, rel: str) -> dict[str, Any]:
         """A results folder's metrics.json."""

@@ -68,6 +68,11 @@ def score_source(
             f"no fitted detector at {detector / artifacts.DETECTOR}; run the pipeline first "
             "(otcurate run)."
         ) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ScoreError(
+            f"{detector / artifacts.DETECTOR} was saved by another otcurate version ({exc!r}); "
+            "rerun detect (otcurate run) to refit it."
+        ) from None
     try:
         pairs, _, _ = load_pairs(
             **local_source(source),

@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from otcurate_pipeline.cli import apply_overrides
-from otcurate_pipeline.params import ParamsError, load, parse_yaml
+from otcurate_pipeline.params import ParamsError, apply_overrides, load, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,7 +16,7 @@ def project(tmp_path):
 
 def test_set_writes_typed_values_and_keeps_comments(project):
     changed = apply_overrides(
-        project,
+        project / "params.yaml",
         ["finetune.lr=5e-5", "coreset.fraction=null", "coreset.size=300", "ingest.noise.rate=0.5"],
     )
     assert len(changed) == 4
@@ -48,11 +47,11 @@ def test_bad_overrides_change_nothing(project, item, message):
         .replace(".", r"\.")
         .replace("?", r"\?"),
     ):
-        apply_overrides(project, [item])
+        apply_overrides(project / "params.yaml", [item])
     assert (project / "params.yaml").read_text() == before
 
 
 def test_setting_the_same_value_rewrites_nothing(project):
     before = (project / "params.yaml").read_bytes()
-    assert apply_overrides(project, ["finetune.lr=0.0001"]) == []
+    assert apply_overrides(project / "params.yaml", ["finetune.lr=0.0001"]) == []
     assert (project / "params.yaml").read_bytes() == before
