@@ -21,7 +21,9 @@ from stages._common import StageError, model_logit_scale, parser, read_params, r
 
 def _labels(data_dir: str, split: str, uids: list[str]) -> np.ndarray:
     t = read_split(data_dir, split, columns=["uid", "label"])
-    artifacts.check_uids(Path(data_dir), uids, t["uid"].to_pylist(), data_dir, "embed")
+    artifacts.check_uids(
+        Path(data_dir), t["uid"].to_pylist(), uids, f"the {split} embeddings", "embed"
+    )
     return np.asarray(t["label"].to_pylist(), dtype=np.int64)
 
 

@@ -64,9 +64,6 @@ class TinyRun(Workspace):
     def __init__(self, root: Path):
         super().__init__(root, tiny_params(), repo=ROOT)
 
-    def run(self, stage: str, params: Path | None = None, **paths: str) -> int:
-        return super().run(stage, params=params, **paths)
-
 
 LAYOUT = layout.stages(ROOT)  # dvc.yaml's stages, their paths, deps and outs
 STAGE_PATHS = {name: dict(stage.paths) for name, stage in LAYOUT.items()}

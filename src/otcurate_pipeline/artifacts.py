@@ -41,7 +41,7 @@ def check_uids(
     """Mismatch unless `got` (the uids `folder` holds) are `uids`, in order; None checks nothing."""
     if uids is not None and got != list(uids):
         raise Mismatch(
-            f"{folder} does not match {against} (different train uids); "
+            f"{folder} does not match {against} (different uids); "
             f"rerun {rerun} (dvc repro {rerun})."
         )
 

@@ -286,6 +286,20 @@ def test_outputs_that_disagree_name_the_stage_to_rerun(tiny, tmp_path, capsys):
     assert not (tmp_path / "cs").exists()
 
 
+def test_labels_of_other_pairs_than_the_embeddings_are_refused(tiny):
+    from otcurate_pipeline import artifacts
+    from stages.coreset import _labels
+
+    uids, _, _ = artifacts.read_embeddings(tiny.p("data/embed"), "val")
+    assert len(_labels(tiny.p("data/ingest"), "val", uids)) == len(uids)
+    with pytest.raises(artifacts.Mismatch) as exc:
+        _labels(tiny.p("data/ingest"), "val", uids[::-1])
+    assert str(exc.value) == (
+        f"{tiny.p('data/ingest')} does not match the val embeddings (different uids); "
+        "rerun embed (dvc repro embed)."
+    )
+
+
 def test_crashed_write_leaves_previous_output(tiny, tmp_path):
     """A stage killed while writing leaves only a temporary sibling, which the next write sweeps away."""
     out = tmp_path / "ingest"
