@@ -128,9 +128,12 @@ def ingest(args) -> None:
     caption_from = np.arange(len(train))
     noisy = np.zeros(len(train), dtype=bool)
     if p.noise.rate > 0:
-        planted = plant_noise(train_caps, p.noise.rate, base.seed)
+        planted = plant_noise(train_caps, p.noise.rate, base.seed, p.noise.kind)
         train_caps, noisy, caption_from = planted.captions, planted.noisy, planted.caption_from
         metrics["noise_rate_planted"] = float(noisy.mean())
+        for kind in ("shuffle", "near", "generic"):
+            if p.noise.kind in (kind, "mixed"):
+                metrics[f"noise_{kind}_planted"] = float((planted.kind == kind).mean())
     train_uids = [cols["uid"][i] for i in train]
     del cols
     with atomic_dir(args.out) as out:

@@ -41,8 +41,11 @@ class Base:
 
 @dataclass(frozen=True)
 class Noise:
-    # NCR-style: this fraction of train captions is permuted among themselves.
+    # Planted per caption (NCR-style): this fraction of train captions is replaced ...
     rate: float = 0.0
+    # ... by another pair's (shuffle), a close pair's (near), an uninformative one (generic),
+    # or an equal mix of the three (otcurate.data.records.plant_noise).
+    kind: Literal["shuffle", "near", "generic", "mixed"] = "shuffle"
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,33 @@ def test_planted_noise_matches_the_clean_captions(tiny, tmp_path):
             assert r["caption_from"] == r["uid"] or clean[r["caption_from"]] == clean[r["uid"]]
 
 
+def test_mixed_noise_records_its_kinds(tiny, tmp_path):
+    """kind: mixed plants shuffled, near and generic captions; a generic caption comes from
+    no pair (caption_from ""), the others name the pair whose clean caption they carry."""
+    over = {"ingest": {"noise": {"rate": 0.45, "kind": "mixed"}}}
+    params = write_params(tmp_path, over)
+    out, res = tmp_path / "mixed", tmp_path / "r"
+    assert tiny.run("ingest", params=params, out=str(out), results=str(res)) == 0
+    (tmp_path / "c").mkdir()
+    clean_params = write_params(tmp_path / "c", {"ingest": {"noise": {"rate": 0.0}}})
+    clean_out = tmp_path / "clean"
+    assert tiny.run("ingest", params=clean_params, out=str(clean_out), results=str(res) + "c") == 0
+    read = lambda f: pq.ParquetDataset(sorted(Path(f).glob("train-*.parquet"))).read().to_pylist()  # noqa: E731
+    clean = {r["uid"]: r["caption"] for r in read(clean_out)}
+    rows = read(out)
+    generic = [r for r in rows if r["noisy"] and r["caption_from"] == ""]
+    moved = [r for r in rows if r["noisy"] and r["caption_from"] != ""]
+    assert generic and moved
+    for r in moved:
+        assert r["caption"] == clean[r["caption_from"]] != clean[r["uid"]]
+    m = json.loads((res / "metrics.json").read_text())
+    assert m["noise_generic_planted"] == pytest.approx(len(generic) / len(rows))
+    assert m["noise_shuffle_planted"] + m["noise_near_planted"] == pytest.approx(
+        len(moved) / len(rows)
+    )
+    assert m["noise_rate_planted"] == pytest.approx(0.45, abs=0.03)
+
+
 def test_pretrain_checkpoint_opens_in_open_clip(tiny):
     folder = Path(tiny.p("models/pretrain"))
     assert {p.name for p in folder.iterdir()} == {"open_clip_config.json", "model.safetensors"}

@@ -1,11 +1,18 @@
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from otcurate.data import builtin
-from otcurate.data.records import assign_splits, check_record, content_uid, plant_noise
+from otcurate.data.records import (
+    GENERIC_CAPTIONS,
+    assign_splits,
+    check_record,
+    content_uid,
+    plant_noise,
+)
 
 
 def test_plant_noise_ground_truth_is_exact():
@@ -32,6 +39,63 @@ def test_plant_noise_is_seeded():
     caps = [str(i) for i in range(50)]
     a, b, c = plant_noise(caps, 0.5, 1), plant_noise(caps, 0.5, 1), plant_noise(caps, 0.5, 2)
     assert a.captions == b.captions and a.captions != c.captions
+
+
+def test_shuffle_noise_is_todays_protocol():
+    """kind='shuffle' is the default and draws exactly as before the kinds existed."""
+    caps = [f"caption {i}" for i in range(60)]
+    a, b = plant_noise(caps, 0.4, 3), plant_noise(caps, 0.4, 3, "shuffle")
+    assert a.captions == b.captions and set(a.kind[a.noisy]) == {"shuffle"}
+    assert set(a.kind[~a.noisy]) == {""}
+
+
+def _words(caption):
+    return set(re.findall(r"\w+", caption.lower()))
+
+
+def _shape_captions(n, seed=0):
+    return [builtin.shapes_record(seed, i, 8).caption for i in range(n)]
+
+
+def test_near_noise_changes_one_word_of_a_compositional_caption():
+    caps = _shape_captions(400)
+    planted = plant_noise(caps, 0.5, 0, "near")
+    rows = np.flatnonzero(planted.noisy)
+    assert len(rows) == 200
+    for i in rows:
+        assert planted.captions[i] == caps[planted.caption_from[i]] != caps[i]
+        # the closest other caption: as many words shared as with any other caption
+        best = max(len(_words(caps[i]) & _words(c)) for c in caps if c != caps[i])
+        assert len(_words(caps[i]) & _words(planted.captions[i])) == best
+    shared = [len(_words(caps[i]) & _words(planted.captions[i])) for i in rows]
+    shuffled = plant_noise(caps, 0.5, 0, "shuffle")
+    rand = [
+        len(_words(caps[i]) & _words(shuffled.captions[i])) for i in np.flatnonzero(shuffled.noisy)
+    ]
+    assert np.mean(shared) > np.mean(rand) + 2  # far closer than a random caption
+
+
+def test_generic_noise_is_uninformative_and_comes_from_no_pair():
+    caps = _shape_captions(100)
+    planted = plant_noise(caps, 0.3, 1, "generic")
+    rows = np.flatnonzero(planted.noisy)
+    assert len(rows) == 30 and (planted.caption_from[rows] == -1).all()
+    stems = {g.split("{")[0] for g in GENERIC_CAPTIONS}
+    assert all(any(planted.captions[i].startswith(s) for s in stems) for i in rows)
+    assert (planted.caption_from[~planted.noisy] == np.flatnonzero(~planted.noisy)).all()
+
+
+def test_mixed_noise_plants_the_three_kinds_in_equal_parts():
+    caps = _shape_captions(300)
+    planted = plant_noise(caps, 0.5, 2, "mixed")
+    counts = {k: int((planted.kind == k).sum()) for k in ("shuffle", "near", "generic")}
+    assert planted.noisy.sum() == sum(counts.values())
+    assert all(45 <= c <= 50 for c in counts.values()), counts  # 150 / 3, less unchanged texts
+
+
+def test_plant_noise_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="noise kind must be one of shuffle, near, generic, mixed"):
+        plant_noise(["a", "b"], 0.5, 0, "typo")
 
 
 def test_splits_are_stable_per_uid_and_near_the_fractions():

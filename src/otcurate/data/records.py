@@ -10,7 +10,7 @@ A record is one image-text pair:
 | caption      | string | the caption as trained on (after planted noise) |
 | label        | int32  | class id, -1 when the source has none |
 | noisy        | bool   | ground truth: the caption was planted from another pair |
-| caption_from | string | uid of the pair whose caption this is (== uid when clean) |
+| caption_from | string | uid of the pair whose caption this is (== uid when clean; "" for a generic caption) |
 """
 
 from __future__ import annotations
@@ -89,34 +89,103 @@ def assign_splits(
     return out
 
 
+NOISE_KINDS = ("shuffle", "near", "generic", "mixed")
+# Uninformative captions, as web alt-text often is ("{n}" becomes a 4-digit number).
+GENERIC_CAPTIONS = (
+    "an image",
+    "a photo",
+    "a picture",
+    "untitled",
+    "click to enlarge",
+    "photo {n}",
+    "image {n}",
+    "IMG_{n}.jpg",
+)
+
+
 @dataclass(frozen=True)
 class PlantedNoise:
     captions: list[str]  # captions after planting
-    caption_from: np.ndarray  # index of the pair each caption came from
+    caption_from: np.ndarray  # index of the pair each caption came from; -1: a generic caption
     noisy: np.ndarray  # bool: caption differs from the pair's own
+    kind: np.ndarray  # str per pair: "" (kept its caption) or the noise kind planted on it
 
 
-def plant_noise(captions: Sequence[str], rate: float, seed: int) -> PlantedNoise:
-    """NCR-style noise: permute the captions of round(rate * n) pairs among themselves.
+def plant_noise(
+    captions: Sequence[str], rate: float, seed: int, kind: str = "shuffle"
+) -> PlantedNoise:
+    """Replace the captions of round(rate * n) random pairs; each image keeps its place.
 
-    The chosen pairs get a cyclic permutation (Sattolo), so no chosen pair keeps
-    its own caption. A pair counts as noisy when its caption text changed (two
-    pairs may share an identical caption; swapping those plants nothing).
+    Noise is planted per caption, as in NCR (Huang et al. 2021): the image of a noisy pair
+    is a real image, its caption belongs to something else. Kinds:
+
+    - ``shuffle``: the chosen pairs' captions are permuted among themselves by one cycle
+      (Sattolo), so no chosen pair keeps its own (NCR's protocol).
+    - ``near``: each chosen pair takes the caption of a close pair: the caption, among the
+      other captions, with the most words in common (ties broken at random); on compositional
+      captions that is one attribute changed, on class templates a neighbouring class.
+    - ``generic``: an uninformative caption (``GENERIC_CAPTIONS``, e.g. "photo 0412").
+    - ``mixed``: the chosen pairs split in three equal parts, one per kind above.
+
+    A pair counts as noisy when its caption text changed (two pairs may share an identical
+    caption; swapping those plants nothing).
     """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {', '.join(NOISE_KINDS)}; got {kind!r}.")
     n = len(captions)
     k = int(round(rate * n))
     src = np.arange(n)
-    if k >= 2:
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(n, size=k, replace=False))
-        perm = np.arange(k)
-        for i in range(k - 1, 0, -1):  # Sattolo: a single k-cycle
-            j = int(rng.integers(i))
-            perm[i], perm[j] = perm[j], perm[i]
-        src[chosen] = chosen[perm]
-    new = [captions[j] for j in src]
+    new = list(captions)
+    kinds = np.full(n, "", dtype=object)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(n, size=k, replace=False) if k > 0 else np.zeros(0, dtype=np.int64)
+    parts = {kind: chosen}
+    if kind == "mixed":
+        parts = dict(zip(("shuffle", "near", "generic"), np.array_split(chosen, 3), strict=True))
+    for part, rows in parts.items():
+        rows = np.sort(rows)
+        if part == "shuffle" and len(rows) >= 2:
+            perm = np.arange(len(rows))
+            for i in range(len(rows) - 1, 0, -1):  # Sattolo: a single cycle
+                j = int(rng.integers(i))
+                perm[i], perm[j] = perm[j], perm[i]
+            src[rows] = rows[perm]
+        elif part == "near" and len(rows):
+            src[rows] = _nearest_other_caption(captions, rows, rng)
+        for i in rows:
+            new[i] = captions[src[i]]
+        if part == "generic":
+            for i in rows:
+                text = GENERIC_CAPTIONS[int(rng.integers(len(GENERIC_CAPTIONS)))]
+                new[i] = text.format(n=f"{int(rng.integers(10000)):04d}")
+                src[i] = -1
+        kinds[rows] = part
     noisy = np.array([new[i] != captions[i] for i in range(n)], dtype=bool)
-    return PlantedNoise(new, src, noisy)
+    kinds[~noisy] = ""
+    src[~noisy] = np.arange(n)[~noisy]
+    return PlantedNoise(new, src, noisy, kinds)
+
+
+def _nearest_other_caption(
+    captions: Sequence[str], rows: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """For each of ``rows``, the index of the caption sharing the most words with its own
+    among the captions of other text (random among equals)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    words = CountVectorizer(binary=True, token_pattern=r"(?u)\b\w+\b").fit_transform(captions)
+    text_id = np.unique(np.asarray(captions, dtype=object), return_inverse=True)[1]
+    if text_id.max(initial=0) < 1:
+        raise ValueError("near noise needs at least two different captions.")
+    out = np.empty(len(rows), dtype=np.int64)
+    chunk = max(1, 2**22 // max(1, len(captions)))  # bounded memory: chunk x n floats
+    for lo in range(0, len(rows), chunk):
+        r = rows[lo : lo + chunk]
+        overlap = (words[r] @ words.T).toarray().astype(np.float64)
+        overlap += 0.5 * rng.random(overlap.shape)  # ties at random, below one word
+        overlap[text_id[None, :] == text_id[r][:, None]] = -np.inf  # never its own text
+        out[lo : lo + len(r)] = overlap.argmax(axis=1)
+    return out
 
 
 def content_uid(image: bytes, caption: str) -> str:

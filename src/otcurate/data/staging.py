@@ -179,7 +179,7 @@ def finalize(
     """Phase 2: the finished chunks, in order, into `out`'s per-split shards of `shard_size`
     rows. Train rows take their (possibly noised) caption from ``train_captions``, with
     ``noisy`` flags and ``caption_from`` (the train position whose caption they got, named
-    by ``train_uids``), all indexed by train position; val and test keep their captions."""
+    by ``train_uids``; -1: a generic caption, from no pair), all indexed by train position; val and test keep their captions."""
     writers = {s: ShardWriter(out, s, shard_size) for s in SPLITS}
     k = 0  # position in the train split
     for name in track(chunks, total=len(chunks), description="ingest: shards"):
@@ -192,7 +192,9 @@ def finalize(
             if s == "train":
                 caps = pa.array(train_captions[k : k + m], pa.string())
                 flags = pa.array(noisy[k : k + m], pa.bool_())
-                src = pa.array([train_uids[j] for j in caption_from[k : k + m]], pa.string())
+                src = pa.array(
+                    [train_uids[j] if j >= 0 else "" for j in caption_from[k : k + m]], pa.string()
+                )
                 k += m
             else:
                 caps, flags, src = part["caption"], pa.array(np.zeros(m, bool)), part["uid"]
