@@ -58,6 +58,8 @@ def detect(args) -> None:
         metrics.update(det.quality(result.scores, result.noisy, truth))
     else:
         metrics["est_noise_rate"] = float(result.noisy.mean())
+    sep = det.separation(result.scores, result.noisy, truth if has_truth else None, seed=base.seed)
+    metrics.update(sep.metrics())
     with atomic_dir(args.out) as out:
         artifacts.write_scores(out, uids, result.scores, result.noisy)
         artifacts.write_detector(out, meta, tensors)
@@ -77,6 +79,8 @@ def detect(args) -> None:
         f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
     )
     print(f"detect ({p.method}): {summary}")
+    for w in sep.warnings:
+        print(f"detect ({p.method}): warning: {w}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

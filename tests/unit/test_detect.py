@@ -75,3 +75,35 @@ def test_auto_flags_estimate_the_noise_rate():
     with pytest.raises(ValueError, match="exactly one"):
         det.flag(r.scores, fraction=0.2, auto=True)
     assert not det.flag(np.ones(10), auto=True).any()  # nothing to separate
+
+
+def test_ties_at_the_cut_are_decided_at_random_not_by_row_order():
+    """Constant scores must not flag the first k rows (the digits failure: uid order)."""
+    flags = [det.flag(np.zeros(1000), fraction=0.2, seed=s) for s in (0, 1)]
+    for f in flags:
+        assert f.sum() == 200
+        assert f[:200].mean() < 0.35  # row order would flag all of the first 200
+    assert (flags[0] != flags[1]).any()  # the seed decides
+    s = np.array([0.1, 0.5, 0.5, 0.5, 0.9])  # strict order still wins over the tie-break
+    assert det.flag(s, fraction=0.2, seed=3).tolist() == [True, False, False, False, False]
+
+
+def test_separation_says_when_scores_tie_or_fail_against_truth():
+    tied = det.separation(np.zeros(100), det.flag(np.zeros(100), fraction=0.2), None)
+    assert tied.distinct == 0.01 and tied.tied_flags == 1.0
+    assert any("ties most pairs" in w for w in tied.warnings)
+    assert any("decided between equal scores" in w for w in tied.warnings)
+    assert tied.metrics()["separates"] == 0.0
+
+    img, txt, noisy = planted(n=600, rate=0.3)
+    r = det.detect("clip_score", img, txt, fraction=0.3)
+    good = det.separation(r.scores, r.noisy, noisy)
+    assert good.warnings == () and good.auroc > 0.95 and good.metrics()["separates"] == 1.0
+    assert good.bimodal and good.ashman_d > 2  # a clean/noisy split shows without truth too
+    assert det.separation(r.scores, r.noisy, None).warnings == ()
+
+    rng = np.random.default_rng(0)
+    blind = det.separation(rng.normal(size=600), r.noisy, noisy)  # scores that know nothing
+    assert any("below 0.6" in w for w in blind.warnings)
+    unimodal = det.separation(rng.normal(size=600), r.noisy, None)
+    assert not unimodal.bimodal and any("not bimodal" in w for w in unimodal.warnings)

@@ -22,7 +22,15 @@ from otcurate.detect.detector import (
     fit_detector,
     score_new,
 )
-from otcurate.detect.flags import Detection, flag, mixture_flags, quality, roc_curve
+from otcurate.detect.flags import (
+    Detection,
+    Separation,
+    flag,
+    mixture_flags,
+    quality,
+    roc_curve,
+    separation,
+)
 from otcurate.detect.infoot import (
     InfoOTFit,
     InfoOTOptions,
@@ -51,6 +59,7 @@ __all__ = [
     "Method",
     "MinibatchOptions",
     "OTOptions",
+    "Separation",
     "SinkhornOptions",
     "SoftmaxOptions",
     "clip_score",
@@ -69,6 +78,7 @@ __all__ = [
     "ot_score",
     "quality",
     "roc_curve",
+    "separation",
     "score",
     "score_new",
     "small_loss_posterior",
