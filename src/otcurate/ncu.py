@@ -12,7 +12,16 @@ B. *Unlearn with one OT problem.* ``S_aug = [I Tᵀ | ⟨I_i, N_i⟩]`` (B×(B+1
    balanced, entropic OT (log domain, ``reg`` 0.03, ≤ 100 iterations, no gradient)
    in both directions on ``M = (1 − S_aug)/max``; targets ``γ·rownorm(π) + (1−γ)·L``;
    loss ``½[KL(Y_v‖softmax(Z)) + KL(Y_t‖softmax(Zᵀ))]`` plus the opposition term.
-   Prompt, token and positional embeddings and the first text blocks stay frozen.
+   Prompt, positional embedding and the first text blocks (5 of 12 in the reference,
+   scaled to depth) stay frozen; the token embedding trains (the reference's
+   ``model.token_embedding.requires_grad = False`` sets an attribute and freezes nothing).
+
+The defaults follow the reference (``src/ul_clip.py``, ``src/train.py``, LaCLIP
+``models.py``); each departure is an option, listed in ``NCUOptions``. Remaining
+departures: the negated caption's augmentation is EDA's random swap and deletion on
+tokens only (synonym replacement and insertion need WordNet); with
+``nc_source='detect'`` the noisy rows come from `detect` (capped per batch by
+``unlearn_cap``) instead of the per-batch rule alone.
 
 Everything here takes tensors and returns tensors or records; nothing reads files.
 """
@@ -106,16 +115,60 @@ def encode_text(
 
 
 def batch_noisy(
-    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, nc_ratio: float
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor | float,
+    nc_ratio: float,
+    among: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference's per-batch rule: flag the int(nc_ratio·B) lowest ``softmax_row(s·S)_ii``."""
+    """The reference's per-batch rule: flag the int(nc_ratio·B) lowest ``softmax_row(s·S)_ii``
+    (own-caption probabilities); with ``among`` (bool, (B,)), only rows it marks may be flagged."""
     with torch.no_grad():
         p = torch.softmax(scale * image @ text.T, dim=1).diagonal()
         k = int(nc_ratio * len(p))
         noisy = torch.zeros(len(p), dtype=torch.bool, device=p.device)
+        if among is not None:
+            k = min(k, int(among.sum()))
+            p = p.masked_fill(~among, float("inf"))
         if k > 0:
             noisy[torch.topk(p, k, largest=False).indices] = True
     return noisy
+
+
+def augment_tokens(
+    tokens: torch.Tensor, generator: torch.Generator, alpha: float = 0.1
+) -> torch.Tensor:
+    """EDA's random swap or random deletion (one, at random, per caption) on the tokens
+    between the start and end tokens; ``max(1, int(alpha·n))`` swaps or deletions of n tokens.
+
+    The reference augments the caption it negates with EDA (``utils/eda.py``); its synonym
+    replacement and insertion need WordNet, so only these two operations are here.
+    """
+    out = tokens.clone()
+    eot = tokens.argmax(dim=-1)
+    ops = torch.rand(len(tokens), generator=generator) < 0.5
+    for i in range(len(tokens)):
+        n = int(eot[i]) - 1  # tokens strictly between SOT and EOT
+        if n < 2:
+            continue
+        body = tokens[i, 1 : 1 + n].clone()
+        m = max(1, int(alpha * n))
+        if ops[i]:  # swap m random pairs
+            for _ in range(m):
+                a, b = torch.randint(n, (2,), generator=generator).tolist()
+                body[[a, b]] = body[[b, a]]
+            out[i, 1 : 1 + n] = body
+        else:  # delete m tokens, keep at least one; the end token moves up
+            drop = torch.randperm(n, generator=generator)[:m]
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[drop] = False
+            body = body[keep]
+            row = torch.zeros_like(tokens[i])
+            row[0] = tokens[i, 0]
+            row[1 : 1 + len(body)] = body
+            row[1 + len(body)] = tokens[i, eot[i]]
+            out[i] = row
+    return out
 
 
 def opposition(text: torch.Tensor, negated: torch.Tensor) -> torch.Tensor:
@@ -168,14 +221,20 @@ def unlearn_targets(
     gamma: float = 0.7,
     max_iter: int = 100,
     tol: float = 1e-4,  # the reference stops at 1e-4
+    text_targets: Literal["reference", "normalised"] = "reference",
 ) -> UnlearnTargets:
     """Masked balanced OT targets from the augmented similarities ``s_aug`` (B, B+1).
 
     Mask: the extra column is forbidden to clean rows; a noisy row may not use its own
     caption and may use the extra column. Labels ``L``: identity, except noisy rows put
-    their 1 in the extra column. Text-side rows without a label (the caption of a noisy
-    pair) take the plan alone; the extra row's label is spread evenly over the noisy
-    images, so every target row sums to 1.
+    their 1 in the extra column. Image-side rows: ``γ·rownorm(π_v) + (1−γ)·L``.
+
+    Text side, ``text_targets='reference'``: ``γ·rownorm(π_t) + (1−γ)·Lᵀ`` as written, so
+    the extra row (the hardest negative as a query over images) carries
+    ``γ + (1−γ)·k`` for k noisy rows and a noisy pair's caption row only ``γ``.
+    ``'normalised'``: every row sums to 1 (the extra row's label spread over the noisy
+    images, a noisy caption's row the plan alone), which weakens the extra row by
+    ``(γ + (1−γ)k)`` times.
     """
     with torch.no_grad():
         B = s_aug.shape[0]
@@ -211,12 +270,15 @@ def unlearn_targets(
         labels[noisy, -1] = 1.0
         target_v = gamma * _rownorm(plan_v) + (1 - gamma) * labels
         lt = labels.T
-        lt_sum = lt.sum(dim=1, keepdim=True)
-        has = lt_sum.squeeze(1) > 0
         pt = _rownorm(plan_t)
-        target_t = torch.where(
-            has[:, None], gamma * pt + (1 - gamma) * lt / lt_sum.clamp_min(1e-12), pt
-        )
+        if text_targets == "reference":
+            target_t = gamma * pt + (1 - gamma) * lt
+        else:
+            lt_sum = lt.sum(dim=1, keepdim=True)
+            has = lt_sum.squeeze(1) > 0
+            target_t = torch.where(
+                has[:, None], gamma * pt + (1 - gamma) * lt / lt_sum.clamp_min(1e-12), pt
+            )
         if not noisy.any():
             target_t[-1] = 0.0  # the extra row carries no mass and no target
     return UnlearnTargets(forbidden, plan_v, plan_t, target_v, target_t)
@@ -236,11 +298,16 @@ def phase_b_losses(
     reg: float = 0.03,
     gamma: float = 0.7,
     max_iter: int = 100,
+    text_targets: Literal["reference", "normalised"] = "reference",
 ) -> dict[str, torch.Tensor]:
-    """Phase B loss: KL to the OT targets in both directions, plus the opposition term (weight 1)."""
+    """Phase B loss: KL to the OT targets in both directions, plus the opposition term (weight 1).
+
+    KL is ``batchmean`` over unnormalised text targets as in the reference (``nn.KLDivLoss``)."""
     s_aug = torch.cat([image @ text.T, (image * negated).sum(dim=1, keepdim=True)], dim=1)
     z = scale * s_aug
-    tg = unlearn_targets(s_aug.detach(), noisy, reg=reg, gamma=gamma, max_iter=max_iter)
+    tg = unlearn_targets(
+        s_aug.detach(), noisy, reg=reg, gamma=gamma, max_iter=max_iter, text_targets=text_targets
+    )
     kl_v = F.kl_div(F.log_softmax(z, dim=1), tg.target_v, reduction="batchmean")
     zt = z.T
     if not noisy.any():
@@ -254,23 +321,58 @@ def phase_b_losses(
     return {"loss": unlearn + oppose, "unlearn": unlearn, "opposition": oppose}
 
 
+def image_projection(visual: nn.Module) -> list[nn.Parameter]:
+    """The image tower's last projection to the joint space: ViT ``proj``, ModifiedResNet's
+    attention-pool output, timm's ``head.proj``; [] when the tower has none of these."""
+    if isinstance(getattr(visual, "proj", None), nn.Parameter):
+        return [visual.proj]
+    if hasattr(visual, "attnpool"):
+        return list(visual.attnpool.c_proj.parameters())
+    head = getattr(visual, "head", None)
+    if head is not None and hasattr(head, "proj"):
+        return list(head.proj.parameters())
+    return []
+
+
+def text_depth(model: nn.Module) -> int:
+    return len(_text_tower(model).transformer.resblocks)
+
+
+def reference_frozen_blocks(depth: int) -> int:
+    """The reference freezes text blocks 0-4 of 12; the same share of a tower of ``depth``."""
+    return int(round(5 / 12 * depth))
+
+
 def set_phase(
-    model: nn.Module, prompt: NegationPrompt, phase: str, frozen_text_blocks: int
+    model: nn.Module,
+    prompt: NegationPrompt,
+    phase: str,
+    frozen_text_blocks: int,
+    *,
+    train_image_projection: bool = True,
+    freeze_token_embedding: bool = False,
 ) -> None:
-    """requires_grad per phase: A trains text tower + prompt; B trains all but prompt, token/positional
-    embeddings and the first ``frozen_text_blocks`` text blocks."""
+    """requires_grad per phase.
+
+    A: text tower and prompt train; the image tower is frozen except its projection when
+    ``train_image_projection`` (in the reference it sits outside ``visual``).
+    B: all but the prompt, the positional embedding and the first ``frozen_text_blocks``
+    text blocks (and the token embedding when ``freeze_token_embedding``)."""
     tower = _text_tower(model)
     if phase == "A":
         for p in model.parameters():
             p.requires_grad_(True)
         for p in model.visual.parameters():
             p.requires_grad_(False)
+        if train_image_projection:
+            for p in image_projection(model.visual):
+                p.requires_grad_(True)
         prompt.ctx.requires_grad_(True)
         return
     for p in model.parameters():
         p.requires_grad_(True)
     prompt.ctx.requires_grad_(False)
-    tower.token_embedding.weight.requires_grad_(False)
+    tower.token_embedding.weight.requires_grad_(not freeze_token_embedding)
     tower.positional_embedding.requires_grad_(False)
     for block in list(tower.transformer.resblocks)[:frozen_text_blocks]:
         for p in block.parameters():
@@ -288,36 +390,68 @@ class NCUResult:
 @dataclass(frozen=True, kw_only=True)
 class NCUOptions:
     """NCU's own options; the optimisation budget (steps, batch, lr of phase B, warm-up,
-    weight decay) is every fine-tuning method's and comes separately."""
+    weight decay) is every fine-tuning method's and comes separately.
+
+    Defaults follow the reference; the options marked *departure* keep this project's
+    earlier behaviour available for the ablation (``bench/ncu_diag.py``)."""
 
     # Where noisy rows come from: detect's global flags, or the reference's per-batch rule.
     nc_source: Literal["detect", "batch"] = "detect"
-    nc_ratio: float = (
-        0.1  # per-batch rule: flag the lowest round(nc_ratio * B) own-caption probabilities
-    )
+    # Per-batch rule: flag the lowest int(nc_ratio * B) own-caption probabilities.
+    nc_ratio: float = 0.1
+    # nc_source='detect': unlearn at most int(unlearn_cap * B) flagged rows per batch, those
+    # with the lowest own-caption probability (about the reference's count); the other
+    # flagged rows are dropped from the batch (`others: drop`) or trained as clean (`keep`).
+    # null: unlearn every flagged row (departure: the earlier behaviour).
+    unlearn_cap: float | None = 0.1
+    others: Literal["drop", "keep"] = "drop"
     phase_a_fraction: float = (
-        0.2  # share of the steps spent learning the negation prompt (2 of 10 epochs)
+        0.2  # share of the steps learning the negation prompt (2 of 10 epochs)
     )
     n_ctx: int = 4  # prompt vectors after the start token (reference: 8 with a 77-token context)
     lr_phase_a: float = 2e-4  # text tower in phase A (reference ratio 1e-4 : 5e-5 to phase B)
     lr_prompt: float = 6e-4  # prompt in phase A (reference ratio 3e-4 : 5e-5)
+    prompt_weight_decay: float = 0.2  # reference (departure: 0)
     reg: float = 0.03  # entropic strength of the unlearning OT
     gamma: float = 0.7  # weight of the OT plan in the targets
-    frozen_text_blocks: int = 1  # first text blocks frozen in phase B (reference: 5 of 12)
+    # First text blocks frozen in phase B; null: the reference's share (5 of 12) of the depth.
+    frozen_text_blocks: int | None = None
+    freeze_token_embedding: bool = False  # departure: true
+    train_image_projection: bool = True  # in phase A, as the reference (departure: false)
+    # reference: the extra row carries gamma + (1 - gamma) k; normalised: departure
+    text_targets: Literal["reference", "normalised"] = "reference"
+    # one: one warm-up + cosine over both phases (reference); per_phase: departure
+    schedule: Literal["one", "per_phase"] = "one"
+    augment_negated: bool = True  # EDA swap/deletion on the caption the prompt negates
 
     def __post_init__(self) -> None:
-        if self.nc_source not in ("detect", "batch"):
-            raise ValueError(f"nc_source must be 'detect' or 'batch'; got {self.nc_source!r}.")
+        choices = {
+            "nc_source": ("detect", "batch"),
+            "others": ("drop", "keep"),
+            "text_targets": ("reference", "normalised"),
+            "schedule": ("one", "per_phase"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
+                )
         for name in ("nc_ratio", "phase_a_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}.")
+        if self.unlearn_cap is not None and not 0.0 < self.unlearn_cap <= 1.0:
+            raise ValueError(f"unlearn_cap must be in (0, 1] or null; got {self.unlearn_cap}.")
         for name in ("n_ctx", "reg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1]; got {self.gamma}.")
-        if self.frozen_text_blocks < 0:
-            raise ValueError(f"frozen_text_blocks must be >= 0; got {self.frozen_text_blocks}.")
+        if self.prompt_weight_decay < 0:
+            raise ValueError(f"prompt_weight_decay must be >= 0; got {self.prompt_weight_decay}.")
+        if self.frozen_text_blocks is not None and self.frozen_text_blocks < 0:
+            raise ValueError(
+                f"frozen_text_blocks must be >= 0 or null; got {self.frozen_text_blocks}."
+            )
 
 
 def finetune_ncu(
@@ -340,43 +474,67 @@ def finetune_ncu(
     noisy: (N,) bool global flags (``nc_source='detect'``), or None with ``nc_source='batch'``.
     """
     o = opts or NCUOptions()
-    nc_source, nc_ratio, n_ctx = o.nc_source, o.nc_ratio, o.n_ctx
-    if nc_source == "detect" and noisy is None:
+    if o.nc_source == "detect" and noisy is None:
         raise ValueError("nc_source='detect' needs the detect flags of the training pairs.")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
     width = _text_tower(model).token_embedding.weight.shape[1]
-    prompt = NegationPrompt(n_ctx, width, gen).to(device)
+    prompt = NegationPrompt(o.n_ctx, width, gen).to(device)
     flags = None if noisy is None else torch.as_tensor(np.asarray(noisy, dtype=bool))
+    frozen = o.frozen_text_blocks
+    if frozen is None:
+        frozen = reference_frozen_blocks(text_depth(model))
     steps_a = int(round(o.phase_a_fraction * steps))
     steps_b = steps - steps_a
     losses, lrs, seen = [], [], []
     batch_iter = batches(len(images), batch_size, steps, gen)
 
-    def rows_noisy(idx, img_e, txt_e, scale):
-        if nc_source == "batch":
-            return batch_noisy(img_e, txt_e, scale, nc_ratio)
-        return flags[idx].to(device)
+    def rows(idx, img_e, txt_e, scale):
+        """(unlearn, keep): the rows to unlearn and the rows the batch keeps."""
+        if o.nc_source == "batch":
+            nz = batch_noisy(img_e, txt_e, scale, o.nc_ratio)
+            return nz, torch.ones_like(nz)
+        flagged = flags[idx].to(device)
+        if o.unlearn_cap is None:
+            return flagged, torch.ones_like(flagged)
+        nz = batch_noisy(img_e, txt_e, scale, o.unlearn_cap, among=flagged)
+        rest = flagged & ~nz
+        return nz, (~rest if o.others == "drop" else torch.ones_like(rest))
 
     model.train()
     for phase, n_steps in (("A", steps_a), ("B", steps_b)):
         if n_steps == 0:
             continue
-        set_phase(model, prompt, phase, o.frozen_text_blocks)
+        set_phase(
+            model,
+            prompt,
+            phase,
+            frozen,
+            train_image_projection=o.train_image_projection,
+            freeze_token_embedding=o.freeze_token_embedding,
+        )
+        groups = param_groups(model, weight_decay)
+        for g in groups:
+            g["lr"] = o.lr_phase_a if phase == "A" else lr
         if phase == "A":
-            groups = param_groups(model, weight_decay)
-            for g in groups:
-                g["lr"] = o.lr_phase_a
-            groups.append({"params": [prompt.ctx], "weight_decay": 0.0, "lr": o.lr_prompt})
-        else:
-            groups = param_groups(model, weight_decay)
-            for g in groups:
-                g["lr"] = lr
+            groups.append(
+                {"params": [prompt.ctx], "weight_decay": o.prompt_weight_decay, "lr": o.lr_prompt}
+            )
         # Each group keeps its own lr; the schedule multiplies them all.
-        opt, sched = make_optimizer(groups, lr=lr, steps=n_steps, warmup=min(warmup, n_steps // 2))
+        if o.schedule == "one":  # one warm-up + cosine over all steps, as the reference
+            opt, sched = make_optimizer(
+                groups, lr=lr, steps=steps, warmup=min(warmup, steps // 2),
+                offset=0 if phase == "A" else steps_a,
+            )  # fmt: skip
+        else:
+            opt, sched = make_optimizer(
+                groups, lr=lr, steps=n_steps, warmup=min(warmup, n_steps // 2)
+            )
         for _ in track(range(n_steps), total=n_steps, description=f"finetune (ncu, phase {phase})"):
             idx = next(batch_iter)
             x, t = images[idx].to(device), tokens[idx].to(device)
+            t_neg = augment_tokens(t.cpu(), aug_gen).to(device) if o.augment_negated else t
             scale = model.logit_scale.exp()
             if phase == "A":
                 with torch.no_grad():
@@ -384,16 +542,21 @@ def finetune_ncu(
             else:
                 img_e = F.normalize(shard_map(model.encode_image, x), dim=-1)
             txt_e = shard_map(lambda b: encode_text(model, b), t)
-            neg_e = shard_map(lambda b: encode_text(model, b, prompt), t)
-            nz = rows_noisy(idx, img_e.detach(), txt_e.detach(), scale.detach())
+            neg_e = shard_map(lambda b: encode_text(model, b, prompt), t_neg)
+            nz, keep = rows(idx, img_e.detach(), txt_e.detach(), scale.detach())
             seen.append(float(nz.float().mean()))
             if phase == "A":
-                clean = ~nz
+                clean = keep & ~nz
                 if int(clean.sum()) < 2:
                     continue
                 out = phase_a_losses(img_e[clean], txt_e[clean], neg_e[clean], scale)
             else:
-                out = phase_b_losses(img_e, txt_e, neg_e, scale, nz, reg=o.reg, gamma=o.gamma)
+                if int(keep.sum()) < 2:
+                    continue
+                out = phase_b_losses(
+                    img_e[keep], txt_e[keep], neg_e[keep], scale, nz[keep],
+                    reg=o.reg, gamma=o.gamma, text_targets=o.text_targets,
+                )  # fmt: skip
             lrs.append(update(model, opt, sched, out["loss"]))
             step = len(losses)
             losses.append(out["loss"].item())

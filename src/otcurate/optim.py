@@ -52,11 +52,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(groups: list[dict], *, lr: float, steps: int, warmup: int) -> tuple:
-    """AdamW (betas 0.9/0.98, as open_clip and NCU) with linear warm-up then cosine decay."""
+def make_optimizer(
+    groups: list[dict], *, lr: float, steps: int, warmup: int, offset: int = 0
+) -> tuple:
+    """AdamW (betas 0.9/0.98, as open_clip and NCU) with linear warm-up then cosine decay
+    over `steps`; `offset`: the schedule starts at that step (a later phase of one schedule)."""
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, steps=steps, warmup=warmup)
+        opt, lambda s: warmup_cosine(s + offset, steps=steps, warmup=warmup)
     )
     return opt, sched
 

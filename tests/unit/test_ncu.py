@@ -57,14 +57,15 @@ def test_prompt_keeps_the_end_token_of_long_captions(clip):
         )
 
 
+@pytest.mark.parametrize("text_targets", ["reference", "normalised"])
 @pytest.mark.parametrize("noisy_rows", [[1, 4, 7], []])
-def test_masked_cells_carry_no_mass_and_targets_sum_to_one(noisy_rows):
+def test_masked_cells_carry_no_mass_and_targets_have_the_reference_sums(noisy_rows, text_targets):
     img, txt, neg = _sims()
     B = len(img)
     noisy = torch.zeros(B, dtype=torch.bool)
     noisy[noisy_rows] = True
     s_aug = torch.cat([img @ txt.T, (img * neg).sum(1, keepdim=True)], 1)
-    tg = ncu.unlearn_targets(s_aug, noisy, reg=0.03, gamma=0.7)
+    tg = ncu.unlearn_targets(s_aug, noisy, reg=0.03, gamma=0.7, text_targets=text_targets)
     assert float(tg.plan_v[tg.forbidden].abs().max()) == 0.0
     assert float(tg.plan_t[tg.forbidden.T].abs().max()) == 0.0
     # clean rows never reach the extra column; noisy rows never keep their own caption
@@ -76,6 +77,11 @@ def test_masked_cells_carry_no_mass_and_targets_sum_to_one(noisy_rows):
     torch.testing.assert_close(tg.target_v.sum(1), torch.ones(B, dtype=torch.float64))
     rows_t = tg.target_t.sum(1)
     expected = torch.ones(B + 1, dtype=torch.float64)
+    if text_targets == "reference" and noisy_rows:
+        # ul_clip.py: γ·rownorm(π_t) + (1−γ)·Lᵀ as written: a noisy pair's caption row has no
+        # label (γ), the extra row holds every noisy image's label (γ + (1−γ)·k)
+        expected[noisy_rows] = 0.7
+        expected[-1] = 0.7 + 0.3 * len(noisy_rows)
     if not noisy_rows:
         expected[-1] = 0.0  # no noisy rows: the extra row is unused
     torch.testing.assert_close(rows_t, expected)
@@ -111,11 +117,14 @@ def _grads(model):
     }
 
 
-def test_phase_a_trains_text_and_prompt_only(clip):
+@pytest.mark.parametrize("train_image_projection", [True, False])
+def test_phase_a_trains_text_prompt_and_image_projection_only(clip, train_image_projection):
     model = clip.model
     x, tok = _batch(clip)
     prompt = ncu.NegationPrompt(4, model.token_embedding.weight.shape[1])
-    ncu.set_phase(model, prompt, "A", frozen_text_blocks=1)
+    ncu.set_phase(
+        model, prompt, "A", frozen_text_blocks=1, train_image_projection=train_image_projection
+    )
     model.zero_grad()
     img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
     out = ncu.phase_a_losses(
@@ -126,16 +135,22 @@ def test_phase_a_trains_text_and_prompt_only(clip):
     )
     out["loss"].backward()
     g = _grads(model)
-    assert not any(v for n, v in g.items() if n.startswith("visual."))
+    proj = {n for n, _ in model.visual.named_parameters() if n.startswith("attnpool.c_proj.")}
+    assert proj
+    trained = {n[len("visual.") :] for n, v in g.items() if n.startswith("visual.") and v}
+    assert trained == (proj if train_image_projection else set())
     assert g["transformer.resblocks.0.attn.in_proj_weight"] and g["text_projection"]
     assert prompt.ctx.grad is not None and float(prompt.ctx.grad.abs().sum()) > 0
 
 
-def test_phase_b_freezes_prompt_embeddings_and_first_blocks(clip):
+@pytest.mark.parametrize("freeze_token_embedding", [False, True])
+def test_phase_b_freezes_prompt_positions_and_first_blocks(clip, freeze_token_embedding):
     model = clip.model
     x, tok = _batch(clip)
     prompt = ncu.NegationPrompt(4, model.token_embedding.weight.shape[1])
-    ncu.set_phase(model, prompt, "B", frozen_text_blocks=1)
+    ncu.set_phase(
+        model, prompt, "B", frozen_text_blocks=1, freeze_token_embedding=freeze_token_embedding
+    )
     model.zero_grad()
     prompt.ctx.grad = None
     img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
@@ -150,7 +165,9 @@ def test_phase_b_freezes_prompt_embeddings_and_first_blocks(clip):
     )
     out["loss"].backward()
     g = _grads(model)
-    assert not g["token_embedding.weight"] and not g["positional_embedding"]
+    # the reference trains the token embedding (its freeze sets an attribute on the module)
+    assert g["token_embedding.weight"] == (not freeze_token_embedding)
+    assert not g["positional_embedding"]
     assert not any(v for n, v in g.items() if n.startswith("transformer.resblocks.0."))
     assert g["transformer.resblocks.1.attn.in_proj_weight"] and any(
         v for n, v in g.items() if n.startswith("visual.")
@@ -160,8 +177,11 @@ def test_phase_b_freezes_prompt_embeddings_and_first_blocks(clip):
         p.requires_grad_(True)
 
 
-@pytest.mark.parametrize("nc_source", ["detect", "batch"])
-def test_finetune_ncu_learns_and_clamps_the_temperature(nc_source):
+@pytest.mark.parametrize(
+    ("nc_source", "unlearn_cap", "seen"),
+    [("detect", 0.1, 1 / 16), ("detect", None, 2 / 16), ("batch", 0.1, 1 / 16)],
+)
+def test_finetune_ncu_learns_and_clamps_the_temperature(nc_source, unlearn_cap, seen):
     torch.manual_seed(0)
     clip = models.create("otcurate-tiny")
     x, tok = _batch(clip, 16)
@@ -173,7 +193,13 @@ def test_finetune_ncu_learns_and_clamps_the_temperature(nc_source):
         clip.model,
         x,
         tok,
-        ncu.NCUOptions(nc_source=nc_source, phase_a_fraction=0.3, lr_phase_a=1e-3, lr_prompt=3e-3),
+        ncu.NCUOptions(
+            nc_source=nc_source,
+            unlearn_cap=unlearn_cap,
+            phase_a_fraction=0.3,
+            lr_phase_a=1e-3,
+            lr_prompt=3e-3,
+        ),
         noisy=noisy if nc_source == "detect" else None,
         steps=10,
         batch_size=16,
@@ -186,7 +212,12 @@ def test_finetune_ncu_learns_and_clamps_the_temperature(nc_source):
     assert all(math.isfinite(v) for v in r.losses)
     assert float(clip.model.logit_scale) <= math.log(100) + 1e-6
     assert r.losses[-1] < r.losses[r.phase_a_steps]  # phase B loss went down
-    assert r.noisy_seen == pytest.approx(2 / 16 if nc_source == "detect" else int(0.1 * 16) / 16)
+    # detect with a cap: int(0.1 * 16) = 1 of the 2 flagged rows unlearned, the other dropped
+    assert r.noisy_seen == pytest.approx(seen)
+    # one schedule over both phases: phase B starts where phase A's cosine left off
+    from otcurate.optim import warmup_cosine
+
+    assert r.lrs[3] == pytest.approx(1e-3 * warmup_cosine(4, steps=10, warmup=0))
 
 
 def test_one_phase_b_step_lowers_the_loss():
@@ -221,3 +252,37 @@ def test_one_phase_b_step_lowers_the_loss():
 def test_unsupported_text_encoder_is_a_clear_error():
     with pytest.raises(ValueError, match="NCU needs an open_clip text transformer"):
         ncu.encode_text(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_batch_rule_among_flags_only_the_given_rows():
+    img, txt, _ = _sims(B=10)
+    among = torch.zeros(10, dtype=torch.bool)
+    among[[2, 5, 8]] = True
+    nz = ncu.batch_noisy(img, txt, 10.0, 0.2, among=among)  # int(0.2 * 10) = 2 of the 3
+    p = torch.softmax(10.0 * img @ txt.T, 1).diagonal()
+    expected = sorted(sorted([2, 5, 8], key=lambda i: float(p[i]))[:2])
+    assert torch.nonzero(nz).ravel().tolist() == expected
+    assert ncu.batch_noisy(img, txt, 10.0, 0.9, among=among).sum() == 3  # never beyond `among`
+
+
+def test_augmented_negated_caption_keeps_its_start_and_end_tokens(clip):
+    _, tok = _batch(clip, 8)
+    a = ncu.augment_tokens(tok, torch.Generator().manual_seed(0))
+    b = ncu.augment_tokens(tok, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == tok.shape and not torch.equal(a, tok)
+    eot = tok.max()
+    for before, after in zip(tok, a, strict=True):
+        assert after[0] == before[0] and int((after == eot).sum()) == 1
+        n_before, n_after = int(before.argmax()), int(after.argmax())
+        body_b, body_a = before[1:n_before].tolist(), after[1:n_after].tolist()
+        if n_after == n_before:  # a swap: the same tokens, reordered
+            assert sorted(body_a) == sorted(body_b)
+        else:  # a deletion: a subsequence, one token shorter here (int(0.1 n) < 1)
+            assert n_after == n_before - 1
+            it = iter(body_b)
+            assert all(t in it for t in body_a)
+
+
+def test_reference_frozen_blocks_scale_with_depth(clip):
+    assert ncu.reference_frozen_blocks(12) == 5 and ncu.reference_frozen_blocks(2) == 1
+    assert ncu.text_depth(clip.model) == 2
