@@ -1,8 +1,9 @@
 """Quality benchmark: detectors and fine-tuning methods on planted noise, through the
 pipeline's own stages (`stages.<name>.main` with params overrides), never a copy.
 
-For each dataset x noise rate x seed, in a scratch folder:
-- ingest (noisy) -> pretrain = the base model; ingest (same seed, no noise) -> pretrain = the oracle;
+For each dataset x noise kind x noise rate x seed, in a scratch folder:
+- ingest (noisy, `ingest.noise.kind`) -> pretrain = the base model; ingest (same seed, no
+  noise) -> pretrain = the oracle (computed once per dataset and seed, shared by the kinds);
 - embed with the base; every detector (AUROC, F1 flagging the planted rate, seconds);
 - every fine-tuning method at equal optimisation steps on all train pairs (no coreset cut,
   no distillation), noisy rows from the `flags_from` detector;
@@ -11,7 +12,13 @@ For each dataset x noise rate x seed, in a scratch folder:
 Writes bench/results/quality.json (flat rows) and quality.md. One command:
 
     .venv/bin/python -m bench.quality                      # the full grid
-    .venv/bin/python -m bench.quality --datasets shapes --noise 0.5 --seeds 0   # a slice
+    .venv/bin/python -m bench.quality --datasets shapes --kinds near --noise 0.5 --seeds 0
+
+Fine-tuning methods are `finetune.method` values with options (FINETUNERS): `ncu` is
+NCU with today's defaults (the reference's settings, detect's flags capped per batch),
+`ncu_reference` its per-batch rule alone (no detect), `ncu_legacy` every departure the
+earlier implementation had (frozen token embedding, normalised text targets, all flagged
+rows unlearned, ...), so the table shows what the fidelity fixes are worth.
 """
 
 from __future__ import annotations
@@ -20,13 +27,30 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.results_io import save
+from bench.results_io import command, save
 from otcurate_pipeline.runner import Workspace, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
 DETECTORS = ["clip_score", "ot", "ncu_batch", "gmm_loss", "infoot"]
-FINETUNERS = ["clip", "filter", "gradient_ascent", "ncu"]
+NCU_LEGACY = {
+    "unlearn_cap": None,
+    "freeze_token_embedding": True,
+    "train_image_projection": False,
+    "text_targets": "normalised",
+    "schedule": "per_phase",
+    "augment_negated": False,
+    "prompt_weight_decay": 0.0,
+    "frozen_text_blocks": 1,
+}
+FINETUNERS = {  # name -> finetune section overrides
+    "clip": {"method": "clip"},
+    "filter": {"method": "filter"},
+    "gradient_ascent": {"method": "gradient_ascent"},
+    "ncu": {"method": "ncu"},
+    "ncu_reference": {"method": "ncu", "ncu": {"nc_source": "batch"}},
+    "ncu_legacy": {"method": "ncu", "ncu": NCU_LEGACY},
+}
 DATASETS = {
     "shapes": {"source": "shapes", "size": 12000},
     "digits": {"source": "digits", "size": None},
@@ -42,24 +66,44 @@ def workspace(root: Path, overrides: dict) -> Workspace:
     return Workspace(root, merge(parse_yaml((ROOT / "params.yaml").read_text()), overrides), ROOT)
 
 
-def evaluate_model(ws: Workspace, model: str) -> dict[str, float]:
+def evaluate_model(ws: Workspace, model: str, name: str) -> dict[str, float]:
     """evaluate's own metrics for one model (base and finetuned slots both get `model`),
     on the clean test split of data/ingest."""
-    out = f"results/eval-{Path(model).name}"
+    out = f"results/eval-{name}"
     ws.check("evaluate", base=model, finetuned=model, detect="data/detect-clip_score", results=out)
     return {k[len("base_") :]: v for k, v in ws.metrics(out).items() if k.startswith("base_")}
 
 
+def oracle_model(dataset: str, seed: int, work: Path) -> Path:
+    """The clean pre-training (same seed, no planted noise), shared by every kind and rate."""
+    common = {"base": {"seed": seed}, "ingest": DATASETS[dataset] | {"noise": {"rate": 0.0}}}
+    ws = workspace(
+        work / f"{dataset}-oracle-{seed}", merge(common, {"pretrain": PRETRAIN[dataset]})
+    )
+    ws.check("ingest")
+    ws.check("pretrain")
+    return Path(ws.p("models/pretrain"))
+
+
 def one(
-    dataset: str, noise: float, seed: int, work: Path, steps: int, lr: float, flags_from: str
+    dataset: str,
+    kind: str,
+    noise: float,
+    seed: int,
+    work: Path,
+    steps: int,
+    lr: float,
+    flags_from: str,
+    detectors: list[str],
+    finetuners: list[str],
 ) -> list[dict]:
     rows = []
     common = {
         "base": {"seed": seed},
-        "ingest": DATASETS[dataset] | {"noise": {"rate": noise}},
+        "ingest": DATASETS[dataset] | {"noise": {"rate": noise, "kind": kind}},
         "pretrain": PRETRAIN[dataset],
     }
-    ws = workspace(work / f"{dataset}-{noise}-{seed}", common)
+    ws = workspace(work / f"{dataset}-{kind}-{noise}-{seed}", common)
 
     def row(stage, method, metric, value):
         rows.append(
@@ -67,6 +111,7 @@ def one(
                 "bench": "quality",
                 "dataset": dataset,
                 "noise": noise,
+                "kind": kind if noise > 0 else "none",
                 "seed": seed,
                 "stage": stage,
                 "method": method,
@@ -79,14 +124,11 @@ def one(
     ws.check("pretrain")  # the base: models/pretrain
     oracle = "models/pretrain"  # without planted noise the clean pre-training is the same run
     if noise > 0:
-        oracle = "models/oracle"
-        clean = {"ingest": {"noise": {"rate": 0.0}}}
-        ws.check("ingest", clean, out="data/ingest-clean", results="results/ingest-clean")
-        ws.check("pretrain", data="data/ingest-clean", out=oracle, results="results/oracle")
+        oracle = str(oracle_model(dataset, seed, work))
     ws.check("embed")
 
     fraction = noise if noise > 0 else 0.1
-    for method in DETECTORS:
+    for method in detectors:
         sec = ws.check(
             "detect",
             {"detect": {"method": method, "fraction": fraction}},
@@ -95,12 +137,13 @@ def one(
         )
         m = ws.metrics(f"results/detect-{method}")
         row("detect", method, "seconds", sec)
+        row("detect", method, "separates", m["separates"])
         if noise > 0:
             row("detect", method, "auroc", m["auroc"])
             row("detect", method, "f1", m["f1"])
 
     for name, model in (("base", "models/pretrain"), ("oracle", oracle)):
-        for k, v in evaluate_model(ws, model).items():
+        for k, v in evaluate_model(ws, model, name).items():
             if k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
                 row("finetune", name, k, v)
 
@@ -111,8 +154,9 @@ def one(
     flags = f"data/detect-{flags_from}"
     ws.check("coreset", everything, detect=flags)
     ws.check("distill", everything, detect=flags)
-    for method in FINETUNERS:
-        over = merge(everything, {"finetune": {"method": method, "steps": steps, "lr": lr}})
+    for method in finetuners:
+        ft = merge(FINETUNERS[method], {"steps": steps, "lr": lr})
+        over = merge(everything, {"finetune": ft})
         sec = ws.check(
             "finetune",
             over,
@@ -121,7 +165,7 @@ def one(
             results=f"results/ft-{method}",
         )
         row("finetune", method, "seconds", sec)
-        for k, v in evaluate_model(ws, f"models/ft-{method}").items():
+        for k, v in evaluate_model(ws, f"models/ft-{method}", f"ft-{method}").items():
             if k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
                 row("finetune", method, k, v)
     return rows
@@ -134,32 +178,43 @@ def table(rows: list[dict]) -> str:
 
     agg: dict = defaultdict(list)
     for r in rows:
-        agg[(r["stage"], r["dataset"], r["noise"], r["method"], r["metric"])].append(r["value"])
+        agg[
+            (
+                r["stage"],
+                r["dataset"],
+                r.get("kind", "shuffle"),
+                r["noise"],
+                r["method"],
+                r["metric"],
+            )
+        ].append(r["value"])
     lines = [
         "# Quality benchmark",
         "",
-        "Mean ± std over seeds; clean test split. Generated by `bench/quality.py` (the arguments of the run that wrote this file decide which slice of the grid it holds). Fine-tuning: every method the same steps and lr on all train pairs, noisy rows from the `ot` detector's flags (`--flags-from`).",
+        f"`{command('quality')}`",
+        "",
+        "Mean ± std over seeds; clean test split. Generated by `bench/quality.py` (the arguments of the run above decide which slice of the grid this file holds). Fine-tuning: every method the same steps and lr on all train pairs, noisy rows from the flags of the detector named by `--flags-from`; `separates` is detect's own check (1: no ties deciding flags, AUROC >= 0.6).",
         "",
     ]
     for stage, metrics in (
-        ("detect", ["auroc", "f1", "seconds"]),
+        ("detect", ["auroc", "f1", "separates", "seconds"]),
         ("finetune", ["zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"]),
     ):
         lines += [
             f"## {stage}",
             "",
-            "| dataset | noise | method | " + " | ".join(metrics) + " | seeds |",
-            "|---|---|---|" + "---:|" * (len(metrics) + 1),
+            "| dataset | kind | noise | method | " + " | ".join(metrics) + " | seeds |",
+            "|---|---|---|---|" + "---:|" * (len(metrics) + 1),
         ]
-        keys = sorted({(d, n, m) for (s, d, n, m, _) in agg if s == stage})
-        for d, n, m in keys:
+        keys = sorted({(d, c, n, m) for (s, d, c, n, m, _) in agg if s == stage})
+        for d, c, n, m in keys:
             cells = []
             nseeds = 0
             for k in metrics:
-                v = agg.get((stage, d, n, m, k))
+                v = agg.get((stage, d, c, n, m, k))
                 nseeds = max(nseeds, len(v or []))
                 cells.append("—" if not v else f"{np.mean(v):.3f} ± {np.std(v):.3f}")
-            lines.append(f"| {d} | {n} | {m} | " + " | ".join(cells) + f" | {nseeds} |")
+            lines.append(f"| {d} | {c} | {n} | {m} | " + " | ".join(cells) + f" | {nseeds} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -169,6 +224,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument(
+        "--kinds", nargs="+", default=["shuffle", "near", "mixed"], help="ingest.noise.kind values"
+    )
+    ap.add_argument("--detectors", nargs="+", default=DETECTORS)
+    ap.add_argument("--finetuners", nargs="+", default=list(FINETUNERS))
     ap.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.5])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument(
@@ -187,17 +247,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     rows = []
-    for d in args.datasets:
-        for n in args.noise:
-            for s in args.seeds:
-                t0 = time.perf_counter()
-                rows += one(d, n, s, args.work, args.steps, args.lr, args.flags_from)
-                print(
-                    f"[quality] {d} noise={n} seed={s}: {time.perf_counter() - t0:.0f} s",
-                    flush=True,
-                )
-                args.out.mkdir(parents=True, exist_ok=True)
-                save("quality", rows, table(rows), args.out)
+    cells = [(d, k, n, s) for d in args.datasets for n in args.noise for s in args.seeds
+             for k in (args.kinds if n > 0 else ["none"])]  # fmt: skip
+    for d, k, n, s in cells:
+        t0 = time.perf_counter()
+        rows += one(
+            d, k if n > 0 else "shuffle", n, s, args.work, args.steps, args.lr,
+            args.flags_from, args.detectors, args.finetuners,
+        )  # fmt: skip
+        print(f"[quality] {d} {k} noise={n} seed={s}: {time.perf_counter() - t0:.0f} s", flush=True)
+        save("quality", rows, table(rows), args.out)
     print(table(rows))
 
 
