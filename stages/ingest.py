@@ -34,6 +34,9 @@ def _raw_pairs(p, seed: int, start: int = 0):
     if p.source == "shapes":
         recs = builtin.shapes(seed, p.size, p.image_size, start=start)
         info, n = builtin.shapes_classes(), p.size
+    elif p.source == "glyphs":
+        recs = builtin.glyphs(seed, p.size, p.image_size, start=start)
+        info, n = builtin.glyphs_classes(), p.size
     elif p.source == "digits":
         total = builtin.digits_count()
         if p.size is not None and p.size > total:

@@ -23,6 +23,7 @@ from otcurate.ncu import NCUOptions, finetune_ncu
 from otcurate.optim import batches, make_optimizer, param_groups, update
 from otcurate.parallel import shard_map
 from otcurate.progress import track
+from otcurate.rematch import RematchOptions, rematch_loss
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,38 @@ def finetune_gradient_ascent(
     )
 
 
+def finetune_rematch(
+    model, images, tokens, opts: RematchOptions | None = None, *, noisy=None, **kw
+) -> TrainResult:
+    """CLIP loss on the unflagged pairs of each batch, and L2RM's rematching of the flagged
+    ones (otcurate.rematch): their images learn soft targets from a partial OT plan over the
+    batch's captions instead of being dropped."""
+    if noisy is None:
+        raise ValueError("finetune.method 'rematch' needs the detect flags of the training pairs.")
+    o = opts or RematchOptions()
+    flags = torch.as_tensor(np.asarray(noisy, dtype=bool))
+    device = next(model.parameters()).device
+    loss_fn = ClipLoss()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        img = F.normalize(shard_map(model.encode_image, images[idx].to(device)), dim=-1)
+        txt = F.normalize(shard_map(model.encode_text, tokens[idx].to(device)), dim=-1)
+        nz = flags[idx].to(device)
+        clean = ~nz
+        loss = img.sum() * 0  # keeps the graph when a batch has no clean pair
+        if int(clean.sum()) >= 2:
+            loss = loss_fn(img[clean], txt[clean], model.logit_scale.exp())
+        extra = rematch_loss(img, txt, nz, o)
+        if extra is not None:
+            loss = loss + o.weight * extra
+        return loss
+
+    return _loop(
+        model, len(images), batch_loss, description="finetune (rematch)",
+        log=kw.pop("log", None), **kw,
+    )  # fmt: skip
+
+
 # Every method: fn(model, images, tokens, opts, *, noisy, steps, batch_size, lr, warmup,
 # weight_decay, seed, log); `opts` is its options record (None: defaults).
 FINETUNE_METHODS: dict[str, Method] = {
@@ -163,6 +196,7 @@ FINETUNE_METHODS: dict[str, Method] = {
     "filter": Method(finetune_filter),
     "gradient_ascent": Method(finetune_gradient_ascent, GradientAscentOptions),
     "ncu": Method(finetune_ncu, NCUOptions),
+    "rematch": Method(finetune_rematch, RematchOptions),
 }
 
 

@@ -72,7 +72,7 @@ class HFSource:
 class SourceSpec:
     """A clean source read whole (evaluation sets, the coreset target), not ingested."""
 
-    source: Literal["shapes", "digits", "hf"] = "hf"
+    source: Literal["shapes", "glyphs", "digits", "hf"] = "hf"
     size: int | None = 1000  # pairs to read at most (null = all; shapes: how many to make)
     seed: int = 1  # built-in sources: a seed other than base.seed draws pairs training never saw
     image_size: int = 32
@@ -81,8 +81,8 @@ class SourceSpec:
     def check(self) -> None:
         if self.size is not None:
             _positive("size", self.size)
-        if self.source == "shapes" and self.size is None:
-            raise ParamsError("a 'shapes' source needs a size (how many pairs to make).")
+        if self.source in ("shapes", "glyphs") and self.size is None:
+            raise ParamsError(f"a '{self.source}' source needs a size (how many pairs to make).")
         if self.source == "hf" and not self.hf.path:
             raise ParamsError(
                 "an 'hf' source needs hf.path (a hub name or imagefolder | csv | json | parquet | "
@@ -116,8 +116,8 @@ class EvalSet(SourceSpec):
 
 @dataclass(frozen=True)
 class Ingest:
-    source: Literal["shapes", "digits", "hf"] = "shapes"
-    # Number of pairs to generate (shapes) or to keep at most (digits, hf; null = all).
+    source: Literal["shapes", "glyphs", "digits", "hf"] = "shapes"
+    # Number of pairs to generate (shapes, glyphs) or to keep at most (digits, hf; null = all).
     size: int | None = 12000
     image_size: int = 32
     val_fraction: float = 0.1
@@ -143,9 +143,9 @@ class Ingest:
         _positive("ingest.shard_size", self.shard_size)
         if self.size is not None:
             _positive("ingest.size", self.size)
-        if self.source == "shapes" and self.size is None:
+        if self.source in ("shapes", "glyphs") and self.size is None:
             raise ParamsError(
-                "ingest.size must be set for source 'shapes' (how many pairs to generate)."
+                f"ingest.size must be set for source '{self.source}' (how many pairs to generate)."
             )
         if self.source == "hf" and not (self.hf.path):
             raise ParamsError(
@@ -303,8 +303,9 @@ class Finetune(_Methods, _Optimised):
     weight_decay: float = 0.2
     # Processes (torchrun, data parallel at the same global batch): gloo on CPU, nccl on CUDA.
     nproc: int = 1
-    # Per-method subsections finetune.gradient_ascent, finetune.ncu: the library's records
-    # (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions), added by _schema.
+    # Per-method subsections finetune.gradient_ascent, finetune.ncu, finetune.rematch: the
+    # library's records (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions,
+    # otcurate.rematch.RematchOptions), added by _schema.
     METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.train:FINETUNE_METHODS"
 
     def check(self) -> None:

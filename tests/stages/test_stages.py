@@ -100,6 +100,19 @@ def test_mixed_noise_records_its_kinds(tiny, tmp_path):
     assert m["noise_rate_planted"] == pytest.approx(0.45, abs=0.03)
 
 
+def test_ingest_of_the_glyphs_source(tiny, tmp_path):
+    params = write_params(tmp_path, {"ingest": {"source": "glyphs", "size": 200}})
+    out, res = tmp_path / "g", tmp_path / "r"
+    assert tiny.run("ingest", params=params, out=str(out), results=str(res)) == 0
+    train = pq.ParquetDataset(sorted(out.glob("train-*.parquet"))).read()
+    assert train.num_rows > 100 and set(train["label"].to_pylist()) <= set(range(10))
+    names = json.loads((out / "classes.json").read_text())["class_names"]
+    assert names[7] == "seven"
+    (tmp_path / "c").mkdir()
+    bad = write_params(tmp_path / "c", {"ingest": {"source": "glyphs", "size": None}})
+    assert tiny.run("ingest", params=bad, out=str(out), results=str(res)) == 2
+
+
 def test_pretrain_checkpoint_opens_in_open_clip(tiny):
     folder = Path(tiny.p("models/pretrain"))
     assert {p.name for p in folder.iterdir()} == {"open_clip_config.json", "model.safetensors"}

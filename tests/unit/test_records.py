@@ -157,3 +157,30 @@ def test_digits_labels_and_captions():
         assert builtin.DIGIT_NAMES[r.label] in r.caption or str(r.label) in r.caption
     with pytest.raises(ValueError, match="exceeds the 1797 images"):
         list(builtin.digits(0, 5000))
+
+
+def test_glyphs_show_what_their_captions_say():
+    """Every attribute in a glyphs caption is visible: its digit, colour and position."""
+    a = builtin.glyphs_record(0, 7)
+    assert a == builtin.glyphs_record(0, 7) and a != builtin.glyphs_record(1, 7)
+    labels = set()
+    for i in range(60):
+        r = builtin.glyphs_record(3, i, 64)
+        labels.add(r.label)
+        name, digit = builtin.DIGIT_NAMES[r.label], str(r.label)
+        assert re.search(rf"\b({name}|{digit})\b", r.caption), r.caption
+        color = next(c for c in builtin.COLORS if c in r.caption)
+        pos = (
+            next(p for p in builtin.POSITIONS if p in r.caption)
+            if "picture" not in r.caption
+            else None
+        )
+        px = np.asarray(Image.open(io.BytesIO(r.image)).convert("RGB"), dtype=np.float64)
+        near = np.linalg.norm(px - np.array(builtin.COLORS[color]), axis=2) < 60
+        assert near.sum() > 10, (r.caption, near.sum())  # the colour is there
+        if pos is not None:
+            ys, xs = np.nonzero(near)
+            fx, fy = builtin.POSITIONS[pos]
+            assert abs(xs.mean() / 64 - fx) < 0.15 and abs(ys.mean() / 64 - fy) < 0.15, r.caption
+    assert labels == set(range(10))
+    assert builtin.glyphs_classes().class_names == list(builtin.DIGIT_NAMES)

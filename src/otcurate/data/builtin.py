@@ -3,7 +3,11 @@
 - `shapes`: procedural coloured shapes with compositional captions
   ("a small red circle at the top left"); class label = shape.
 - `digits`: scikit-learn's 8x8 handwritten digits, upscaled, with templated
-  captions; class label = digit.
+  captions; class label = digit. Small (1,797 images): a model trained for a few
+  hundred steps memorises its pairs, so it is a poor judge of noise detection.
+- `glyphs`: procedural digits (Pillow's built-in font, scaled, rotated, sheared, in
+  colour on a noisy background) with captions that the image determines ("a large
+  red seven at the top left"); class label = digit. As many pairs as asked for.
 
 Each generator is a pure function of (seed, index), so any subset of records
 can be made independently and in any order.
@@ -58,6 +62,17 @@ DIGIT_TEMPLATES = (
     "the digit {digit} written by hand",
 )
 DIGIT_PROMPTS = ("a handwritten digit {}", "the number {}", "a photo of the digit {}")
+
+
+GLYPH_TEMPLATES = (
+    "a {size} {color} {name} at the {pos}",
+    "the number {digit} in {color}, {pos}",
+    "a {color} digit {name} in the {pos}",
+    "{size} {color} {digit}, {pos}",
+    "a picture of a {size} {color} {name}",
+)
+GLYPH_PROMPTS = ("the digit {}", "a picture of the number {}", "a {}", "the number {}")
+GLYPH_SIZES = {"small": 0.42, "large": 0.68}  # glyph height / image side
 
 
 @dataclass(frozen=True)
@@ -178,3 +193,57 @@ def digits(
 
 def digits_classes() -> ClassInfo:
     return ClassInfo(list(DIGIT_NAMES), list(DIGIT_PROMPTS))
+
+
+def _glyph_font(px: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=px)  # Pillow's own font: the same on every machine
+
+
+def glyphs_record(seed: int, index: int, image_size: int = 32) -> Record:
+    """One procedural digit image and a caption that describes all it shows."""
+    rng = np.random.default_rng([seed, index, 7])
+    digit = int(rng.integers(10))
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    size = list(GLYPH_SIZES)[rng.integers(len(GLYPH_SIZES))]
+    pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    template = GLYPH_TEMPLATES[rng.integers(len(GLYPH_TEMPLATES))]
+
+    scale = 4
+    s = image_size * scale
+    px = int(GLYPH_SIZES[size] * s * rng.uniform(0.9, 1.1))
+    font = _glyph_font(px)
+    rgb = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[color])
+    # the glyph on its own transparent layer: rotate and shear it, then place it
+    layer = Image.new("RGBA", (2 * px, 2 * px), (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text(
+        (px, px), str(digit), font=font, fill=rgb + (255,), anchor="mm",
+        stroke_width=int(rng.integers(0, max(1, px // 12) + 1)), stroke_fill=rgb + (255,),
+    )  # fmt: skip
+    shear = float(rng.uniform(-0.25, 0.25))
+    layer = layer.transform(
+        layer.size, Image.Transform.AFFINE, (1, shear, -shear * px, 0, 1, 0),
+        resample=Image.Resampling.BILINEAR,
+    )  # fmt: skip
+    layer = layer.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BILINEAR)
+    noise = rng.integers(0, 60, size=(s // 8, s // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(noise, "RGB").resize((s, s), Image.Resampling.BILINEAR)
+    fx, fy = POSITIONS[pos]
+    cx = (fx + rng.uniform(-0.05, 0.05)) * s
+    cy = (fy + rng.uniform(-0.05, 0.05)) * s
+    img.paste(layer, (int(cx - px), int(cy - px)), layer)
+    img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    caption = _articles(
+        template.format(size=size, color=color, name=DIGIT_NAMES[digit], digit=digit, pos=pos)
+    )
+    return Record(f"glyphs-{index:08d}", png_bytes(img), caption, digit)
+
+
+def glyphs(seed: int, size: int, image_size: int = 32, start: int = 0) -> Iterator[Record]:
+    for i in range(start, size):
+        yield glyphs_record(seed, i, image_size)
+
+
+def glyphs_classes() -> ClassInfo:
+    return ClassInfo(list(DIGIT_NAMES), list(GLYPH_PROMPTS))

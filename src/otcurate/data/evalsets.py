@@ -34,13 +34,15 @@ class CleanSet:
 def _builtin(spec) -> tuple[list, ClassInfo]:
     if spec.source == "shapes":
         return list(builtin.shapes(spec.seed, spec.size, spec.image_size)), builtin.shapes_classes()
+    if spec.source == "glyphs":
+        return list(builtin.glyphs(spec.seed, spec.size, spec.image_size)), builtin.glyphs_classes()
     size = min(spec.size, builtin.digits_count()) if spec.size else None
     return list(builtin.digits(spec.seed, size, spec.image_size)), builtin.digits_classes()
 
 
 def load_clean(spec) -> CleanSet:
     """Read a `params.SourceSpec` (or EvalSet): built-in source or any `datasets` source."""
-    if spec.source in ("shapes", "digits"):
+    if spec.source in ("shapes", "glyphs", "digits"):
         recs, info = _builtin(spec)
         rows = [(r.image, r.caption, r.label) for r in recs]
         rejected = 0
