@@ -37,11 +37,12 @@ class RematchOptions:
     weight: float = 1.0  # weight of the rematch loss beside the clean pairs' CLIP loss
     pool: Literal["flagged", "batch"] = "flagged"  # captions a flagged image may take
     max_iter: int = 1000
+    tol: float = 1e-3  # the reference's Sinkhorn stops at 1e-3
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mass <= 1.0:
             raise ValueError(f"mass must be in (0, 1]; got {self.mass}.")
-        for name in ("reg", "tau", "max_iter"):
+        for name in ("reg", "tau", "max_iter", "tol"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
         if self.weight < 0:
@@ -51,7 +52,13 @@ class RematchOptions:
 
 
 def rematch_plan(
-    sim: torch.Tensor, forbidden: torch.Tensor, *, mass: float, reg: float, max_iter: int = 1000
+    sim: torch.Tensor,
+    forbidden: torch.Tensor,
+    *,
+    mass: float,
+    reg: float,
+    max_iter: int = 1000,
+    tol: float = 1e-3,
 ) -> torch.Tensor:
     """Entropic partial OT plan (n, m) between n images and m captions, uniform marginals of
     total 1 each, moving ``mass`` of it, on the cost relu(1 − sim); ``forbidden`` cells
@@ -66,8 +73,9 @@ def rematch_plan(
         mass = min(mass, 1.0 - 1e-6)  # a full transport is balanced OT: keep the solver partial
         # (m as a tensor: POT 0.9.7's log-domain partial solver takes log(m) in the backend)
         plan = ot.partial.entropic_partial_wasserstein(
-            a, b, cost, reg, m=a.new_tensor(mass), method="sinkhorn_log", numItermax=max_iter
-        )
+            a, b, cost, reg, m=a.new_tensor(mass), method="sinkhorn_log", numItermax=max_iter,
+            stopThr=tol,
+        )  # fmt: skip
     return plan.masked_fill(forbidden, 0.0)
 
 
@@ -98,6 +106,6 @@ def rematch_loss(
     sim = image[rows] @ text[cols].T
     forbidden = rows[:, None] == cols[None, :]  # never a flagged image's own caption
     plan = rematch_plan(
-        sim.detach(), forbidden, mass=opts.mass, reg=opts.reg, max_iter=opts.max_iter
+        sim.detach(), forbidden, mass=opts.mass, reg=opts.reg, max_iter=opts.max_iter, tol=opts.tol
     )
     return soft_target_loss(sim, plan, opts.tau)

@@ -215,6 +215,22 @@ def test_ot_score_is_own_plan_mass_over_row_max_on_one_batch():
     torch.testing.assert_close(got, P.diagonal() / P.amax(dim=1), rtol=1e-9, atol=1e-12)
 
 
+def test_ot_score_relative_to_both_is_the_geometric_mean_of_row_and_column_ratios():
+    img, txt, _ = planted(n=40, rate=0.2)
+    img, txt = img.double(), txt.double()
+    P = plain_plan(img, txt)
+    o = det.OTOptions(
+        batch_size=64, passes=1, reg=0.1, max_iter=5000, tol=1e-10, relative_to="both"
+    )
+    got = det.ot_score(img, txt, o)
+    d = P.diagonal()
+    torch.testing.assert_close(
+        got, (d / P.amax(dim=1) * d / P.amax(dim=0)).sqrt(), rtol=1e-9, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="relative_to must be"):
+        det.OTOptions(relative_to="col")
+
+
 def test_ncu_batch_is_the_own_caption_softmax_with_clamped_scale():
     img, txt, _ = planted(n=40, rate=0.2)
     expected = torch.softmax(100.0 * img @ txt.T, dim=1).diagonal()

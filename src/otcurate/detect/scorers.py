@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,7 +28,17 @@ _GMM = {"n_components": 2, "max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4}
 
 @dataclass(frozen=True, kw_only=True)
 class OTOptions(SinkhornOptions):
-    """ot: minibatch entropic OT (see `ot_score`)."""
+    """ot: minibatch entropic OT (see `ot_score`). ``relative_to``: a pair's own-cell plan
+    mass relative to its image's best cell (``row``), or also to its caption's best cell
+    (``both``: the geometric mean of the two ratios; a caption that another image of the
+    batch explains better scores lower)."""
+
+    relative_to: Literal["row", "both"] = "row"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.relative_to not in ("row", "both"):
+            raise ValueError(f"relative_to must be 'row' or 'both'; got {self.relative_to!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +79,8 @@ def ot_score(
     solves entropic OT with uniform marginals between the images and the texts on
     :math:`M = (1 - I T^\top) / \max(1 - I T^\top)` (``reg``, log-domain Sinkhorn,
     all batches of a chunk at once), and scores pair i by :math:`P_{ii} / \max_j P_{ij}`
-    in (0, 1]. Scores are averaged over ``passes`` random partitions, so the cost is
+    in (0, 1] (``relative_to='both'``: the geometric mean with :math:`P_{ii} / \max_j P_{ji}`).
+    Scores are averaged over ``passes`` random partitions, so the cost is
     O(passes * n * B * iterations): linear in n.
 
     image, text : (n, d) L2-normalised embeddings. Returns (n,) on their device.
@@ -79,7 +91,11 @@ def ot_score(
 
     def own_mass(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         P = solve(normalize_cost(cost_cosine(img, txt))).plan
-        return P.diagonal(dim1=-2, dim2=-1) / P.amax(dim=-1)
+        own = P.diagonal(dim1=-2, dim2=-1)
+        row = own / P.amax(dim=-1)
+        if opts.relative_to == "row":
+            return row
+        return (row * (own / P.amax(dim=-2))).sqrt()
 
     with torch.no_grad():  # a block, not a decorator, so the warning points at the caller
         out = over_batches(image, text, opts, seed, own_mass)
