@@ -192,7 +192,7 @@ def report(rows: list[dict], tol: float, out: Path) -> str:
                     r["value"] for r in rows if (r["dataset"], r["steps"], r["metric"]) == (d, s, k)
                 ]
                 n = max(n, len(v))
-                cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}")
+                cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "—")
             mark = " (chosen)" if s == pick[d] else ""
             lines.append(f"| {d} | {s}{mark} | " + " | ".join(cells) + f" | {n} |")
         for ax, k in zip(axes, metrics, strict=True):
