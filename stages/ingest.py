@@ -110,7 +110,7 @@ def ingest(args) -> None:
         )
 
     # Phase 2: chunks -> per-split shards, planting noise on the train captions.
-    cols = read_column(staging, c.chunks, ["uid", "split", "caption"])
+    cols = read_column(staging, c.chunks, ["uid", "split", "caption", "label"])
     counts = Counter(cols["split"])
     for s in SPLITS:
         if counts.get(s, 0) == 0:
@@ -131,7 +131,8 @@ def ingest(args) -> None:
     caption_from = np.arange(len(train))
     noisy = np.zeros(len(train), dtype=bool)
     if p.noise.rate > 0:
-        planted = plant_noise(train_caps, p.noise.rate, base.seed, p.noise.kind)
+        train_labels = [cols["label"][i] for i in train]
+        planted = plant_noise(train_caps, p.noise.rate, base.seed, p.noise.kind, train_labels)
         train_caps, noisy, caption_from = planted.captions, planted.noisy, planted.caption_from
         metrics["noise_rate_planted"] = float(noisy.mean())
         for kind in ("shuffle", "near", "generic"):

@@ -536,10 +536,10 @@ def finetune_ncu(
             x, t = images[idx].to(device), tokens[idx].to(device)
             t_neg = augment_tokens(t.cpu(), aug_gen).to(device) if o.augment_negated else t
             scale = model.logit_scale.exp()
-            if phase == "A":
+            if phase == "A" and not o.train_image_projection:
                 with torch.no_grad():
                     img_e = F.normalize(shard_map(model.encode_image, x), dim=-1)
-            else:
+            else:  # phase A: the tower is frozen but its projection learns (set_phase)
                 img_e = F.normalize(shard_map(model.encode_image, x), dim=-1)
             txt_e = shard_map(lambda b: encode_text(model, b), t)
             neg_e = shard_map(lambda b: encode_text(model, b, prompt), t_neg)

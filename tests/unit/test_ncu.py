@@ -286,3 +286,32 @@ def test_augmented_negated_caption_keeps_its_start_and_end_tokens(clip):
 def test_reference_frozen_blocks_scale_with_depth(clip):
     assert ncu.reference_frozen_blocks(12) == 5 and ncu.reference_frozen_blocks(2) == 1
     assert ncu.text_depth(clip.model) == 2
+
+
+@pytest.mark.parametrize("train_image_projection", [True, False])
+def test_phase_a_of_finetune_ncu_trains_the_image_projection_only_when_asked(
+    train_image_projection,
+):
+    torch.manual_seed(0)
+    clip = models.create("otcurate-tiny")
+    x, tok = _batch(clip, 16)
+    proj = clip.model.visual.attnpool.c_proj.weight
+    other = clip.model.visual.attnpool.q_proj.weight
+    before, before_other = proj.detach().clone(), other.detach().clone()
+    ncu.finetune_ncu(
+        clip.model,
+        x,
+        tok,
+        ncu.NCUOptions(
+            nc_source="batch", phase_a_fraction=0.9, train_image_projection=train_image_projection
+        ),
+        noisy=None,
+        steps=1,
+        batch_size=16,
+        lr=1e-3,
+        warmup=0,
+        weight_decay=0.0,
+        seed=0,
+    )  # fmt: skip  (steps=1: one phase A step, no phase B)
+    assert (not torch.equal(proj.detach(), before)) == train_image_projection
+    assert torch.equal(other.detach(), before_other)  # the rest of the image tower: frozen

@@ -41,12 +41,30 @@ def test_plant_noise_is_seeded():
     assert a.captions == b.captions and a.captions != c.captions
 
 
+def _sattolo_before_kinds(captions, rate, seed):
+    """plant_noise as it was before the noise kinds (a2cec11), verbatim."""
+    n = len(captions)
+    k = int(round(rate * n))
+    src = np.arange(n)
+    if k >= 2:
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(n, size=k, replace=False))
+        perm = np.arange(k)
+        for i in range(k - 1, 0, -1):
+            j = int(rng.integers(i))
+            perm[i], perm[j] = perm[j], perm[i]
+        src[chosen] = chosen[perm]
+    return [captions[j] for j in src], src
+
+
 def test_shuffle_noise_is_todays_protocol():
     """kind='shuffle' is the default and draws exactly as before the kinds existed."""
     caps = [f"caption {i}" for i in range(60)]
-    a, b = plant_noise(caps, 0.4, 3), plant_noise(caps, 0.4, 3, "shuffle")
-    assert a.captions == b.captions and set(a.kind[a.noisy]) == {"shuffle"}
-    assert set(a.kind[~a.noisy]) == {""}
+    for rate, seed in ((0.4, 3), (0.2, 0), (1.0, 7)):
+        a = plant_noise(caps, rate, seed)
+        old_caps, old_src = _sattolo_before_kinds(caps, rate, seed)
+        assert a.captions == old_caps and (a.caption_from == old_src).all()
+        assert set(a.kind[a.noisy]) == {"shuffle"} and set(a.kind[~a.noisy]) <= {""}
 
 
 def _words(caption):
@@ -57,22 +75,49 @@ def _shape_captions(n, seed=0):
     return [builtin.shapes_record(seed, i, 8).caption for i in range(n)]
 
 
-def test_near_noise_changes_one_word_of_a_compositional_caption():
-    caps = _shape_captions(400)
-    planted = plant_noise(caps, 0.5, 0, "near")
+def _shape_records(n, seed=0):
+    return [builtin.shapes_record(seed, i, 8) for i in range(n)]
+
+
+def test_near_noise_takes_the_closest_caption_of_another_class():
+    recs = _shape_records(400)
+    caps, labels = [r.caption for r in recs], [r.label for r in recs]
+    planted = plant_noise(caps, 0.5, 0, "near", labels)
     rows = np.flatnonzero(planted.noisy)
     assert len(rows) == 200
     for i in rows:
-        assert planted.captions[i] == caps[planted.caption_from[i]] != caps[i]
-        # the closest other caption: as many words shared as with any other caption
-        best = max(len(_words(caps[i]) & _words(c)) for c in caps if c != caps[i])
+        j = planted.caption_from[i]
+        assert planted.captions[i] == caps[j] != caps[i]
+        # never a caption that still names the image's shape: another class ...
+        assert labels[j] != labels[i]
+        assert builtin.SHAPES[labels[i]] not in planted.captions[i]
+        # ... and the closest such caption
+        best = max(
+            len(_words(caps[i]) & _words(c))
+            for c, lab in zip(caps, labels, strict=True)
+            if lab != labels[i]
+        )
         assert len(_words(caps[i]) & _words(planted.captions[i])) == best
     shared = [len(_words(caps[i]) & _words(planted.captions[i])) for i in rows]
+    assert np.mean(shared) >= 4  # e.g. "a small red circle at the top left" -> "... square ..."
     shuffled = plant_noise(caps, 0.5, 0, "shuffle")
     rand = [
         len(_words(caps[i]) & _words(shuffled.captions[i])) for i in np.flatnonzero(shuffled.noisy)
     ]
     assert np.mean(shared) > np.mean(rand) + 2  # far closer than a random caption
+
+
+def test_near_noise_without_labels_swaps_a_word_never_only_drops_one():
+    """Without labels, "a red circle" is not near noise for "a small red circle": a subset
+    of the words may still be true of the image."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    caps = _shape_captions(400)
+    planted = plant_noise(caps, 0.5, 0, "near")
+    content = lambda c: _words(c) - ENGLISH_STOP_WORDS  # noqa: E731
+    for i in np.flatnonzero(planted.noisy):
+        own, new = content(caps[i]), content(planted.captions[i])
+        assert own - new and new - own, (caps[i], planted.captions[i])
 
 
 def test_generic_noise_is_uninformative_and_comes_from_no_pair():
@@ -86,8 +131,8 @@ def test_generic_noise_is_uninformative_and_comes_from_no_pair():
 
 
 def test_mixed_noise_plants_the_three_kinds_in_equal_parts():
-    caps = _shape_captions(300)
-    planted = plant_noise(caps, 0.5, 2, "mixed")
+    recs = _shape_records(300)
+    planted = plant_noise([r.caption for r in recs], 0.5, 2, "mixed", [r.label for r in recs])
     counts = {k: int((planted.kind == k).sum()) for k in ("shuffle", "near", "generic")}
     assert planted.noisy.sum() == sum(counts.values())
     assert all(45 <= c <= 50 for c in counts.values()), counts  # 150 / 3, less unchanged texts

@@ -112,7 +112,11 @@ class PlantedNoise:
 
 
 def plant_noise(
-    captions: Sequence[str], rate: float, seed: int, kind: str = "shuffle"
+    captions: Sequence[str],
+    rate: float,
+    seed: int,
+    kind: str = "shuffle",
+    labels: Sequence[int] | None = None,
 ) -> PlantedNoise:
     """Replace the captions of round(rate * n) random pairs; each image keeps its place.
 
@@ -121,9 +125,13 @@ def plant_noise(
 
     - ``shuffle``: the chosen pairs' captions are permuted among themselves by one cycle
       (Sattolo), so no chosen pair keeps its own (NCR's protocol).
-    - ``near``: each chosen pair takes the caption of a close pair: the caption, among the
-      other captions, with the most words in common (ties broken at random); on compositional
-      captions that is one attribute changed, on class templates a neighbouring class.
+    - ``near``: each chosen pair takes the caption of a close pair: the caption with the most
+      words in common (ties broken at random) among those that cannot still describe the
+      image. With ``labels`` (class ids, -1 unknown) the candidates are the pairs of another
+      class: a neighbouring class, every other attribute kept where the captions are
+      compositional (a red circle becomes a red square). Without labels, a candidate must
+      swap a word rather than only drop or add words ("a red circle" is still true of "a
+      small red circle"), stop words aside.
     - ``generic``: an uninformative caption (``GENERIC_CAPTIONS``, e.g. "photo 0412").
     - ``mixed``: the chosen pairs split in three equal parts, one per kind above.
 
@@ -151,7 +159,7 @@ def plant_noise(
                 perm[i], perm[j] = perm[j], perm[i]
             src[rows] = rows[perm]
         elif part == "near" and len(rows):
-            src[rows] = _nearest_other_caption(captions, rows, rng)
+            src[rows] = _nearest_other_caption(captions, rows, rng, labels)
         for i in rows:
             new[i] = captions[src[i]]
         if part == "generic":
@@ -167,14 +175,23 @@ def plant_noise(
 
 
 def _nearest_other_caption(
-    captions: Sequence[str], rows: np.ndarray, rng: np.random.Generator
+    captions: Sequence[str],
+    rows: np.ndarray,
+    rng: np.random.Generator,
+    labels: Sequence[int] | None = None,
 ) -> np.ndarray:
     """For each of ``rows``, the index of the caption sharing the most words with its own
-    among the captions of other text (random among equals)."""
-    from sklearn.feature_extraction.text import CountVectorizer
+    (random among equals) among the candidates that cannot still describe its image: of
+    another class when ``labels`` are known, else a caption that swaps a content word."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
-    words = CountVectorizer(binary=True, token_pattern=r"(?u)\b\w+\b").fit_transform(captions)
+    vec = CountVectorizer(binary=True, token_pattern=r"(?u)\b\w+\b")
+    words = vec.fit_transform(captions).tocsr()
+    content = np.array([w not in ENGLISH_STOP_WORDS for w in vec.get_feature_names_out()])
+    kept = words[:, np.flatnonzero(content)]  # content words only
+    n_content = np.asarray(kept.sum(axis=1)).ravel()
     text_id = np.unique(np.asarray(captions, dtype=object), return_inverse=True)[1]
+    lab = None if labels is None else np.asarray(labels)
     if text_id.max(initial=0) < 1:
         raise ValueError("near noise needs at least two different captions.")
     out = np.empty(len(rows), dtype=np.int64)
@@ -182,8 +199,16 @@ def _nearest_other_caption(
     for lo in range(0, len(rows), chunk):
         r = rows[lo : lo + chunk]
         overlap = (words[r] @ words.T).toarray().astype(np.float64)
+        ok = text_id[None, :] != text_id[r][:, None]  # never its own text
+        if lab is not None and (lab[r] >= 0).all():
+            ok &= lab[None, :] != lab[r][:, None]
+        else:  # each side has a content word the other lacks: a swap, not a subset
+            shared = (kept[r] @ kept.T).toarray()
+            ok &= (shared < n_content[r][:, None]) & (shared < n_content[None, :])
         overlap += 0.5 * rng.random(overlap.shape)  # ties at random, below one word
-        overlap[text_id[None, :] == text_id[r][:, None]] = -np.inf  # never its own text
+        overlap[~ok] = -np.inf
+        if not np.isfinite(overlap.max(axis=1)).all():
+            raise ValueError("near noise found a caption with no candidate of another class.")
         out[lo : lo + len(r)] = overlap.argmax(axis=1)
     return out
 
