@@ -90,14 +90,24 @@ def evaluate_model(ws: Workspace, model: str, name: str) -> dict[str, float]:
 
 
 def oracle_model(dataset: str, seed: int, work: Path) -> Path:
-    """The clean pre-training (same seed, no planted noise), shared by every kind and rate."""
-    common = {"base": {"seed": seed}, "ingest": DATASETS[dataset] | {"noise": {"rate": 0.0}}}
-    ws = workspace(
-        work / f"{dataset}-oracle-{seed}", merge(common, {"pretrain": PRETRAIN[dataset]})
-    )
-    ws.check("ingest")
-    ws.check("pretrain")
-    return Path(ws.p("models/pretrain"))
+    """The clean pre-training (same seed, no planted noise), shared by every kind and rate:
+    computed once per exact params (a folder named by their hash), then reused."""
+    import hashlib
+    import json
+
+    over = {
+        "base": {"seed": seed},
+        "ingest": DATASETS[dataset] | {"noise": {"rate": 0.0}},
+        "pretrain": PRETRAIN[dataset],
+    }
+    ws = workspace(work / "oracle", over)
+    key = hashlib.sha1(json.dumps(ws.params, sort_keys=True).encode()).hexdigest()[:10]
+    model = Path(ws.p(f"models/{dataset}-{seed}-{key}"))
+    if not (model / "model.safetensors").exists():  # written atomically: present means whole
+        data = f"data/{dataset}-{seed}-{key}"
+        ws.check("ingest", out=data, results=f"results/ingest-{dataset}-{seed}-{key}")
+        ws.check("pretrain", data=data, out=str(model), results=f"results/{model.name}")
+    return model
 
 
 def one(
