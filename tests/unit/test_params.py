@@ -35,7 +35,7 @@ def test_shipped_params_are_valid_and_complete():
         ),
         (
             {"ingest": {"source": "web"}},
-            "ingest.source: expected one of 'shapes' or 'digits' or 'hf'",
+            "ingest.source: expected one of 'shapes' or 'glyphs' or 'digits' or 'hf'",
         ),
         ({"ingest": {"noise": {"rate": 1.5}}}, "ingest.noise.rate must be in [0, 1)"),
         ({"ingest": {"val_fraction": 0.6, "test_fraction": 0.5}}, "so that a train split remains"),
