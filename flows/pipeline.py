@@ -1,7 +1,7 @@
 """The Prefect entry point: `python flows/pipeline.py [root]` runs the pipeline flow once.
 
 The flows themselves (`pipeline`, one task per DVC stage, and `nightly`, the scheduled run)
-live in the application package, `otcurate_app.flow`, which `otcurate run` and
+live in the application package, `otcurate_pipeline.flow`, which `otcurate run` and
 `otcurate schedule` import.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from otcurate_app.flow import nightly, pipeline
+from otcurate_pipeline.flow import nightly, pipeline
 
 __all__ = ["nightly", "pipeline"]
 

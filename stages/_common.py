@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from otcurate_pipeline.artifacts import Mismatch
-from otcurate_pipeline.params import ParamsError, load, parse_yaml
+from otcurate_pipeline.params import ParamsError, load, read_file
 
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -35,17 +35,7 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
 
 def read_params(path: str | Path, *sections: str) -> list[Any]:
     """The typed `base` section followed by each named section, strictly validated."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(
-            f"params file {path} not found; run from the repository root or pass --params."
-        )
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except Exception as exc:  # noqa: BLE001 - ruamel raises several parser error types
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must be a mapping of sections; got {type(raw).__name__}.")
+    raw = read_file(Path(path))
     return [load(raw, s) for s in ("base", *sections)]
 
 
@@ -98,13 +88,21 @@ def live_logger() -> Callable[[str, float, int], None] | None:
     return log
 
 
-def save_model_and_curve(clip, out_dir: str, results_dir: str, metrics: dict, curve=None) -> None:
-    """Write a trained model (open_clip folder) and its results (metrics, loss curve), each atomically."""
+def save_model_and_curve(
+    clip, out_dir: str, results_dir: str, metrics: dict, curve=None, extra=None
+) -> None:
+    """Write a trained model (open_clip folder) and its results (metrics, loss curve), each
+    atomically; `extra` (a state dict) goes beside the model as the fine-tuned weights
+    before WiSE-FT mixing (`models.UNMIXED_FILE`)."""
+    from safetensors.torch import save_file
+
     from otcurate import models
     from otcurate.io import atomic_dir, write_json, write_tsv
 
     with atomic_dir(out_dir) as out:
         models.save(clip, out)
+        if extra is not None:
+            save_file(extra, str(out / models.UNMIXED_FILE), metadata={"format": "pt"})
     with atomic_dir(results_dir) as res:
         if curve is not None:
             (res / "plots").mkdir()

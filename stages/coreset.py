@@ -40,7 +40,7 @@ def _named_target(spec, args, base):
     from otcurate.runtime import resolve_device
 
     try:
-        cset = load_clean(spec)
+        cset = load_clean(spec, key="coreset.target.hf")
     except (SourceError, ValueError) as exc:
         raise StageError(f"coreset.target: {exc}") from exc
     if len(cset.captions) < 2:

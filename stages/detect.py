@@ -54,12 +54,26 @@ def detect(args) -> None:
         "logit_scale": getattr(opts, "logit_scale", None) or scale,
     }
     has_truth = bool(truth.any())
+    estimate = det.estimate_rate(result.scores, seed=base.seed)
     if has_truth:
         metrics.update(det.quality(result.scores, result.noisy, truth))
-    else:
+    metrics.update(estimate.metrics("mixture_noise_rate"))  # what the scores suggest
+    if not has_truth:
         metrics["est_noise_rate"] = float(result.noisy.mean())
     sep = det.separation(result.scores, result.noisy, truth if has_truth else None, seed=base.seed)
     metrics.update(sep.metrics())
+    notes = []  # a mixture splits any scores in two: its rate means something only if bimodal
+    if (
+        p.fraction is not None
+        and sep.bimodal
+        and abs(estimate.rate - p.fraction) > 0.05 + 2 * estimate.std
+    ):
+        notes.append(
+            f"detect.fraction is {p.fraction:g} but the scores suggest a noise rate of "
+            f"{estimate.rate:.2f} (95% {estimate.low:.2f}-{estimate.high:.2f}); set "
+            f"detect.fraction: {estimate.rate:.2f}, or detect.auto: true with "
+            "detect.fraction: null to follow the scores"
+        )
     with atomic_dir(args.out) as out:
         artifacts.write_scores(out, uids, result.scores, result.noisy)
         artifacts.write_detector(out, meta, tensors)
@@ -79,7 +93,14 @@ def detect(args) -> None:
         f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
     )
     print(f"detect ({p.method}): {summary}")
-    for w in sep.warnings:
+    if p.auto:
+        trust = "" if sep.bimodal else " (the scores are not bimodal: do not trust it)"
+        print(
+            f"detect ({p.method}): detect.auto flagged {metrics['flagged']} pairs; the noise "
+            f"rate the scores suggest: {estimate.rate:.3f} +- {estimate.std:.3f} "
+            f"(95% {estimate.low:.3f}-{estimate.high:.3f}){trust}"
+        )
+    for w in [*sep.warnings, *notes]:
         print(f"detect ({p.method}): warning: {w}", file=sys.stderr)
 
 

@@ -1,4 +1,4 @@
-"""evaluate: base vs fine-tuned on the clean test split and on the clean sets of evaluate.sets.
+"""evaluate: base vs fine-tuned on the clean sets of evaluate.sets and on the test split.
 
 Zero-shot accuracy (class-name prompts), image->text and text->image recall@k,
 and detection quality from `detect`. Writes `<results>/metrics.json`,
@@ -14,7 +14,7 @@ import numpy as np
 from otcurate import detect as det
 from otcurate import evaluate as ev
 from otcurate import models
-from otcurate.data.shards import read_classes, read_split
+from otcurate.data.shards import read_classes, read_provenance, read_split
 from otcurate.io import atomic_dir, write_json, write_text
 from otcurate.runtime import make_reproducible, resolve_device
 from otcurate_pipeline import artifacts
@@ -26,11 +26,11 @@ def _load_sets(sets) -> list:
     from otcurate.data.hf import SourceError
 
     out = []
-    for spec in sets:
+    for i, spec in enumerate(sets):
         try:
-            cset = load_clean(spec)
+            cset = load_clean(spec, key=f"evaluate.sets[{i}].hf")
         except (SourceError, ValueError) as exc:
-            raise StageError(f"evaluate.sets {spec.name}: {exc}") from exc
+            raise StageError(f"evaluate.sets[{i}] ({spec.name}): {exc}") from exc
         if not cset.images:
             raise StageError(f"evaluate.sets {spec.name}: the source gave no usable pairs.")
         out.append((spec, cset))
@@ -46,18 +46,25 @@ def evaluate(args) -> None:
         raise StageError(f"the test split in {args.data} is empty; raise ingest.test_fraction.")
     info = read_classes(args.data)
     sets = _load_sets(p.sets)
-    rows = {}
-    for name, folder in (("base", args.base), ("finetune", args.finetuned)):
-        clip = models.load(folder, device=device)
-        rows[name] = ev.split_metrics(clip, test, info, p.recall_at, p.batch_size)
+
+    def measure(clip) -> dict[str, float]:
+        got = ev.split_metrics(clip, test, info, p.recall_at, p.batch_size)
         for spec, cset in sets:
             try:
-                got = ev.clean_set_metrics(
+                m = ev.clean_set_metrics(
                     clip, cset, spec.task, spec.templates, p.recall_at, p.batch_size
                 )
             except ValueError as exc:
                 raise StageError(f"evaluate.sets {spec.name}: {exc}") from exc
-            rows[name].update({f"{spec.name}_{k}": v for k, v in got.items()})
+            got.update({f"{spec.name}_{k}": v for k, v in m.items()})
+        return got
+
+    rows = {}
+    for name, folder in (("base", args.base), ("finetune", args.finetuned)):
+        rows[name] = measure(models.load(folder, device=device))
+    unmixed = models.load_unmixed(args.finetuned, device=device)  # WiSE-FT was on
+    if unmixed is not None:
+        rows["unmixed"] = measure(unmixed)
 
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
     scores = artifacts.read_scores(args.detect, truth_t["uid"].to_pylist(), against=args.data)
@@ -71,13 +78,25 @@ def evaluate(args) -> None:
     metrics.update({f"detect_{k}": v for k, v in detection.items()})
     for k in rows["base"]:
         metrics[f"delta_{k}"] = rows["finetune"][k] - rows["base"][k]
+    zs_sets = [s.name for s, _ in sets if f"{s.name}_zs_acc" in rows["base"]]
+    for name in zs_sets:  # forgetting: zero-shot lost on a clean set (> 0: forgot)
+        for model in ("finetune", "unmixed"):
+            if model in rows:
+                metrics[f"forgetting_{model}_{name}"] = (
+                    rows["base"][f"{name}_zs_acc"] - rows[model][f"{name}_zs_acc"]
+                )
 
+    clean = bool(read_provenance(args.data).get("held_out_clean", False))
+    metrics["test_split_clean"] = float(clean)
     shown = [k for k in ev.HEADLINE if k in rows["base"]]
     described = [(spec.name, ev.describe_set(cset, spec.task)) for spec, cset in sets]
-    report = ev.report_markdown(rows, shown, described, detection, test.num_rows)
+    report = ev.report_markdown(rows, shown, described, detection, test.num_rows, clean, zs_sets)
+    split = "clean test split" if clean else "held-out test split, may contain noise"
     with atomic_dir(args.results) as res:
         (res / "plots").mkdir()
-        ev.plot_comparison(res / "plots" / "comparison.png", rows, shown)
+        ev.plot_comparison(
+            res / "plots" / "comparison.png", rows, shown, f"base vs fine-tuned ({split})"
+        )
         ev.plot_score_hist(
             res / "plots" / "scores.png",
             s,

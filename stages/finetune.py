@@ -91,10 +91,54 @@ def finetune(args) -> None:
     parallel.shutdown()
     if rank > 0:
         return  # the first process writes
-    save_model_and_curve(clip, args.out, args.results, metrics, res)
+    unmixed = None
+    if p.wise.active:
+        unmixed, wise_metrics = _wise(clip, args, p.wise)
+        metrics.update(wise_metrics)
+    save_model_and_curve(clip, args.out, args.results, metrics, res, extra=unmixed)
     print(
         f"finetune ({p.method}): {p.steps} steps on {data.num_rows} pairs, final loss {res.losses[-1]:.4f}"
+        + (f"; WiSE-FT alpha {metrics['wise_alpha']:g}" if p.wise.active else "")
     )
+
+
+def _wise(clip, args, w):
+    """Replace `clip`'s weights by the WiSE-FT interpolation with the base; returns the
+    fine-tuned weights as trained (saved beside the model, for evaluate's forgetting
+    report) and the metrics: the alpha used and, when chosen, each alpha's val score."""
+
+    from otcurate import evaluate as ev
+    from otcurate import wise
+    from otcurate.data.shards import read_classes, read_split
+
+    trained = {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
+    base = models.load(args.model, device="cpu").model.state_dict()
+    metrics: dict[str, float] = {}
+
+    def use(alpha: float) -> None:
+        clip.model.load_state_dict(wise.interpolate(base, trained, alpha))
+
+    if w.choose:
+        val = read_split(args.data, "val", columns=["image", "caption", "label"])
+        if val.num_rows == 0:
+            raise StageError(
+                "finetune.wise.choose needs a val split; raise ingest.val_fraction, or give "
+                "finetune.wise.alpha instead."
+            )
+        info = read_classes(args.data)
+
+        def score(alpha: float) -> float:
+            use(alpha)
+            m = ev.split_metrics(clip, val, info, [1], 512)
+            return m["zs_acc"] if "zs_acc" in m else (m["i2t_r1"] + m["t2i_r1"]) / 2
+
+        alpha, scores = wise.choose_alpha(score, w.alphas)
+        metrics.update({f"wise_val_score_{a:g}": v for a, v in scores.items()})
+    else:
+        alpha = float(w.alpha)
+    use(alpha)
+    metrics["wise_alpha"] = alpha
+    return {k: v.to("cpu").contiguous() for k, v in trained.items()}, metrics
 
 
 def main(argv=None) -> int:

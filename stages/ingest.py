@@ -19,18 +19,27 @@ import numpy as np
 
 from otcurate.data import builtin
 from otcurate.data.hf import SourceError, load_pairs, source_kwargs
-from otcurate.data.records import SPLITS, check_record, plant_noise, split_of
-from otcurate.data.shards import write_classes
+from otcurate.data.records import SPLITS, RecordLimits, check_record, plant_noise, split_of
+from otcurate.data.shards import write_classes, write_provenance
 from otcurate.data.staging import Stager, finalize, read_column, split_positions
 from otcurate.io import atomic_dir, write_json
 from otcurate.progress import track
 from stages._common import StageError, parser, read_params, run
 
 
+def _limit_hint(reason: str) -> str:
+    if reason.startswith("image too large ("):
+        return "raise ingest.max_image_pixels, "
+    if reason.startswith("caption too long ("):
+        return "raise ingest.max_caption_chars, "
+    return ""
+
+
 def _raw_pairs(p, seed: int, start: int = 0):
     """(iterator of RawPairs from source position `start`, class info, source size or None)."""
     from otcurate.data.hf import RawPair
 
+    limits = RecordLimits(p.max_image_pixels, p.max_caption_chars)
     if p.source == "shapes":
         recs = builtin.shapes(seed, p.size, p.image_size, start=start)
         info, n = builtin.shapes_classes(), p.size
@@ -48,14 +57,17 @@ def _raw_pairs(p, seed: int, start: int = 0):
         info, n = builtin.digits_classes(), p.size or total
     else:
         try:
-            pairs, info, n = load_pairs(**source_kwargs(p.hf), limit=p.size, start=start)
+            pairs, info, n = load_pairs(
+                **source_kwargs(p.hf), limit=p.size, start=start, limits=limits
+            )
         except SourceError as exc:
             raise StageError(str(exc)) from exc
         return pairs, info, n
 
     def gen():
         for i, r in enumerate(recs, start):
-            yield RawPair(i, r.uid, r.image, r.caption, r.label, check_record(r.image, r.caption))
+            why = check_record(r.image, r.caption, limits)
+            yield RawPair(i, r.uid, r.image, r.caption, r.label, why)
 
     return gen(), info, n
 
@@ -95,8 +107,9 @@ def ingest(args) -> None:
         if pair.reject is not None:
             if p.on_bad_record == "fail":
                 raise StageError(
-                    f"bad record {pair.index} (uid {pair.uid}): {pair.reject}. Fix or remove it, or set "
-                    "ingest.on_bad_record: skip to skip bad records and list them in rejects.jsonl."
+                    f"bad record {pair.index} (uid {pair.uid}): {pair.reject}. Fix or remove it, "
+                    f"{_limit_hint(pair.reject)}or set ingest.on_bad_record: skip to skip bad "
+                    "records and list them in rejects.jsonl."
                 )
             stager.reject(pair.index, pair.uid, pair.reject)
             continue
@@ -144,6 +157,7 @@ def ingest(args) -> None:
         finalize(staging, c.chunks, out, p.shard_size, train_uids, train_caps, noisy, caption_from)
         metrics.update({f"{s}_pairs": counts[s] for s in SPLITS})
         write_classes(out, info)
+        write_provenance(out, p.source, held_out_clean=p.source != "hf")
         with open(out / "rejects.jsonl", "w") as fh:
             for line in stager.rejects():
                 fh.write(line)

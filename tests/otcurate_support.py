@@ -9,8 +9,10 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -105,6 +107,40 @@ def make_scratch(dest: Path) -> Path:
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "scratch"], cwd=dest, check=True)
     return dest
+
+
+def outs_md5(root: Path) -> dict[str, str]:
+    """Every output's md5 in `root`/dvc.lock."""
+    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for e in stages.values() for o in e["outs"]}
+
+
+def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Path):
+    """Start `argv` in its own process group with the crash point `point` armed and wait
+    until a process of it stands there (otcurate.faults); returns (the Popen, the stopped
+    pid). The caller kills the group."""
+    from otcurate import faults
+
+    env = {**env, faults.STOP_AT: point, faults.STOP_READY: str(ready)}
+    proc = subprocess.Popen(
+        argv,
+        cwd=root,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    try:
+        while not ready.exists():  # the process writes it when it reaches the point
+            assert proc.poll() is None, f"{argv[0]} exited {proc.returncode} before {point}"
+            assert time.monotonic() < deadline, f"{point} not reached in 600 s"
+            time.sleep(0.1)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc, int(ready.read_text())
 
 
 def sh(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

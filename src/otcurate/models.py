@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
+UNMIXED_FILE = "unmixed.safetensors"  # finetune with WiSE-FT: the weights before mixing
 MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))
 
 open_clip.add_model_config(CONFIG_DIR)
@@ -81,6 +82,19 @@ def create(arch: str, pretrained: str | None = None, device: str | torch.device 
         raise
     tokenizer = open_clip.get_tokenizer(name)
     return Clip(model, preprocess, tokenizer, model_cfg, _preprocess_cfg(model))
+
+
+def load_unmixed(folder: str | Path, device: str | torch.device = "cpu") -> Clip | None:
+    """The model of `folder` with the fine-tuned weights as trained (before WiSE-FT mixed
+    them with the base), or None when finetune did not mix."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / UNMIXED_FILE
+    if not path.exists():
+        return None
+    clip = load(folder, device=device)
+    clip.model.load_state_dict(load_file(str(path), device=str(clip.device)))
+    return clip
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> Clip:

@@ -22,7 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from otcurate_pipeline import layout
-from otcurate_pipeline.params import PARAMS_FILE, ParamsError, apply_overrides, validate_file
+from otcurate_pipeline.params import (
+    PARAMS_FILE,
+    ParamsError,
+    apply_overrides,
+    check_device,
+    validate_file,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -62,15 +68,39 @@ def run(
             "(sources are append-only otherwise).",
         ),
     ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="If another run holds this repository, wait for it."),
+    ] = False,
 ) -> None:
-    """Run the pipeline (a Prefect flow over the DVC stages); only what changed reruns."""
+    """Run the pipeline (a Prefect flow over the DVC stages); only what changed reruns.
+
+    One run at a time per repository: a second one refuses at once, naming the first
+    (or, with --wait, waits for it) and changes nothing."""
+    from otcurate_pipeline.runlock import RunLocked, run_lock
+
     root = find_root()
+    try:
+        with run_lock(
+            root,
+            "otcurate run",
+            wait=wait,
+            on_wait=lambda busy: err.print(f"waiting: {busy.args[0].split('. ')[0]} ..."),
+        ):
+            _run_locked(root, set_, name, allow_rewrite)
+    except RunLocked as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(3) from None
+
+
+def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewrite: bool) -> None:
     try:
         if set_:
             changed = apply_overrides(root / PARAMS_FILE, set_)
             if changed:
                 console.print(f"params.yaml updated: {', '.join(changed)}")
-        validate_file(root / PARAMS_FILE)
+        params = validate_file(root / PARAMS_FILE)
+        check_device(params["base"].device)
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None
@@ -84,9 +114,9 @@ def run(
         err.print(f"[red]error:[/] ingest source: {exc}")
         raise typer.Exit(2) from None
     except StageFailed as exc:
-        err.print(
-            f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}); its last good outputs were restored.\n{exc.tail}"
-        )
+        done = exc.recovery.message if exc.recovery else "its outputs were not checked."
+        err.print(f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}).\n{exc.tail}")
+        err.print(f"[{'green' if exc.recovery and exc.recovery.restored else 'yellow'}]{done}[/]")
         raise typer.Exit(1) from None
     table = Table(title=f"pipeline run ({time.perf_counter() - t0:.1f} s)")
     table.add_column("stage")
@@ -100,23 +130,51 @@ def run(
     console.print(table)
     evaluated = root / layout.stages(root)["evaluate"].paths["results"]
     if (evaluated / "report.md").exists():
-        _print_comparison(evaluated)
+        sets = [s.name for s in params["evaluate"].sets]
+        _print_comparison(evaluated, sets)
 
 
-def _print_comparison(evaluated: Path) -> None:
-    m = json.loads((evaluated / "metrics.json").read_text())
-    keys = [
-        k
-        for k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
-        if f"base_{k}" in m
-    ]
-    t = Table(title="base vs fine-tuned (clean test split)")
-    for c in ("metric", "base", "fine-tuned", "change"):
+HEADLINE = ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
+
+
+def _comparison_table(m: dict, title: str, prefix: str = "") -> Table | None:
+    keys = [k for k in HEADLINE if f"base_{prefix}{k}" in m]
+    if not keys:
+        return None
+    mixed = f"unmixed_{prefix}{keys[0]}" in m  # WiSE-FT: the weights as trained, too
+    console.print(f"[bold]{title}[/]")  # above the table: a title inside it wraps
+    t = Table()
+    cols = ("metric", "base", *(["as trained"] if mixed else []), "fine-tuned", "change")
+    for c in cols:
         t.add_column(c, justify="left" if c == "metric" else "right")
     for k in keys:
-        b, f = m[f"base_{k}"], m[f"finetune_{k}"]
-        t.add_row(k, f"{b:.4f}", f"{f:.4f}", f"[{'green' if f >= b else 'red'}]{f - b:+.4f}[/]")
-    console.print(t)
+        b, f = m[f"base_{prefix}{k}"], m[f"finetune_{prefix}{k}"]
+        raw = [f"{m[f'unmixed_{prefix}{k}']:.4f}"] if mixed else []
+        change = f"[{'green' if f >= b else 'red'}]{f - b:+.4f}[/]"
+        t.add_row(k, f"{b:.4f}", *raw, f"{f:.4f}", change)
+    return t
+
+
+def _print_comparison(evaluated: Path, set_names: list[str] | None = None) -> None:
+    """The closing tables: the clean evaluate.sets first, then the test split, labelled
+    clean only when ingest knows it is (a built-in source)."""
+    m = json.loads((evaluated / "metrics.json").read_text())
+    for name in set_names or []:
+        t = _comparison_table(m, f"base vs fine-tuned: {name} (clean, evaluate.sets)", f"{name}_")
+        if t is not None:
+            console.print(t)
+    clean = m.get("test_split_clean") == 1.0  # ingest knows the source is clean
+    title = "test split (clean)" if clean else "held-out test split (may contain noise)"
+    t = _comparison_table(m, f"base vs fine-tuned: {title}")
+    if t is not None:
+        console.print(t)
+    if not clean and not set_names:
+        console.print(
+            "[yellow]Nothing clean judged this model:[/] the test split comes from the same "
+            "noisy data. Add a clean set under evaluate.sets (README: Bring your own data, 2)."
+        )
+    if any(k.startswith("unmixed_") for k in m):
+        console.print("fine-tuned = WiSE-FT mix of base and the model as trained")
     det = {k[len("detect_") :]: v for k, v in m.items() if k.startswith("detect_")}
     if det:
         console.print("detection: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(det.items())))
@@ -230,10 +288,14 @@ def diff(
     if as_json:
         console.print_json(json.dumps(d))
         return
-    console.print(
-        f"A {a.run_id} ({a.name}, {lin.when(a.start_time)}, git {str(a.git_commit)[:10]})\n"
-        f"B {b.run_id} ({b.name}, {lin.when(b.start_time)}, git {str(b.git_commit)[:10]})"
-    )
+    for tag, r in (("A", a), ("B", b)):
+        state = "" if r.status == "FINISHED" else f", [yellow]{r.status}[/]"
+        console.print(
+            f"{tag} {r.run_id} ({r.name}, {lin.when(r.start_time)}, git {str(r.git_commit)[:10]}{state})"
+        )
+    skipped = [p for p in pipelines if p.status not in lin.COMPLETE]
+    if skipped and (run_a.startswith("-") or run_b.startswith("-")):
+        console.print(f"(not counted for -1/-2: {len(skipped)} run(s) killed or still running)")
     for title, rows in (("params", d["params"]), ("metrics", d["metrics"])):
         if not rows:
             console.print(f"no {title} differ")
@@ -425,6 +487,38 @@ def score(
         shown.add_row(str(index), f"{value:.4f}", caption)
     console.print(shown)
     console.print(report.line())
+
+
+@app.command("export-clip-benchmark")
+def export_clip_benchmark(
+    out: Annotated[Path, typer.Argument(help="Folder to write the datasets into.")] = Path(
+        "results/clip_benchmark"
+    ),
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only", help="Export only these (test_zeroshot, test_retrieval, a set's name)."
+        ),
+    ] = None,
+) -> None:
+    """Write the test split and each evaluate.sets entry in CLIP_benchmark's webdataset
+    layout, and print the clip_benchmark command that scores the fine-tuned model on each."""
+    from otcurate.data.hf import SourceError
+    from otcurate_pipeline.export import clip_benchmark_command
+    from otcurate_pipeline.export import export_clip_benchmark as export
+
+    root = find_root()
+    try:
+        done = export(root, (root / out) if not out.is_absolute() else out, only or ())
+    except (ParamsError, SourceError, OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    model = layout.stages(root)["evaluate"].paths["finetuned"]
+    for e in done:
+        console.print(f"{e.name}: {e.images} images, {e.task} -> {e.folder}")
+    console.print("\nScore the fine-tuned model with clip_benchmark (pip install clip_benchmark):")
+    for e in done:
+        print(clip_benchmark_command(e, model, e.folder.parent / "results"))
 
 
 def main() -> None:  # pragma: no cover

@@ -4,11 +4,13 @@ One Prefect task per DVC stage, in the order of DVC's graph; each task runs
 `dvc repro --single-item <stage>` in a subprocess (DVC skips it when nothing
 changed, or restores it from its run-cache). No Prefect caching: a Prefect
 cache hit would not restore files. Only transient failures (stage exit 75) are
-retried. A failed stage has its last good outputs restored with `dvc checkout`.
+retried. A failed stage gets `dvc.lock` back as it was and its last good outputs
+restored from the DVC cache when the cache holds them (otcurate_pipeline.recovery).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -22,6 +24,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from otcurate_pipeline.manifests import ALL_MANIFESTS
+from otcurate_pipeline.recovery import Recovery, recover, sweep, uncached_outs
+from otcurate_pipeline.runlock import RunLocked, run_lock
 from otcurate_pipeline.tracking import Tracker
 
 EXIT_TRANSIENT = 75
@@ -33,8 +37,10 @@ _QUIET_RE = re.compile(
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, code: int, tail: str):
+    def __init__(self, stage: str, code: int, tail: str, uncached: list[str] | None = None):
         self.stage, self.code, self.tail = stage, code, tail
+        self.uncached = uncached or []  # outs computed but not cached (dvc repro exited 0)
+        self.recovery: Recovery | None = None  # what the flow did about the outputs
         super().__init__(f"stage '{stage}' failed (exit {code}):\n{tail}")
 
 
@@ -121,12 +127,22 @@ def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageR
     )
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if not _QUIET_RE.search(line):
-            print(f"[{name}] {line}", end="", flush=True)
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not _QUIET_RE.search(line):
+                print(f"[{name}] {line}", end="", flush=True)
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: stop dvc and the stage too, then go
+        _stop_group(proc)
+        raise
     log = "".join(lines)
+    if code == 0 and _outcome(log, name) != "skipped":
+        errors = [line for line in lines if line.startswith("ERROR: failed to")]
+        missing = uncached_outs(Path(root), name)
+        if missing:  # DVC said it succeeded, but did not keep what it computed
+            note = f"DVC exited 0 but its cache lacks {', '.join(missing)}\n"
+            raise StageFailed(name, 1, "".join(errors[-5:]) + note, uncached=missing)
     if code != 0:
         m = _EXIT_RE.findall(log)
         stage_code = int(m[-1]) if m else code
@@ -135,6 +151,26 @@ def run_stage(name: str, root: str, env: dict[str, str] | None = None) -> StageR
             raise TransientStageFailure(name, stage_code, tail)
         raise StageFailed(name, stage_code, tail)
     return StageResult(name, _outcome(log, name), time.perf_counter() - t0)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop `dvc repro` and everything it started (the stage, torchrun workers): SIGTERM to
+    each, SIGKILL to what is left after 10 s. (They share this process's group, so a kill
+    of the whole group, SIGKILL included, reaches them without this.)"""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
@@ -160,6 +196,11 @@ def pipeline(
     """Run every stage in DVC's order; record each in MLflow; return [{stage, outcome, seconds}].
     ``allow_rewrite`` accepts a source whose known files changed (see otcurate_pipeline.manifests)."""
     rootp = Path(root).resolve()
+    swept = sweep(rootp)
+    if swept:
+        print(
+            f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run", flush=True
+        )
     sync_sources(rootp, allow_rewrite)
     order = stage_order(rootp)
     tracker = Tracker(rootp, run_name=run_name)
@@ -171,16 +212,13 @@ def pipeline(
             if child:
                 env["MLFLOW_RUN_ID"] = child
             t0 = time.perf_counter()
+            lock = rootp / "dvc.lock"
+            lock_before = lock.read_text() if lock.exists() else None
             try:
                 res = run_stage(name, str(rootp), env)
-            except StageFailed:
+            except StageFailed as exc:
                 tracker.end_stage(child, name, "failed", time.perf_counter() - t0)
-                restore = dvc(rootp, "checkout", "--force", name)
-                if restore.returncode != 0:
-                    print(
-                        f"otcurate: could not restore the last outputs of '{name}': {restore.stderr.strip()}",
-                        file=sys.stderr,
-                    )
+                exc.recovery = recover(rootp, name, lock_before, exc.tail, dvc, exc.uncached)
                 raise
             tracker.end_stage(child, name, res.outcome, res.seconds)
             results.append(res)
@@ -254,6 +292,22 @@ def nightly(root: str = ".", lineage: str = "branch", branch: str = "otcurate/li
     if lineage not in ("branch", "mlflow"):
         raise ValueError(f"lineage must be 'branch' or 'mlflow'; got {lineage!r}.")
     started = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        with run_lock(rootp, "otcurate schedule (nightly)"):
+            record = _nightly_locked(rootp, started, lineage, branch)
+    except RunLocked as exc:
+        print(f"skipped this tick: {exc}")
+        record = {"started": started, "outcome": "busy", "holder": exc.holder}
+    log = rootp / ".otcurate" / "nightly.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    return record
+
+
+def _nightly_locked(rootp: Path, started: str, lineage: str, branch: str) -> dict:
+    import json
+
     sources = sync_sources(rootp)
     status = dvc(rootp, "status", "--json")
     if status.returncode != 0:
@@ -273,8 +327,4 @@ def nightly(root: str = ".", lineage: str = "branch", branch: str = "otcurate/li
                 rootp, branch, f"otcurate nightly {started}: {ran or 'nothing'} reran"
             )
             print(f"dvc.lock committed to {branch}: {record['lineage_commit'][:10]}")
-    log = rootp / ".otcurate" / "nightly.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
     return record

@@ -340,14 +340,18 @@ def read_store(
 ) -> tuple[list[PipelineRun], list[StageRun]]:
     """(pipeline runs, stage runs) from the project's MLflow store; empty when there is none
     yet, or (with a warning) when it cannot be read."""
-    from otcurate_pipeline.tracking import EXPERIMENT, tracking_uri
+    from otcurate_pipeline.tracking import EXPERIMENT, reap, tracking_uri
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (root / "mlflow.db").exists():
         return [], []
     try:
         from mlflow.tracking import MlflowClient
 
-        return fetch(MlflowClient(tracking_uri=tracking_uri(root)), EXPERIMENT)
+        client = MlflowClient(tracking_uri=tracking_uri(root))
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is not None and reap(client, exp.experiment_id):
+            warn("(runs whose process had died were marked KILLED)")
+        return fetch(client, EXPERIMENT)
     except Exception as exc:  # noqa: BLE001
         warn(f"(MLflow store not readable: {exc})")
         return [], []
@@ -397,13 +401,22 @@ def resolve(
         ) from None
 
 
+COMPLETE = ("FINISHED", "FAILED")  # a run that ended by itself; RUNNING / KILLED did not
+
+
 def pipeline_run(pipelines: list[PipelineRun], ref: str) -> PipelineRun:
-    """A pipeline run by id, id prefix, run name, or -1/-2 (the latest, the one before)."""
+    """A pipeline run by id, id prefix, run name, or -1/-2 (the latest complete run, the one
+    before: runs that were killed or are still running are not counted)."""
     if re.fullmatch(r"-\d+", ref):
         i = int(ref)
-        if -i > len(pipelines):
-            raise LineageError(f"{ref}: only {len(pipelines)} pipeline runs are recorded.")
-        return pipelines[i]
+        done = [p for p in pipelines if p.status in COMPLETE]
+        if -i > len(done):
+            left = len(pipelines) - len(done)
+            extra = f" ({left} more killed or still running)" if left else ""
+            raise LineageError(
+                f"{ref}: only {len(done)} complete pipeline runs are recorded{extra}."
+            )
+        return done[i]
     hits = [p for p in pipelines if p.run_id.startswith(ref) or p.name == ref]
     if len(hits) != 1:
         what = "no pipeline run" if not hits else f"{len(hits)} pipeline runs"

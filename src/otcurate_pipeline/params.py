@@ -124,6 +124,11 @@ class Ingest:
     test_fraction: float = 0.1
     shard_size: int = 4096
     on_bad_record: Literal["skip", "fail"] = "skip"
+    # A record over either limit is a bad record (skipped and listed, or a stop under `fail`):
+    # pixels from the image header (before decoding; decompression bombs are refused at any
+    # size), characters of the caption.
+    max_image_pixels: int = 64_000_000
+    max_caption_chars: int = 4096
     # Exact duplicates (sha1): identical pairs are always dropped; drop_images also drops a
     # pair whose image bytes came earlier (with another caption). Both are counted.
     duplicates: Literal["drop_pairs", "drop_images"] = "drop_pairs"
@@ -131,6 +136,9 @@ class Ingest:
     hf: HFSource = field(default_factory=HFSource)
 
     def check(self) -> None:
+        for key in ("max_image_pixels", "max_caption_chars"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"ingest.{key} must be >= 1; got {getattr(self, key)}.")
         _frac("ingest.val_fraction", self.val_fraction)
         _frac("ingest.test_fraction", self.test_fraction)
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -171,6 +179,32 @@ class _Optimised:
         }
 
 
+def known_archs() -> list[str]:
+    """open_clip's architecture names and otcurate's, from their config folders (without
+    importing open_clip, which takes seconds)."""
+    import importlib.util
+
+    folders = [Path(__file__).resolve().parents[1] / "otcurate" / "model_configs"]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    return sorted({f.stem for d in folders if d.is_dir() for f in d.glob("*.json")})
+
+
+def check_arch(key: str, arch: str) -> None:
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        return
+    names = known_archs()
+    if names and arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ParamsError(
+            f"{key} is {arch!r}, which is not an open_clip architecture.{hint} Known: "
+            f'{", ".join(names[:12])}, ... ({len(names)} in all; `python -c "import open_clip; '
+            'print(open_clip.list_models())"` lists them), or an hf-hub:ORG/NAME model.'
+        )
+
+
 @dataclass(frozen=True)
 class Pretrain(_Optimised):
     # An open_clip architecture name, or "otcurate-tiny" (registered by otcurate).
@@ -189,6 +223,7 @@ class Pretrain(_Optimised):
         _positive("pretrain.lr", self.lr)
         _nonneg("pretrain.warmup", self.warmup)
         _nonneg("pretrain.weight_decay", self.weight_decay)
+        check_arch("pretrain.arch", self.arch)
         if self.pretrained is None and self.steps == 0:
             raise ParamsError(
                 "pretrain.pretrained is null and pretrain.steps is 0: nothing would be trained. "
@@ -294,6 +329,29 @@ class Distill(_Methods):
 
 
 @dataclass(frozen=True)
+class Wise:
+    # WiSE-FT: the model finetune writes is (1 - alpha) * base + alpha * fine-tuned. null:
+    # off (the fine-tuned model as trained, alpha 1); a number in [0, 1]; or `choose: true`
+    # to pick alpha from `alphas` on the val split (zero-shot top-1 when it has classes,
+    # else mean R@1; clean for a built-in source, as noisy as the data otherwise).
+    alpha: float | None = None
+    choose: bool = False
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+    def check(self) -> None:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ParamsError(f"finetune.wise.alpha must be in [0, 1] or null; got {self.alpha}.")
+        if self.choose and (not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas)):
+            raise ParamsError(
+                f"finetune.wise.alphas must be a non-empty list of values in [0, 1]; got {self.alphas}."
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.choose or (self.alpha is not None and self.alpha != 1.0)
+
+
+@dataclass(frozen=True)
 class Finetune(_Methods, _Optimised):
     method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
     steps: int = 150
@@ -303,6 +361,7 @@ class Finetune(_Methods, _Optimised):
     weight_decay: float = 0.2
     # Processes (torchrun, data parallel at the same global batch): gloo on CPU, nccl on CUDA.
     nproc: int = 1
+    wise: Wise = field(default_factory=Wise)
     # Per-method subsections finetune.gradient_ascent, finetune.ncu, finetune.rematch: the
     # library's records (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions,
     # otcurate.rematch.RematchOptions), added by _schema.
@@ -555,15 +614,30 @@ def _parse_value(text: str):
         return text
 
 
+def _represent_null(representer, _data):
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+def _null_keeping():
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class NullKeeping(RoundTripRepresenter):
+        pass
+
+    NullKeeping.add_representer(type(None), _represent_null)  # on the subclass only
+    return NullKeeping
+
+
 def apply_overrides(path: Path, overrides: list[str]) -> list[str]:
     """Write `section.key=value` overrides into the params file at `path` (comments kept),
     after validating the result; returns the changed ones. Nothing is written on an error."""
     from ruamel.yaml import YAML
 
+    plain = read_file(path)  # a syntax error stops here, before anything is written
     ry = YAML()
     ry.preserve_quotes = True
+    ry.Representer = _null_keeping()  # null stays `null` (ruamel writes an empty value)
     doc = ry.load(path.read_text())
-    plain = parse_yaml(path.read_text()) or {}
     changed = []
     for item in overrides:
         if "=" not in item:
@@ -600,6 +674,47 @@ def apply_overrides(path: Path, overrides: list[str]) -> list[str]:
     return changed
 
 
+def read_file(path: Path) -> dict[str, Any]:
+    """The params file at `path` parsed (not yet validated); a YAML syntax error or a file
+    that is not a mapping is a ParamsError naming the file, the line and the column."""
+    path = Path(path)
+    try:
+        raw = parse_yaml(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(
+            f"params file {path} not found; run from the repository root or pass --params."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8.") from None
+    except Exception as exc:  # noqa: BLE001 - ruamel raises several parser error types
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(
+            str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x
+        )
+        raise ParamsError(
+            f"{path} is not valid YAML{where}: {what or exc}. Fix the syntax there and rerun."
+        ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections; got {type(raw).__name__}.")
+    return raw
+
+
+def check_device(device: str) -> None:
+    """base.device: 'cuda' needs a visible CUDA device (checked before any stage runs)."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ParamsError(
+            "base.device is 'cuda' but no CUDA device is visible here "
+            "(torch.cuda.is_available() is False); set base.device: auto (or cpu) and rerun."
+        )
+
+
 def validate_file(path: Path) -> dict[str, Any]:
     """Every section of the params file at `path`, typed and checked."""
-    return load_all(parse_yaml(path.read_text()) or {})
+    return load_all(read_file(path))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otcurate_pipeline import artifacts, layout
-from otcurate_pipeline.params import load_all, parse_yaml
+from otcurate_pipeline.params import load_all, read_file
 
 REPORTS = Path("results") / "score"  # <root>/results/score/<source name> unless --out
 
@@ -54,8 +54,22 @@ def score_source(
     from otcurate.io import atomic_dir, write_json, write_text
     from otcurate.runtime import make_reproducible, resolve_device
 
-    params = load_all(parse_yaml((root / "params.yaml").read_text()) or {})
+    params = load_all(read_file(root / "params.yaml"))
     hf = params["ingest"].hf
+    if source.is_file() and source.stat().st_size == 0:
+        raise ScoreError(f"{source} is empty; give a file with one image-text pair per row.")
+    try:
+        pairs, _, _ = load_pairs(
+            **local_source(source),
+            image_column=image_column or hf.image_column,
+            caption_column=caption_column or hf.caption_column,
+            key="score",
+        )
+        rows = list(pairs)
+    except SourceError as exc:
+        text = str(exc).replace("score.image_column", "--image-column")
+        text = text.replace("Check score.path, data_dir and data_files.", "Check the path.")
+        raise ScoreError(text.replace("score.caption_column", "--caption-column")) from None
     stage = layout.stages(root).get("detect")
     if stage is None and (model is None or detector is None):
         raise ScoreError("dvc.yaml has no detect stage: give --model and --detector.")
@@ -73,15 +87,6 @@ def score_source(
             f"{detector / artifacts.DETECTOR} was saved by another otcurate version ({exc!r}); "
             "rerun detect (otcurate run) to refit it."
         ) from None
-    try:
-        pairs, _, _ = load_pairs(
-            **local_source(source),
-            image_column=image_column or hf.image_column,
-            caption_column=caption_column or hf.caption_column,
-        )
-        rows = list(pairs)
-    except SourceError as exc:
-        raise ScoreError(str(exc)) from None
     good = [r for r in rows if r.reject is None]
     rejected = len(rows) - len(good)
     if len(good) < 2:

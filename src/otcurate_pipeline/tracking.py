@@ -93,6 +93,47 @@ def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def reap(client: Any, exp_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose process (tags `otcurate.pid`,
+    `otcurate.host`) is gone from this host: a run killed by SIGKILL, a full disk or a
+    power cut never closes its own MLflow record. Returns the ids marked."""
+    import socket
+
+    host = socket.gethostname()
+    marked = []
+    try:
+        running = client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000)
+    except Exception as exc:  # noqa: BLE001 - a store we cannot search: nothing to mark
+        print(f"otcurate: tracking: could not look for dead runs: {exc}", file=sys.stderr)
+        return marked
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get("otcurate.pid", "")
+        if not pid.isdigit() or tags.get("otcurate.host") != host or _alive(int(pid)):
+            continue
+        try:
+            client.set_tag(run.info.run_id, "otcurate.died", "its process was gone; marked KILLED")
+            client.set_terminated(run.info.run_id, "KILLED")
+        except Exception as exc:  # noqa: BLE001 - e.g. a read-only store or another's run
+            print(
+                f"otcurate: tracking: could not mark {run.info.run_id} KILLED: {exc}",
+                file=sys.stderr,
+            )
+            continue
+        marked.append(run.info.run_id)
+    return marked
+
+
 class Tracker:
     """Parent/child MLflow runs for one flow run. Every call swallows and reports tracking errors."""
 
@@ -116,12 +157,22 @@ class Tracker:
                     EXPERIMENT, artifact_location=artifact_root(self.root)
                 )
             )
+            import socket
+
+            dead = reap(self.client, exp_id)
+            if dead:
+                print(
+                    f"otcurate: tracking: {len(dead)} earlier run(s) whose process died were "
+                    "marked KILLED in MLflow",
+                    file=sys.stderr,
+                )
             commit, dirty = git_state(self.root)
             self.git = {"git.commit": commit, "git.dirty": str(dirty).lower()}
+            self.owner = {"otcurate.pid": str(os.getpid()), "otcurate.host": socket.gethostname()}
             run = self.client.create_run(
                 exp_id,
                 run_name=run_name,
-                tags={**self.git, **(tags or {}), "otcurate.kind": "pipeline"},
+                tags={**self.git, **self.owner, **(tags or {}), "otcurate.kind": "pipeline"},
             )
             self.parent_id = run.info.run_id
             self.exp_id = exp_id
@@ -146,7 +197,12 @@ class Tracker:
             run = self.client.create_run(
                 self.exp_id,
                 run_name=name,
-                tags={"mlflow.parentRunId": self.parent_id, "dvc.stage": name, **self.git},
+                tags={
+                    "mlflow.parentRunId": self.parent_id,
+                    "dvc.stage": name,
+                    **self.git,
+                    **self.owner,
+                },
             )
             return run.info.run_id
         except Exception as exc:  # noqa: BLE001

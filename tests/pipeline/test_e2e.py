@@ -11,14 +11,11 @@ import re
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from otcurate_support import BIN, make_scratch, scratch_env, sh
-
-from otcurate import faults
+from otcurate_support import BIN, make_scratch, scratch_env, sh, start_stopped
 
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
 pytestmark = pytest.mark.e2e
@@ -34,13 +31,6 @@ def lock(root: Path) -> dict:
 
 def outs_md5(root: Path) -> dict[str, str]:
     return {o["path"]: o["md5"] for e in lock(root).values() for o in e["outs"]}
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
-    root = make_scratch(tmp_path_factory.mktemp("e2e") / "repo")
-    first = sh(root, str(BIN / "otcurate"), "run")
-    return root, first, outs_md5(root)
 
 
 def test_first_run_runs_every_stage_and_prints_the_comparison(scratch):
@@ -331,23 +321,9 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage
     absent, and the rerun gives the reference bytes and leaves no temporaries."""
     _, _, reference = scratch
     root = make_scratch(tmp_path / "repo")
-    ready = tmp_path / "stopped.pid"
-    env = {**scratch_env(tmp_path), faults.STOP_AT: point, faults.STOP_READY: str(ready)}
-    proc = subprocess.Popen(
-        [str(BIN / "dvc"), "repro", stage],
-        cwd=root,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [str(BIN / "dvc"), "repro", stage]
+    proc, stopped = start_stopped(argv, root, scratch_env(tmp_path), point, tmp_path / "stop.pid")
     try:
-        deadline = time.monotonic() + 600
-        while not ready.exists():  # the stage writes it when it reaches the point
-            assert proc.poll() is None, f"dvc repro exited {proc.returncode} before {point}"
-            assert time.monotonic() < deadline, f"{point} not reached in 600 s"
-            time.sleep(0.1)
-        stopped = int(ready.read_text())
         assert os.getpgid(stopped) == proc.pid  # the stage itself, in dvc's process group
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

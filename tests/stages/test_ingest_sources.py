@@ -185,6 +185,109 @@ def test_unreadable_tar_member_is_rejected_not_fatal(tmp_path, capsys):
     assert _metrics(run)["pairs"] == N - 1
 
 
+def _hostile(folder: Path) -> dict:
+    """Good pairs with a decompression bomb, an image over a 100k-pixel limit, a caption of
+    control characters, one of zero-width spaces and a 10 MB caption among them."""
+    folder.mkdir(parents=True)
+    bomb, big = io.BytesIO(), io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    Image.new("RGB", (400, 400)).save(big, format="PNG")
+    images = [_png(i) for i in range(N)]
+    captions = [f"swatch number {i}" for i in range(N)]
+    images[3], images[4] = bomb.getvalue(), big.getvalue()
+    captions[5], captions[6], captions[7] = "\x00\x1b[2J", "\u200b\u200b", "x" * 10_000_000
+    pq.write_table(pa.table({"image": images, "caption": captions}), folder / "a.parquet")
+    return {"path": "parquet", "data_files": [str(folder / "a.parquet")]}
+
+
+def test_hostile_records_are_listed_rejects_under_skip(tmp_path, capsys):
+    hf = _hostile(tmp_path / "src")
+    code, run, _ = _ingest(tmp_path, hf, max_image_pixels=100_000)
+    assert code == 0, capsys.readouterr().err
+    rejects = {
+        r["index"]: r["reason"]
+        for r in map(json.loads, Path(run.p("data/ingest/rejects.jsonl")).read_text().splitlines())
+    }
+    assert sorted(rejects) == [3, 4, 5, 6, 7]
+    assert "a decompression bomb" in rejects[3] and "400x400 = 160000 pixels" in rejects[4]
+    assert "control characters" in rejects[5] and "no visible text" in rejects[6]
+    assert "caption too long (10000000 characters" in rejects[7]
+    assert _metrics(run)["pairs"] == N - 5
+    assert "skipped 5 bad records" in capsys.readouterr().err
+
+
+def test_hostile_record_under_fail_is_a_clear_stop(tmp_path, capsys):
+    hf = _hostile(tmp_path / "src")
+    code, run, _ = _ingest(tmp_path, hf, on_bad_record="fail")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "bad record 3" in err and "a decompression bomb" in err
+    assert "ingest.on_bad_record: skip" in err
+    assert not Path(run.p("data/ingest")).exists()
+
+
+def test_a_latin1_metadata_file_is_named_with_the_fix(tmp_path, capsys):
+    hf = make_imagefolder(tmp_path / "src")
+    meta = tmp_path / "src" / "metadata.csv"
+    meta.write_bytes(
+        meta.read_text().replace("swatch number 3", "swatch caf\u00e9").encode("latin-1")
+    )
+    code, _, _ = _ingest(tmp_path, hf)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"ingest.hf: cannot read {meta}: it is not UTF-8 text" in err and "iconv" in err
+
+
+def test_imagefolder_files_named_like_splits_keep_their_captions(tmp_path):
+    """`datasets` infers a split from names like train_0001.png and then drops the
+    metadata file; ingest lists the files itself so the captions stay."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    lines = []
+    for i in range(N):
+        (folder / f"train_{i:04d}.png").write_bytes(_png(i))
+        lines.append(json.dumps({"file_name": f"train_{i:04d}.png", "text": f"swatch {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    code, run, _ = _ingest(
+        tmp_path, {"path": "imagefolder", "data_dir": str(folder), "caption_column": "text"}
+    )
+    assert code == 0
+    assert sorted(_rows(run)["caption"].to_pylist()) == sorted(f"swatch {i}" for i in range(N))
+
+
+def test_a_label_column_of_class_names_is_read_as_classes(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    kinds = ["stripes", "checkerboard", "dots"]
+    t = pa.table(
+        {
+            "image": pa.array([_png(i) for i in range(N)], pa.binary()),
+            "caption": [f"swatch number {i}" for i in range(N)],
+            "label": [kinds[i % 3] for i in range(N)],
+        }
+    )
+    pq.write_table(t, folder / "a.parquet")
+    hf = {"path": "parquet", "data_files": [str(folder / "a.parquet")], "label_column": "label"}
+    code, run, _ = _ingest(tmp_path, hf, noise={"rate": 0.0})
+    assert code == 0
+    classes = json.loads(Path(run.p("data/ingest/classes.json")).read_text())
+    assert classes["class_names"] == sorted(kinds)
+    rows = _rows(run)
+    for caption, label in zip(rows["caption"].to_pylist(), rows["label"].to_pylist(), strict=True):
+        assert sorted(kinds)[label] == kinds[int(caption.split()[-1]) % 3]
+    # names given: a name outside them is a listed reject naming the key
+    code, run, _ = _ingest(
+        tmp_path / "b", {**hf, "class_names": ["dots", "stripes"]}, noise={"rate": 0.0}
+    )
+    assert code == 0
+    reasons = [
+        json.loads(x)["reason"]
+        for x in Path(run.p("data/ingest/rejects.jsonl")).read_text().splitlines()
+    ]
+    assert len(reasons) == sum(1 for i in range(N) if i % 3 == 1)
+    assert all(r == "label 'checkerboard' is not in ingest.hf.class_names" for r in reasons)
+
+
 def test_an_empty_split_names_the_fractions(tmp_path, capsys):
     code, run, _ = _ingest(tmp_path, make_parquet(tmp_path / "src"), val_fraction=0.001)
     assert code == 2

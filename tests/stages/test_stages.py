@@ -658,7 +658,8 @@ def test_score_command_without_a_fitted_detector_says_what_to_run(tmp_path, monk
 
     write_params(tmp_path)
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    (tmp_path / "new.csv").write_text("image,caption\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "new.csv").write_text("image,caption\na.png,a red square\n")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["score", "new.csv"])
     assert result.exit_code == 2 and "run the pipeline first" in result.output
@@ -780,3 +781,103 @@ def test_coreset_target_from_a_named_clean_source(tiny, tmp_path):
     train = pq.ParquetDataset(sorted(Path(tiny.p("data/ingest")).glob("train-*.parquet"))).read()
     label = dict(zip(train["uid"].to_pylist(), train["label"].to_pylist(), strict=True))
     assert chosen and {label[u] for u in chosen} == {0}
+
+
+def test_wise_ft_chosen_on_val_feeds_evaluate_s_forgetting_report(tiny, tmp_path):
+    """finetune.wise.choose: alpha picked on the val split, the mix written as the model and
+    the weights as trained beside it; evaluate reports base, as trained and the mix on a
+    clean classification set the fine-tuning data does not cover (glyphs)."""
+    from safetensors.torch import load_file
+
+    from otcurate import models, wise
+
+    params = write_params(
+        tmp_path,
+        {
+            "finetune": {"steps": 3, "wise": {"choose": True, "alphas": [0.0, 0.5, 1.0]}},
+            "evaluate": {
+                "sets": [
+                    {"name": "glyphs", "task": "classification", "source": "glyphs", "size": 40}
+                ]
+            },
+        },
+    )
+    ft = {
+        **STAGE_PATHS["finetune"],
+        "out": str(tmp_path / "model"),
+        "results": str(tmp_path / "fr"),
+    }
+    assert tiny.run("finetune", params=params, **ft) == 0
+    m = json.loads((tmp_path / "fr" / "metrics.json").read_text())
+    scores = {a: m[f"wise_val_score_{a:g}"] for a in (0.0, 0.5, 1.0)}
+    assert m["wise_alpha"] == max(scores, key=lambda a: (scores[a], -a))
+    # the written model is the mix of the base and the weights as trained, at that alpha
+    trained = load_file(str(tmp_path / "model" / models.UNMIXED_FILE))
+    base = load_file(tiny.p("models/pretrain/model.safetensors"))
+    mixed = load_file(str(tmp_path / "model" / "model.safetensors"))
+    want = wise.interpolate(base, trained, m["wise_alpha"])
+    for k in mixed:
+        torch.testing.assert_close(mixed[k], want[k])
+
+    ev = {
+        **STAGE_PATHS["evaluate"],
+        "finetuned": str(tmp_path / "model"),
+        "results": str(tmp_path / "er"),
+    }
+    assert tiny.run("evaluate", params=params, **ev) == 0
+    e = json.loads((tmp_path / "er" / "metrics.json").read_text())
+    for model in ("base", "finetune", "unmixed"):
+        assert 0 <= e[f"{model}_glyphs_zs_acc"] <= 1
+    assert e["forgetting_unmixed_glyphs"] == pytest.approx(
+        e["base_glyphs_zs_acc"] - e["unmixed_glyphs_zs_acc"]
+    )
+    report = (tmp_path / "er" / "report.md").read_text()
+    assert "## Forgetting (zero-shot top-1 on the clean sets)" in report
+    assert "| set | base | fine-tuned as trained | WiSE-FT | change |" in report
+
+
+def test_export_clip_benchmark_writes_the_webdataset_layout_it_reads(tiny, tmp_path):
+    """The layout of clip_benchmark.datasets.builder.build_wds_dataset: shards + nshards.txt
+    under test/, dataset_type.txt, classnames.txt and "{c}" templates; the samples are the
+    test split's images with their labels, and a retrieval image carries all its captions."""
+    import shutil
+    import tarfile
+
+    from otcurate.data.shards import read_classes, read_split
+    from otcurate_pipeline.export import export_clip_benchmark
+
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "data" / "ingest").symlink_to(tiny.p("data/ingest"))
+    sets = [{"name": "glyphs", "task": "classification", "source": "glyphs", "size": 30}]
+    write_params(root, {"evaluate": {"sets": sets}})
+    done = {e.name: e for e in export_clip_benchmark(root, root / "cb")}
+    assert set(done) == {"test_zeroshot", "test_retrieval", "glyphs"}
+
+    def samples(name):
+        folder = root / "cb" / name
+        assert (folder / "test" / "nshards.txt").read_text().strip() == "1"
+        with tarfile.open(folder / "test" / "0.tar") as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+    test = read_split(tiny.p("data/ingest"), "test", columns=["image", "caption", "label"])
+    info = read_classes(tiny.p("data/ingest"))
+    zs = samples("test_zeroshot")
+    labels = [int(zs[k]) for k in sorted(zs) if k.endswith(".cls")]
+    assert labels == test["label"].to_pylist()
+    assert [zs[k] for k in sorted(zs) if k.endswith(".png")] == test["image"].to_pylist()
+    folder = root / "cb" / "test_zeroshot"
+    assert (folder / "dataset_type.txt").read_text() == "classification\n"
+    assert (folder / "classnames.txt").read_text().splitlines() == info.class_names
+    templates = (folder / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates == [t.replace("{}", "{c}") for t in info.templates]
+    rt = samples("test_retrieval")
+    texts = [rt[k].decode().splitlines() for k in sorted(rt) if k.endswith(".txt")]
+    assert (
+        sum(map(len, texts))
+        == test.num_rows
+        == done["test_retrieval"].images + sum(len(t) - 1 for t in texts)
+    )
+    assert (root / "cb" / "test_retrieval" / "dataset_type.txt").read_text() == "retrieval\n"
+    assert done["glyphs"].images == 30 and len(samples("glyphs")) == 60

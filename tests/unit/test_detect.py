@@ -107,3 +107,18 @@ def test_separation_says_when_scores_tie_or_fail_against_truth():
     assert any("below 0.6" in w for w in blind.warnings)
     unimodal = det.separation(rng.normal(size=600), r.noisy, None)
     assert not unimodal.bimodal and any("not bimodal" in w for w in unimodal.warnings)
+
+
+def test_estimate_rate_reads_the_noise_share_off_the_scores_with_its_spread():
+    from otcurate.detect import estimate_rate
+
+    rng = np.random.default_rng(0)
+    for rate in (0.2, 0.4):
+        n = 4000
+        k = int(rate * n)
+        scores = np.concatenate([rng.normal(0.1, 0.05, k), rng.normal(0.6, 0.08, n - k)])
+        est = estimate_rate(scores, seed=0)
+        assert abs(est.rate - rate) < 0.02
+        assert 0 < est.std < 0.02 and est.low <= est.rate <= est.high
+    flat = estimate_rate(np.full(50, 0.3))
+    assert flat.rate == 0.0 and flat.std == 0.0

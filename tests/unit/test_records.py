@@ -175,6 +175,44 @@ def test_check_record_reasons(image, caption, reason):
 
 def test_check_record_accepts_good_pairs():
     assert check_record(_png(), "a caption") is None
+    assert check_record(_png(), "tab\tand\nnewline, \u00e9t\u00e9 \U0001f600") is None
+
+
+def _bomb(side=20000):
+    """A 1-bit PNG of side x side pixels: a few hundred KB that decode to side**2 pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("caption", "reason"),
+    [
+        ("\x00\x01\x02", "control characters (U+0000, U+0001, U+0002)"),
+        ("a cat\x07", "control characters (U+0007)"),
+        ("\u200b\u200b \u200d", "no visible text"),
+        ("x" * 4097, "caption too long (4097 characters; the limit is 4096)"),
+    ],
+)
+def test_check_record_refuses_hostile_captions(caption, reason):
+    assert reason in check_record(_png(), caption)
+
+
+def test_check_record_refuses_oversize_images_and_bombs_without_decoding():
+    from otcurate.data.records import RecordLimits
+
+    bomb = _bomb()  # 400M pixels: over PIL's own bomb guard (2 x 89M)
+    assert len(bomb) < 2_000_000
+    assert check_record(bomb, "ok").startswith("a decompression bomb (")
+    big = _bomb(12000)  # 144M: under PIL's guard, over the default limit: never decoded
+    assert check_record(big, "ok") == (
+        "image too large (12000x12000 = 144000000 pixels; the limit is 64000000)"
+    )
+    big = _bomb(3000)  # 9M pixels: under PIL's guard, over a configured limit
+    assert check_record(big, "ok") is None
+    why = check_record(big, "ok", RecordLimits(max_image_pixels=1_000_000))
+    assert why == "image too large (3000x3000 = 9000000 pixels; the limit is 1000000)"
+    assert "caption too long" in check_record(_png(), "abc", RecordLimits(max_caption_chars=2))
 
 
 def test_content_uid_depends_on_both_parts():

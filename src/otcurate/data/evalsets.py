@@ -40,14 +40,17 @@ def _builtin(spec) -> tuple[list, ClassInfo]:
     return list(builtin.digits(spec.seed, size, spec.image_size)), builtin.digits_classes()
 
 
-def load_clean(spec) -> CleanSet:
-    """Read a `params.SourceSpec` (or EvalSet): built-in source or any `datasets` source."""
+def load_clean(spec, key: str = "hf") -> CleanSet:
+    """Read a `params.SourceSpec` (or EvalSet): built-in source or any `datasets` source;
+    `key` is where the params hold its hf settings (for messages)."""
     if spec.source in ("shapes", "glyphs", "digits"):
         recs, info = _builtin(spec)
         rows = [(r.image, r.caption, r.label) for r in recs]
         rejected = 0
     else:
-        pairs, info, _ = load_pairs(**source_kwargs(spec.hf), limit=spec.size, multi_caption=True)
+        pairs, info, _ = load_pairs(
+            **source_kwargs(spec.hf), limit=spec.size, multi_caption=True, key=key
+        )
         rows, rejected = [], 0
         for p in pairs:
             if p.reject is None:

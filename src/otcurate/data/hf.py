@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from otcurate.data.records import ClassInfo, check_record, content_uid
+from otcurate.data.records import ClassInfo, RecordLimits, check_record, content_uid
 
 
 class SourceError(ValueError):
@@ -63,6 +63,42 @@ def _image_bytes(value: Any, image_root: Path | None) -> tuple[bytes | None, str
     return None, f"unsupported image value of type {type(value).__name__}"
 
 
+def _not_utf8(key: str, exc: UnicodeDecodeError, data_files: Any, data_dir: Any) -> SourceError:
+    files = data_files
+    if not files and data_dir:  # imagefolder: its metadata file is the text
+        files = sorted(str(f) for f in Path(data_dir).rglob("metadata.*")) or data_dir
+    return SourceError(
+        f"{key}: cannot read {_shown(files)}: it is not UTF-8 text ({exc}). Save it as UTF-8 "
+        "(e.g. iconv -f latin1 -t utf-8 FILE > NEW) and rerun."
+    )
+
+
+def _shown(files: Any) -> str:
+    files = [files] if isinstance(files, str) else list(files or [])
+    return ", ".join(map(str, files[:3])) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+
+
+_SPLIT_DIRS = {"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval"}
+
+
+def _imagefolder_files(data_dir: str, split: str) -> list[str] | None:
+    """Every file under an imagefolder `data_dir`, to pass as the one `split`, or None when
+    the folder has split subfolders (train/, test/ ...) for `datasets` to infer.
+
+    Given a folder, `datasets` infers splits from the file names: with images named
+    `train_0001.png` it makes a split of them that the top-level metadata file matches
+    none of, drops the metadata and every caption with it. Listed files keep it."""
+    root = Path(data_dir)
+    if any(d.is_dir() and d.name.lower() in _SPLIT_DIRS for d in root.iterdir()):
+        return None
+    files = sorted(
+        str(f)
+        for f in root.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
+    )
+    return files or None
+
+
 def _default_image_root(data_files: Any, data_dir: str | None) -> Path | None:
     if data_dir:
         return Path(data_dir)
@@ -88,9 +124,13 @@ def load_pairs(
     start: int = 0,
     streaming: bool = False,
     multi_caption: bool = False,
+    limits: RecordLimits = RecordLimits(),
+    key: str = "ingest.hf",
 ) -> tuple[Iterator[RawPair], ClassInfo | None, int | None]:
     """Open a `datasets` source; returns (pairs from row `start` on, class info or None,
-    number of rows or None when streaming without `limit`)."""
+    number of rows or None when streaming without `limit`). Each pair is checked by
+    `records.check_record` under `limits`. Messages name the settings as `key`.<option>
+    (the params section the caller read them from, e.g. "evaluate.sets[0].hf")."""
     import datasets
 
     kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
@@ -105,54 +145,85 @@ def load_pairs(
             "webdataset",
         }:
             raise SourceError(
-                f"ingest.hf.data_dir {data_dir!r} is not a folder; point it at the folder with your files."
+                f"{key}.data_dir {data_dir!r} is not a folder; point it at the folder with your files."
             )
-        kwargs["data_dir"] = data_dir
+        listed = _imagefolder_files(data_dir, split) if path == "imagefolder" else None
+        if listed is not None and not data_files:
+            kwargs["data_files"] = {split: listed}
+        else:
+            kwargs["data_dir"] = data_dir
     if data_files:
         kwargs["data_files"] = data_files
     try:
         ds = datasets.load_dataset(path, **kwargs)
     except FileNotFoundError as exc:
         raise SourceError(
-            f"ingest.hf: cannot open {path!r}: {exc}. Check ingest.hf.path, data_dir and data_files."
+            f"{key}: cannot open {path!r}: {exc}. Check {key}.path, data_dir and data_files."
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(key, exc, data_files, data_dir) from None
     except (ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise SourceError(f"ingest.hf: cannot load {path!r} (split {split!r}): {exc}") from exc
+        where = f" from {_shown(data_files or data_dir)}" if data_files or data_dir else ""
+        if "corresponds to no data" in str(exc):
+            raise SourceError(
+                f"{key}: {path!r}{where} holds no rows for split {split!r} (a file with a header "
+                "only, or no matching files); give files with at least one pair."
+            ) from None
+        raise SourceError(f"{key}: cannot load {path!r}{where} (split {split!r}): {exc}") from exc
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        if isinstance(cause, UnicodeDecodeError):
+            raise _not_utf8(key, cause, data_files, data_dir) from None
+        raise SourceError(
+            f"{key}: cannot read {_shown(data_files or data_dir)} as {path!r}: "
+            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}. "
+            f"Check that the files are {path} (UTF-8 text for csv/json) with one pair per row."
+        ) from None
     except ConnectionError as exc:
         raise SourceError(
-            f"ingest.hf: {path!r} is not a local builder and the hub cannot be reached ({exc}). "
+            f"{key}: {path!r} is not a local builder and the hub cannot be reached ({exc}). "
             "Use a local source (imagefolder/csv/parquet/webdataset) or run where the hub is reachable."
         ) from exc
 
     columns = ds.column_names
     if columns is None:  # a stream whose features are not declared: peek at the first row
         columns = list(next(iter(ds), {}).keys())
-    for col, key in ((image_column, "image_column"), (caption_column, "caption_column")):
+    for col, opt in ((image_column, "image_column"), (caption_column, "caption_column")):
         if col not in columns:
             raise SourceError(
-                f"ingest.hf.{key} is {col!r} but the source has columns {columns}; "
-                f"set ingest.hf.{key} to one of them."
+                f"{key}.{opt} is {col!r} but the source has columns {columns}; "
+                f"set {key}.{opt} to one of them."
             )
     if label_column is not None and label_column not in columns:
         raise SourceError(
-            f"ingest.hf.label_column is {label_column!r} but the source has columns {columns}."
+            f"{key}.label_column is {label_column!r} but the source has columns {columns}."
         )
     if not columns or (not streaming and ds.num_rows == 0):
-        raise SourceError(f"ingest.hf: the source {path!r} split {split!r} has no rows.")
+        raise SourceError(f"{key}: the source {path!r} split {split!r} has no rows.")
 
     features = ds.features or {}
     if isinstance(features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
 
     info = None
+    by_name: dict[str, int] | None = None  # a label column of class names: name -> id
     if label_column is not None:
         names = class_names
         feat = features.get(label_column)
         if names is None and isinstance(feat, datasets.ClassLabel):
             names = list(feat.names)
+        if isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
+            if names is None and streaming:
+                raise SourceError(
+                    f"{key}.label_column {label_column!r} holds class names; a streamed source "
+                    f"cannot be read ahead for them: list them in {key}.class_names."
+                )
+            if names is None:
+                names = sorted({str(v) for v in ds[label_column] if v is not None})
+            by_name = {str(c): i for i, c in enumerate(names)}
         if names is None:
             raise SourceError(
-                f"ingest.hf.label_column {label_column!r} holds plain ids; give their names in ingest.hf.class_names."
+                f"{key}.label_column {label_column!r} holds plain ids; give their names in {key}.class_names."
             )
         info = ClassInfo(list(names), ["a photo of a {}", "a {}"])
 
@@ -175,17 +246,19 @@ def load_pairs(
             if multi_caption and isinstance(caption, list | tuple) and caption:
                 # several captions of one image (evaluation sets): one pair per caption
                 for c in caption:
-                    why = reason or check_record(image, c)
+                    why = reason or check_record(image, c, limits)
                     uid = content_uid(image or b"", c) if why is None else f"row-{i}"
                     yield RawPair(i, uid, image, c.strip() if isinstance(c, str) else c, -1, why)
                 continue
             if reason is None:
-                reason = check_record(image, caption)
-            label = (
-                int(row[label_column])
-                if label_column is not None and row[label_column] is not None
-                else -1
-            )
+                reason = check_record(image, caption, limits)
+            value = row[label_column] if label_column is not None else None
+            if by_name is not None:
+                label = by_name.get(str(value), -1) if value is not None else -1
+                if value is not None and label < 0:
+                    reason = reason or f"label {value!r} is not in {key}.class_names"
+            else:
+                label = int(value) if value is not None else -1
             if info is not None and not (0 <= label < len(info.class_names)):
                 reason = (
                     reason or f"label {row[label_column]!r} outside 0..{len(info.class_names) - 1}"

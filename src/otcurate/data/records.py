@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,23 +49,69 @@ SCHEMA = pa.schema(
 SPLITS = ("train", "val", "test")
 
 
-def check_record(image: bytes | None, caption: object) -> str | None:
-    """Why a raw pair is unusable, or None when it is fine."""
+@dataclass(frozen=True)
+class RecordLimits:
+    """What a record may hold at most: a decoded image's pixels (width x height, checked from
+    the header before any decoding) and a caption's characters. A web caption longer than a
+    few hundred characters is rarely a caption; CLIP reads 77 tokens of it anyway."""
+
+    max_image_pixels: int = 64_000_000
+    max_caption_chars: int = 4096
+
+
+def _caption_problem(caption: str, max_chars: int) -> str | None:
+    if len(caption) > max_chars:
+        return f"caption too long ({len(caption)} characters; the limit is {max_chars})"
+    bad = sorted({c for c in caption if unicodedata.category(c) == "Cc" and c not in "\t\n\r"})
+    if bad:
+        shown = ", ".join(f"U+{ord(c):04X}" for c in bad[:3])
+        return f"caption holds control characters ({shown})"
+    visible = [c for c in caption if not c.isspace() and unicodedata.category(c) != "Cf"]
+    if not visible:
+        return "caption has no visible text (only spaces or zero-width characters)"
+    return None
+
+
+def check_record(
+    image: bytes | None, caption: object, limits: RecordLimits = RecordLimits()
+) -> str | None:
+    """Why a raw pair is unusable, or None when it is fine. Never raises on the record's
+    content: a decompression bomb, an oversize image or a caption of control characters is
+    a reason like any other."""
     if not isinstance(caption, str) or not caption.strip():
         return (
             "empty caption"
             if isinstance(caption, str) or caption is None
             else f"caption is not text ({type(caption).__name__})"
         )
+    if (why := _caption_problem(caption, limits.max_caption_chars)) is not None:
+        return why
     if not image:
         return "missing image bytes"
+    guard = Image.MAX_IMAGE_PIXELS  # PIL refuses > 2x this in open(): make room for the limit
     try:
-        with Image.open(io.BytesIO(image)) as im:
-            im.load()
-            if im.width < 1 or im.height < 1:
-                return "image has no pixels"
+        if guard is not None and limits.max_image_pixels > guard:
+            Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image)) as im:
+                w, h = im.size  # from the header: nothing is decoded yet
+                if w * h > limits.max_image_pixels:
+                    return (
+                        f"image too large ({w}x{h} = {w * h} pixels; the limit is "
+                        f"{limits.max_image_pixels})"
+                    )
+                im.load()
+                if im.width < 1 or im.height < 1:
+                    return "image has no pixels"
+    except Image.DecompressionBombError as exc:
+        return f"a decompression bomb ({exc})"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"undecodable image ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on hostile bytes is still one bad record
+        return f"undecodable image ({type(exc).__name__}: {exc})"
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
     return None
 
 

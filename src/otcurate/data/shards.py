@@ -13,6 +13,7 @@ from otcurate.data.records import SCHEMA, SPLITS, ClassInfo
 from otcurate.io import dumps_json, write_parquet
 
 CLASSES_FILE = "classes.json"
+PROVENANCE_FILE = "provenance.json"  # what ingest knows about the data: {source, held_out_clean}
 
 
 def write_split(out_dir: Path, split: str, table: pa.Table, shard_size: int) -> list[str]:
@@ -65,6 +66,19 @@ def write_classes(out_dir: Path, info: ClassInfo | None) -> None:
         None if info is None else {"class_names": info.class_names, "templates": info.templates}
     )
     (out_dir / CLASSES_FILE).write_text(dumps_json(payload))
+
+
+def write_provenance(out_dir: Path, source: str, held_out_clean: bool) -> None:
+    """`held_out_clean`: the val/test splits are known to be clean (a built-in source, whose
+    pairs are right by construction; planted noise touches the train split only)."""
+    payload = {"source": source, "held_out_clean": held_out_clean}
+    (out_dir / PROVENANCE_FILE).write_text(dumps_json(payload))
+
+
+def read_provenance(data_dir: str | Path) -> dict:
+    """ingest's provenance.json, or {} (nothing known: held-out splits not known clean)."""
+    path = Path(data_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def read_classes(data_dir: str | Path) -> ClassInfo | None:

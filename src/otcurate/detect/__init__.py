@@ -24,7 +24,9 @@ from otcurate.detect.detector import (
 )
 from otcurate.detect.flags import (
     Detection,
+    RateEstimate,
     Separation,
+    estimate_rate,
     flag,
     mixture_flags,
     quality,
@@ -56,6 +58,7 @@ __all__ = [
     "Detector",
     "InfoOTFit",
     "InfoOTOptions",
+    "RateEstimate",
     "Method",
     "MinibatchOptions",
     "OTOptions",
@@ -66,6 +69,7 @@ __all__ = [
     "detect",
     "detector_from_state",
     "detector_state",
+    "estimate_rate",
     "fit_detector",
     "flag",
     "gmm_loss_score",

@@ -30,6 +30,48 @@ def mixture_flags(scores: np.ndarray, *, seed: int = 0) -> np.ndarray:
     return gmm.predict_proba(x)[:, low] > 0.5
 
 
+@dataclass(frozen=True)
+class RateEstimate:
+    """The noise rate a two-component mixture on the scores gives (the low component's
+    weight), with its spread over bootstrap resamples of the scores."""
+
+    rate: float
+    std: float
+    low: float  # 2.5% bootstrap quantile
+    high: float  # 97.5%
+
+    def metrics(self, prefix: str = "est_noise_rate") -> dict[str, float]:
+        return {
+            prefix: self.rate,
+            f"{prefix}_std": self.std,
+            f"{prefix}_low": self.low,
+            f"{prefix}_high": self.high,
+        }
+
+
+def _low_weight(x: np.ndarray, seed: int) -> float:
+    from sklearn.mixture import GaussianMixture
+
+    if len(x) < 2 or not float(x.max()) > float(x.min()):
+        return 0.0
+    gmm = GaussianMixture(n_components=2, random_state=int(seed), reg_covar=1e-6).fit(x)
+    return float(gmm.weights_[int(np.argmin(gmm.means_.ravel()))])
+
+
+def estimate_rate(scores: np.ndarray, *, seed: int = 0, bootstrap: int = 20) -> RateEstimate:
+    """The noise rate read off the scores (no ground truth), with its bootstrap spread."""
+    x = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    rate = _low_weight(x, seed)
+    rng = np.random.default_rng(seed)
+    draws = np.array(
+        [_low_weight(x[rng.integers(0, len(x), len(x))], seed) for _ in range(bootstrap)]
+    )
+    if not len(draws):
+        return RateEstimate(rate, 0.0, rate, rate)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return RateEstimate(rate, float(draws.std()), float(lo), float(hi))
+
+
 def flag(
     scores: np.ndarray,
     *,
