@@ -515,6 +515,7 @@ def export_clip_benchmark(
         raise typer.Exit(2) from None
     model = layout.stages(root)["evaluate"].paths["finetuned"]
     for e in done:
+        (e.folder.parent / "results").mkdir(exist_ok=True)  # clip_benchmark's --output folder
         console.print(f"{e.name}: {e.images} images, {e.task} -> {e.folder}")
     console.print("\nScore the fine-tuned model with clip_benchmark (pip install clip_benchmark):")
     for e in done:
