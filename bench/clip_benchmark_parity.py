@@ -67,12 +67,12 @@ def own_image_recall(model: Path, data: Path) -> dict[str, float]:
 
     from otcurate import evaluate as ev
     from otcurate import models
+    from otcurate.data.evalsets import group_images
     from otcurate.data.shards import read_split
-    from otcurate_pipeline.export import group_pairs
 
     test = read_split(data, "test", columns=["image", "caption"])
     captions = test["caption"].to_pylist()
-    unique, owner = group_pairs(test["image"].to_pylist(), captions)
+    unique, owner = group_images(test["image"].to_pylist())
     clip = models.load(model)
     img, _ = models.encode(clip, models.pairs_to_tensors(unique, [""] * len(unique), clip)[0])
     txt = models.encode_texts(clip, [" ".join(c.split()) for c in captions])

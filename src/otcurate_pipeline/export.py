@@ -12,7 +12,6 @@ CLIP_benchmark's webdataset layout, so that a checkpoint can be scored by a real
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 import tarfile
@@ -106,28 +105,13 @@ def write_retrieval(
     return Exported(folder.name, "zeroshot_retrieval", len(samples), folder)
 
 
-def group_pairs(images: Sequence[bytes], captions: Sequence[str]) -> tuple[list[bytes], list[int]]:
-    """Pairs -> (distinct images, owner index of each caption): rows sharing an image's
-    bytes are one image with several captions, as a retrieval benchmark has them."""
-    index: dict[bytes, int] = {}
-    unique, owner = [], []
-    for im in images:
-        key = hashlib.sha1(im).digest()
-        if key not in index:
-            index[key] = len(unique)
-            unique.append(im)
-        owner.append(index[key])
-    assert len(owner) == len(captions)
-    return unique, owner
-
-
 def export_clip_benchmark(
     root: Path, out: Path, only: Sequence[str] = (), data: Path | None = None
 ) -> list[Exported]:
     """The test split (as `test_zeroshot` when it has classes, and `test_retrieval`) and
     each `evaluate.sets` entry (by its name) of the project at `root`, under `out`; `data`:
     ingest's folder when it is not where dvc.yaml puts it."""
-    from otcurate.data.evalsets import load_clean
+    from otcurate.data.evalsets import group_images, load_clean
     from otcurate.data.shards import read_classes, read_split
     from otcurate_pipeline import layout
     from otcurate_pipeline.params import load_all, read_file
@@ -151,7 +135,7 @@ def export_clip_benchmark(
             )
         )
     if wanted("test_retrieval"):
-        unique, owner = group_pairs(images, captions)
+        unique, owner = group_images(images)
         done.append(write_retrieval(out / "test_retrieval", unique, captions, owner))
     for i, spec in enumerate(params["evaluate"].sets):
         if not wanted(spec.name):

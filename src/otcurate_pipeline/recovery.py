@@ -137,11 +137,11 @@ def _recover(root, stage, lock_before, log_tail, dvc, uncached_now) -> Recovery:
             "another DVC process holds this repository's lock; otcurate changed nothing "
             "(outputs and dvc.lock are as that process leaves them). Rerun when it is done.",
         )
-    notes = []
+    put_back = ""  # said after what happened to the outputs
     now = lock.read_text() if lock.exists() else None
     if now != lock_before:
         _put_back(lock, lock_before)
-        notes.append(f"dvc.lock was put back as it was before '{stage}' ran")
+        put_back = f"; dvc.lock was put back as it was before '{stage}' ran"
     before = _lock_entry(lock_before, stage)
     cache = cache_dir(root)
     if any(s in log_tail for s in NO_SPACE):
@@ -152,32 +152,28 @@ def _recover(root, stage, lock_before, log_tail, dvc, uncached_now) -> Recovery:
             False,
             f"no space left on device while writing or caching {where}: free at least "
             f"{need:.0f} MB ({free:.0f} MB are free under {cache}) and rerun. The outputs "
-            "on disk were kept as they are" + ("; " + "; ".join(notes) if notes else "") + ".",
+            "on disk were kept as they are" + put_back + ".",
         )
     if uncached_now:
         return Recovery(
             False,
             f"DVC could not copy {', '.join(uncached_now)} into its cache (see its ERROR "
             "above); the computed outputs were kept in place"
-            + ("; " + "; ".join(notes) if notes else "")
+            + put_back
             + ". Fix the cause and rerun.",
         )
     if before is None:
         return Recovery(
             False,
             f"'{stage}' has no earlier outputs to restore (it never finished before); "
-            "the outputs on disk were kept as they are"
-            + ("; " + "; ".join(notes) if notes else "")
-            + ".",
+            "the outputs on disk were kept as they are" + put_back + ".",
         )
     missing = uncached(cache, before)
     if missing:
         return Recovery(
             False,
             f"could not restore the last outputs of '{stage}': the DVC cache lacks "
-            f"{', '.join(missing)}; the outputs on disk were kept as they are"
-            + ("; " + "; ".join(notes) if notes else "")
-            + ".",
+            f"{', '.join(missing)}; the outputs on disk were kept as they are" + put_back + ".",
         )
     proc = dvc(root, "checkout", "--force", stage)
     absent = [o for o in outs if not (root / o).exists()]
@@ -188,7 +184,7 @@ def _recover(root, stage, lock_before, log_tail, dvc, uncached_now) -> Recovery:
             f"could not restore the last outputs of '{stage}' (dvc checkout: "
             f"{why[-1] if why else 'exit ' + str(proc.returncode)})"
             + (f"; missing now: {', '.join(absent)}" if absent else "")
-            + ("; " + "; ".join(notes) if notes else "")
+            + put_back
             + ".",
         )
     return Recovery(True, f"the last good outputs of '{stage}' were restored from the DVC cache.")

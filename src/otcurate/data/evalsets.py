@@ -8,6 +8,7 @@ index of its image, and per-image labels when the source has classes.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,20 @@ def _builtin(spec) -> tuple[list, ClassInfo]:
     return list(builtin.digits(spec.seed, size, spec.image_size)), builtin.digits_classes()
 
 
+def group_images(images: Sequence[bytes]) -> tuple[list[bytes], list[int]]:
+    """Rows -> (distinct images in first-seen order, each row's index among them): rows
+    that share an image's bytes (sha1) are one image with several captions."""
+    index: dict[bytes, int] = {}
+    unique, owner = [], []
+    for image in images:
+        key = hashlib.sha1(image).digest()
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(image)
+        owner.append(index[key])
+    return unique, owner
+
+
 def load_clean(spec, key: str = "hf") -> CleanSet:
     """Read a `params.SourceSpec` (or EvalSet): built-in source or any `datasets` source;
     `key` is where the params hold its hf settings (for messages)."""
@@ -57,16 +72,11 @@ def load_clean(spec, key: str = "hf") -> CleanSet:
                 rows.append((p.image, p.caption, p.label))
             else:
                 rejected += 1
-    index: dict[bytes, int] = {}
-    images, labels, captions, owner = [], [], [], []
-    for image, caption, label in rows:
-        key = hashlib.sha1(image).digest()
-        if key not in index:
-            index[key] = len(images)
-            images.append(image)
-            labels.append(label)
-        captions.append(caption)
-        owner.append(index[key])
+    images, owner = group_images([image for image, _, _ in rows])
+    labels = [-1] * len(images)
+    for (_, _, label), o in reversed(list(zip(rows, owner, strict=True))):
+        labels[o] = label  # the label of the image's first row
+    captions = [caption for _, caption, _ in rows]
     return CleanSet(
         images, np.asarray(labels, np.int64), captions, np.asarray(owner, np.int64), info, rejected
     )
