@@ -5,8 +5,12 @@ For each dataset x seed (noise 0.2), in a scratch folder:
 - ingest -> pretrain (the base) -> embed -> detect (clip_score, flagging the planted rate);
 - coreset at each budget with random / clip_score / kcenter / goracs (unflagged candidates),
   then `finetune` (clip) on the coreset alone; plus `all_clean` (every truly clean train pair);
-- distill at each ipc with random_real / wmdd, then a model fine-tuned from the base on the
-  distilled set alone, and one trained from scratch on it (`pretrain` on the distilled data);
+- distill at each ipc with random_real / wmdd, each relabelled (the base's soft labels on
+  `--relabel-views` views per image; finetune learns them by KL) or not (`:hard`, pairs);
+  then each set alone fine-tuned from the base (`finetune_distill`), a student trained on it
+  from a random init by the finetune stage, same steps/lr/batch for every set
+  (`scratch_distill`), and the goracs coreset at the middle budget plus the set
+  (`finetune_coreset_distill`, against `finetune_coreset` goracs at that budget);
 - every model evaluated on the clean test split (zs_acc, i2t_r1, t2i_r1).
 Then `goracs` refinement on ALGORITHMS.md's reference problem (15k x 5k, k = 1000), and its
 selection time on synthetic 512-d embeddings at 10k, 100k, 1M pairs with the fitted scaling
@@ -18,6 +22,8 @@ Writes bench/results/curation.json (flat rows) and curation.md. One command:
     .venv/bin/python -m bench.curation --datasets shapes --seeds 0 --scale 10000   # a slice
     .venv/bin/python -m bench.curation --datasets digits --seeds 1 --scale --no-reference --merge
                                       # redo one cell, keeping the other rows of curation.json
+    .venv/bin/python -m bench.curation --budgets 0.1 --coresets random goracs --no-all-clean \
+        --scale --no-reference --merge     # the relabel grid (#15), keeping the goracs rows
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     empty = write_subset("coreset-empty", [])
     distill("random_real", 0, empty, "distill-none")
     for budget in args.budgets:
-        for method in CORESETS:
+        for method in args.coresets:
             tag = f"coreset-{method}-{budget}"
             sec = ws.check(
                 "coreset",
@@ -129,29 +135,68 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
                     row("coreset", budget, method, k, m[k])
             model = finetune(f"data/{tag}", "data/distill-none", f"ft-{tag}")
             evaluate("finetune_coreset", budget, method, model)
-    truth = read_split(ws.p("data/ingest"), "train", columns=["uid", "noisy"])
-    pairs = zip(truth["uid"].to_pylist(), truth["noisy"].to_pylist(), strict=True)
-    clean = write_subset("coreset-all_clean", [u for u, noisy in pairs if not noisy])
-    evaluate(
-        "finetune_coreset", "all", "all_clean", finetune(clean, "data/distill-none", "ft-all_clean")
-    )
+    if args.all_clean:
+        truth = read_split(ws.p("data/ingest"), "train", columns=["uid", "noisy"])
+        pairs = zip(truth["uid"].to_pylist(), truth["noisy"].to_pylist(), strict=True)
+        clean = write_subset("coreset-all_clean", [u for u, noisy in pairs if not noisy])
+        model = finetune(clean, "data/distill-none", "ft-all_clean")
+        evaluate("finetune_coreset", "all", "all_clean", model)
 
-    # Distilled set alone: fine-tuned from the base, and trained from scratch.
+    # Distilled sets, relabelled (soft labels from the base on `views` augmented views per
+    # image; the method's name alone) or not (":hard", the set read as pairs). Each alone,
+    # fine-tuned from the base; each alone, a student trained from a random init with the
+    # same protocol (finetune stage, same steps, lr and batch for every set); and beside the
+    # pipeline's coreset (goracs at the middle budget), against that coreset alone.
+    init = scratch_init(ws, seed)
+    combo = f"data/coreset-goracs-{args.budgets[len(args.budgets) // 2]}"
+    scratch = {
+        "finetune": {"steps": args.scratch_steps, "batch_size": 64, "lr": 1e-3, "warmup": 10}
+    }
     for ipc in args.ipc:
         for method in DISTILLERS:
-            tag = f"distill-{method}-{ipc}"
-            row("distill", ipc, method, "seconds", distill(method, ipc, empty, tag))
-            m = ws.metrics(f"results/{tag}")
-            if "synthetic_zs_acc" in m:
-                row("distill", ipc, method, "synthetic_zs_acc", m["synthetic_zs_acc"])
-            evaluate("finetune_distill", ipc, method, finetune(empty, f"data/{tag}", f"ft-{tag}"))
-            scratch = {"pretrain": {"steps": args.scratch_steps, "batch_size": 64, "warmup": 10}}
-            out = f"models/scratch-{tag}"
-            ws.check(
-                "pretrain", scratch, data=f"data/{tag}", out=out, results=f"results/scratch-{tag}"
-            )
-            evaluate("scratch_distill", ipc, method, out)
+            for views in args.relabel_views:
+                name = method if views else f"{method}:hard"
+                tag = f"distill-{method}-{ipc}-v{views}"
+                over = {"distill": {"method": method, "ipc": ipc, "relabel": {"views": views}}}
+                sec = ws.check(
+                    "distill", over, detect=flags, coreset=empty,
+                    out=f"data/{tag}", results=f"results/{tag}",
+                )  # fmt: skip
+                row("distill", ipc, name, "seconds", sec)
+                m = ws.metrics(f"results/{tag}")
+                for k in (
+                    "synthetic_zs_acc",
+                    "relabel_teacher_view_acc",
+                    "relabel_teacher_entropy",
+                ):
+                    if k in m:
+                        row("distill", ipc, name, k, m[k])
+                evaluate("finetune_distill", ipc, name, finetune(empty, f"data/{tag}", f"ft-{tag}"))
+                out = f"scratch-{tag}"
+                ws.check(
+                    "finetune", scratch, model=init, coreset=empty, detect=flags,
+                    distill=f"data/{tag}", out=f"models/{out}", results=f"results/{out}",
+                )  # fmt: skip
+                evaluate("scratch_distill", ipc, name, f"models/{out}")
+                both = finetune(combo, f"data/{tag}", f"ft-goracs-{tag}")
+                evaluate("finetune_coreset_distill", ipc, name, both)
     return rows
+
+
+def scratch_init(ws, seed: int) -> str:
+    """A randomly initialised model of the params' arch (seeded), in pretrain's format: the
+    starting point of every from-scratch student."""
+    import torch
+
+    from otcurate import models
+    from otcurate.io import atomic_dir
+
+    rel = f"models/init-{seed}"
+    if not Path(ws.p(rel), "model.safetensors").exists():
+        torch.manual_seed(seed)
+        with atomic_dir(ws.p(rel)) as out:
+            models.save(models.create(ws.params["pretrain"]["arch"]), out)
+    return rel
 
 
 def synthetic(n: int, n_target: int, seed: int):
@@ -282,9 +327,22 @@ SECTIONS = (
         ["seconds", "objective_greedy", "objective_refined", "swaps"],
     ),
     ("finetune_coreset", "fine-tuned from the base on the coreset alone", list(METRICS)),
-    ("distill", "distillation (ipc = images per class)", ["seconds", "synthetic_zs_acc"]),
+    (
+        "distill",
+        "distillation (ipc = images per class; `:hard` = no relabel, the set read as pairs)",
+        ["seconds", "synthetic_zs_acc", "relabel_teacher_view_acc", "relabel_teacher_entropy"],
+    ),
     ("finetune_distill", "fine-tuned from the base on the distilled set alone", list(METRICS)),
-    ("scratch_distill", "trained from scratch on the distilled set alone", list(METRICS)),
+    (
+        "scratch_distill",
+        "a student trained from a random init on the distilled set alone (same protocol for every set)",
+        list(METRICS),
+    ),
+    (
+        "finetune_coreset_distill",
+        "fine-tuned from the base on the goracs coreset (middle budget) + the distilled set",
+        list(METRICS),
+    ),
 )
 
 
@@ -369,7 +427,19 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.2])
-    ap.add_argument("--ipc", nargs="+", type=int, default=[1, 10])
+    ap.add_argument(
+        "--no-all-clean", dest="all_clean", action="store_false",
+        help="skip the all-clean-pairs reference fine-tune",
+    )  # fmt: skip
+    ap.add_argument("--ipc", nargs="+", type=int, default=[10])
+    ap.add_argument(
+        "--relabel-views",
+        nargs="+",
+        type=int,
+        default=[16, 0],
+        help="distill.relabel.views for each distilled set (0 = no relabel: hard pairs)",
+    )
+    ap.add_argument("--coresets", nargs="+", default=CORESETS, choices=CORESETS)
     ap.add_argument(
         "--steps", type=int, default=200, help="fine-tuning steps, equal for every method"
     )

@@ -2,8 +2,12 @@
 `finetune` consumes them like real data: real picks (`random_real`) or images synthesised
 from the class's Wasserstein barycenter in the base model's feature space (`wmdd`).
 
-Writes `<out>/train-00000.parquet` (+ classes.json) and `<results>/metrics.json`
-(wmdd adds `plots/synthetic.png` and `plots/loss.tsv`).
+Either set is then relabelled (WMDD's third step, `distill.relabel`): the base model's soft
+label over the class prompts for each of a few augmented views of every image, which
+`finetune` learns by KL instead of reading the set as hard pairs.
+
+Writes `<out>/train-00000.parquet` (+ classes.json, + soft_labels.* when relabelled) and
+`<results>/metrics.json` (wmdd adds `plots/synthetic.png` and `plots/loss.tsv`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ def distill(args) -> None:
     make_reproducible(base.seed, base.threads)
     wmdd = p.method == "wmdd" and p.ipc > 0
     # random_real needs the images of the picked pairs only (read after picking)
-    train = read_split(args.data, "train", columns=None if wmdd else ["uid", "label"])
+    columns = None if wmdd else ["uid", "label", "caption"]  # captions: prompts of clusters
+    train = read_split(args.data, "train", columns=columns)
     subset = artifacts.read_subset(args.coreset)
     train_uids = train["uid"].to_pylist()
     flagged = artifacts.read_scores(args.detect, train_uids, against=args.data)
@@ -50,9 +55,11 @@ def distill(args) -> None:
     in_subset = pc.is_in(train["uid"], value_set=pa.array(subset.uids, pa.string()))
     ok = ~flagged.noisy & ~in_subset.to_numpy(zero_copy_only=False)
     candidates = np.flatnonzero(ok)
-    made = None
-    if wmdd and len(candidates):
+    made = clip = None
+    relabel = p.relabel.views > 0 and p.ipc > 0 and len(candidates) > 0
+    if wmdd and len(candidates) or relabel:
         clip = models.load(args.model, device=resolve_device(base.device))
+    if wmdd and len(candidates):
         made = dist.wmdd(
             clip,
             image,
@@ -75,8 +82,27 @@ def distill(args) -> None:
         table = read_selected(args.data, "train", uids)
         metrics = {"pairs": table.num_rows, "classes": int(len(np.unique(picked.classes)))}
     metrics["ipc"] = p.ipc
+    soft = None
+    if relabel and table.num_rows:
+        # The base is the teacher: its soft label for every view, over every class's prompts.
+        ids = range(len(info.class_names)) if labelled else np.unique(classes[candidates])
+        prompts = dist.class_prompts(
+            info if labelled else None,
+            [int(c) for c in ids],
+            captions=None if labelled else train["caption"].to_pylist(),
+            text=text,
+            classes=classes,
+            candidates=candidates,
+        )
+        opts = dist.RelabelOptions(views=p.relabel.views, min_scale=p.relabel.min_scale)
+        soft = dist.soft_label_set(clip, table["image"].to_pylist(), prompts, opts, seed=base.seed)
+        metrics.update(
+            dist.soft_label_metrics(soft, table["label"].to_pylist() if labelled else None)
+        )
     with atomic_dir(args.out) as out:
         artifacts.write_distilled(out, table, info)
+        if soft is not None:
+            artifacts.write_soft_labels(out, table["uid"].to_pylist(), soft)
     with atomic_dir(args.results) as res:
         write_json(res / "metrics.json", metrics)
         if made is not None:
@@ -91,7 +117,10 @@ def distill(args) -> None:
             )
             steps = range(len(made.losses))
             write_tsv(res / "plots" / "loss.tsv", {"step": steps, "loss": made.losses})
-    print(f"distill ({p.method}): {table.num_rows} pairs for {metrics['classes']} classes")
+    print(
+        f"distill ({p.method}): {table.num_rows} pairs for {metrics['classes']} classes"
+        + (f", soft labels on {p.relabel.views} views each" if soft is not None else "")
+    )
 
 
 def main(argv=None) -> int:

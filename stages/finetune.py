@@ -1,4 +1,5 @@
-"""finetune: fine-tune the base CLIP on the coreset plus the distilled set.
+"""finetune: fine-tune the base CLIP on the coreset plus the distilled set (as pairs, or
+through its soft labels when distill relabelled it: finetune.soft_labels).
 
 Writes `<out>/` (same format as pretrain) and `<results>/` (metrics.json, plots/loss.tsv).
 """
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from otcurate import distill as dist
 from otcurate import models, parallel, train
 from otcurate.data.shards import read_selected
 from otcurate.runtime import make_reproducible, resolve_device
@@ -53,20 +55,39 @@ def finetune(args) -> None:
     # only the chosen rows, shard by shard; images stay encoded until their batch comes
     chosen = read_selected(args.data, "train", subset, ["uid", "image", "caption"])
     distilled = artifacts.read_distilled(args.distill, columns=["uid", "image", "caption"])
-    distilled = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
-    data = pa.concat_tables([chosen, distilled])
+    # A relabelled distilled set is learned through its soft labels, not as pairs.
+    soft = artifacts.read_soft_labels(args.distill, distilled["uid"].to_pylist())
+    if soft is None:
+        hard = distilled.filter(pc.invert(pc.is_in(distilled["uid"], value_set=chosen["uid"])))
+    else:
+        hard = distilled.slice(0, 0)
+    data = pa.concat_tables([chosen, hard])
     # detect's flags for the coreset part; distilled examples are treated as clean.
     flagged = artifacts.read_scores(args.detect).flagged()
     noisy = np.array(
-        [u in flagged for u in chosen["uid"].to_pylist()] + [False] * distilled.num_rows
+        [u in flagged for u in chosen["uid"].to_pylist()] + [False] * hard.num_rows, dtype=bool
     )
-    if data.num_rows < 2:
+    if data.num_rows < 2 and (soft is None or distilled.num_rows == 0):
         raise StageError(
             f"only {data.num_rows} pairs to fine-tune on (coreset + distilled); raise coreset.fraction or distill.ipc."
         )
     clip = models.load(args.model, device=device)
     if size > 1:
         parallel.global_batchnorm(clip.model)
+    replay = None
+    if soft is not None and distilled.num_rows:
+        cfg, sl = clip.preprocess_cfg, p.soft_labels
+        replay = dist.SoftReplay(
+            pixels=models.decode_pixels(distilled["image"].to_pylist(), clip),
+            views=soft.views,
+            logits=soft.logits,
+            prompts=clip.tokenizer([t for row in soft.prompts for t in row]),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            weight=sl.weight,
+            temperature=sl.temperature,
+            batch_size=sl.batch_size,
+        )
     images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
     res = train.finetune(
         p.method,
@@ -78,12 +99,18 @@ def finetune(args) -> None:
         **p.optim_kwargs(),
         seed=base.seed,
         log=live_logger() if rank == 0 else None,
+        replay=replay,
     )
     metrics = {
         "flagged_pairs": int(noisy.sum()),
         "pairs": data.num_rows,
         "coreset_pairs": chosen.num_rows,
         "distilled_pairs": distilled.num_rows,
+        "distilled_as": "none"
+        if not distilled.num_rows
+        else "pairs"
+        if soft is None
+        else "soft_labels",
         "steps": p.steps,
         "processes": size,
         "final_loss": res.losses[-1],

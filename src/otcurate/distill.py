@@ -290,6 +290,114 @@ def synthesize(
     return Synthetic(pix.detach().cpu(), losses, terms)
 
 
+# ------------------------------------------------------------------ relabel (SRe2L, WMDD)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelabelOptions:
+    """WMDD's third step (SRe2L's relabel): ``views`` augmented views (random resized crop
+    with area in [``min_scale``, 1], SRe2L's range, and a horizontal flip) of every image,
+    each with the teacher's soft label over the class prompts; 0 views = no soft labels (the
+    distilled set is used as hard pairs)."""
+
+    views: int = 16
+    min_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if self.views < 0:
+            raise ValueError(f"views must be >= 0; got {self.views}.")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1]; got {self.min_scale}.")
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """Per image, ``V`` views and the teacher's logits for each (its own logit scale times
+    the cosine to each class's mean prompt embedding)."""
+
+    views: torch.Tensor  # (m, V, 5) float: top, left, height, width, flip (0/1)
+    logits: torch.Tensor  # (m, V, C)
+    prompts: list[list[str]]  # (C, T): the prompts whose mean embedding is class c
+
+
+def sample_views(
+    n: int, views: int, size: tuple[int, int], min_scale: float, *, seed: int
+) -> torch.Tensor:
+    """(n, views, 5) random resized crop boxes (torchvision's ``RandomResizedCrop.get_params``,
+    area in [min_scale, 1], ratio 3/4..4/3) and flips, drawn from ``seed`` alone (torch's
+    global RNG is left as it was)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    img = torch.empty(1, *size)
+    out = torch.empty(n, views, 5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(n):
+            for v in range(views):
+                top, left, h, w = RandomResizedCrop.get_params(
+                    img, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)
+                )
+                out[i, v] = torch.tensor([top, left, h, w, float(torch.rand(()) < 0.5)])
+    return out
+
+
+def apply_views(pixels: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Row i of ``pixels`` (B, 3, H, W) cropped to box ``views[i]`` (B, 5), resized back to
+    (H, W) (bilinear, antialiased) and flipped when its flag is set."""
+    from torchvision.transforms.v2 import functional as TF
+
+    size = list(pixels.shape[-2:])
+    rows = []
+    for x, (top, left, h, w, flip) in zip(pixels, views.tolist(), strict=True):
+        y = TF.resized_crop(x, int(top), int(left), int(h), int(w), size, antialias=True)
+        rows.append(y.flip(-1) if flip else y)
+    return torch.stack(rows) if rows else pixels
+
+
+@torch.no_grad()
+def relabel(
+    model: torch.nn.Module,
+    pixels: torch.Tensor,
+    classifier: torch.Tensor,
+    prompts: list[list[str]],
+    *,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    opts: RelabelOptions | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> SoftLabels:
+    """The teacher's soft label for each of ``opts.views`` views of every image.
+
+    pixels: (m, 3, H, W) in [0, 1] at the model's input size; classifier: (C, d) the
+    teacher's L2-normalised mean embeddings of ``prompts``. A view's logits are the
+    teacher's ``logit_scale.exp()`` times the cosines of its image embedding to the C
+    classes; the student is trained by KL to their softmax (`SoftReplay`).
+    """
+    o = opts or RelabelOptions()
+    m = len(pixels)
+    views = sample_views(m, o.views, tuple(pixels.shape[-2:]), o.min_scale, seed=seed)
+    dev = next(model.parameters()).device
+    mu = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    sd = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    was_training = model.training
+    model.eval()
+    scale = model.logit_scale.exp().clamp(max=100.0)
+    w = classifier.to(dev)
+    flat = views.reshape(m * o.views, 5)
+    src = pixels.repeat_interleave(o.views, dim=0)
+    out = []
+    try:
+        for i in range(0, len(flat), batch_size):
+            x = apply_views(src[i : i + batch_size], flat[i : i + batch_size]).to(dev)
+            f = F.normalize(model.encode_image((x - mu) / sd), dim=-1)
+            out.append((scale * f @ w.T).float().cpu())
+    finally:
+        model.train(was_training)
+    logits = torch.cat(out) if out else torch.empty(0, len(classifier))
+    return SoftLabels(views, logits.reshape(m, o.views, -1), [list(p) for p in prompts])
+
+
 METHODS: dict[str, Method] = {
     "random_real": Method(random_real),
     "wmdd": Method(synthesize, WmddOptions),
@@ -384,7 +492,7 @@ def wmdd(
         size=models.input_size(cfg) or (32, 32),
         mean=tuple(cfg.get("mean")),
         std=tuple(cfg.get("std")),
-        scale=float(clip.model.logit_scale.exp().clamp(max=100.0)),
+        scale=float(clip.model.logit_scale.detach().exp().clamp(max=100.0)),
         opts=o,
         seed=seed,
         log=log,
@@ -416,3 +524,135 @@ def wmdd(
     }
     rows = [names[index[c]] for c in bary.classes.tolist()]
     return WmddSet(uid, cap, lab, png, syn.pixels.numpy(), rows, syn.losses, metrics)
+
+
+def class_prompts(
+    info: ClassInfo | None,
+    class_ids: Sequence[int],
+    *,
+    captions: Sequence[str] | None = None,
+    text: torch.Tensor | None = None,
+    classes: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+    per_class: int = 8,
+) -> list[list[str]]:
+    """(C, T) prompts standing for each class in ``class_ids``: its zero-shot prompts (the
+    templates filled with its name), or without labels (``info`` None) the ``T`` real
+    captions nearest its cluster's mean text embedding, T = min(per_class, smallest cluster),
+    so that every class has as many."""
+    if info is not None:
+        return [[t.format(info.class_names[c]) for t in info.templates] for c in class_ids]
+    members = {c: candidates[classes[candidates] == c] for c in class_ids}
+    t = max(1, min(per_class, *(len(m) for m in members.values())))
+    out = []
+    for c in class_ids:
+        rows = members[c]
+        centre = F.normalize(text[rows].mean(0), dim=0)
+        near = rows[(text[rows] @ centre).argsort(descending=True)[:t].numpy()]
+        out.append([captions[int(i)] for i in near])
+    return out
+
+
+def prompt_classifier(
+    embed_text: Callable[[list[str]], torch.Tensor], prompts: list[list[str]]
+) -> torch.Tensor:
+    """(C, d): each class's mean L2-normalised prompt embedding, renormalised (for template
+    prompts, `otcurate.evaluate.class_embeddings`)."""
+    c, t = len(prompts), len(prompts[0]) if prompts else 0
+    e = embed_text([p for row in prompts for p in row]).reshape(c, t, -1).mean(1)
+    return F.normalize(e, dim=-1)
+
+
+def soft_label_set(
+    clip,
+    images: Sequence[bytes],
+    prompts: list[list[str]],
+    opts: RelabelOptions | None = None,
+    *,
+    seed: int,
+) -> SoftLabels:
+    """`relabel` with `clip` as the teacher, on encoded images (the distilled set's rows):
+    its mean prompt embeddings are the classes."""  # fmt: skip
+    from otcurate import models
+
+    cfg = clip.preprocess_cfg
+    embed = functools.partial(models.encode_texts, clip, batch_size=512)
+    return relabel(
+        clip.model,
+        models.decode_pixels(list(images), clip),
+        prompt_classifier(embed, prompts),
+        prompts,
+        mean=tuple(cfg.get("mean")),
+        std=tuple(cfg.get("std")),
+        opts=opts,
+        seed=seed,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoftReplay:
+    """A soft-labelled distilled set (`otcurate.distill.relabel`) learned beside the pairs:
+    each step, ``batch_size`` of its images, one stored view each, and the student's
+    image-to-class distribution (its own logit scale, against its own mean embeddings of
+    the class prompts) pulled by KL to the teacher's at ``temperature`` (SRe2L's loss,
+    scaled by temperature²), weighted by ``weight`` beside the pair loss."""
+
+    pixels: torch.Tensor  # (m, 3, H, W) in [0, 1]
+    views: torch.Tensor  # (m, V, 5) crop boxes and flips
+    logits: torch.Tensor  # (m, V, C) the teacher's
+    prompts: torch.Tensor  # (C * T, L) tokens, class-major
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weight: float = 1.0
+    temperature: float = 1.0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        m, v, c = self.logits.shape
+        if len(self.pixels) != m or self.views.shape[:2] != (m, v):
+            raise ValueError(
+                f"soft labels for {m} images x {v} views, but {len(self.pixels)} images and "
+                f"views of shape {tuple(self.views.shape)}."
+            )
+        if len(self.prompts) % c:
+            raise ValueError(f"{len(self.prompts)} prompts do not split into {c} classes.")
+        if self.temperature <= 0 or self.weight < 0 or self.batch_size < 1:
+            raise ValueError(
+                "SoftReplay needs temperature > 0, weight >= 0 and batch_size >= 1; got "
+                f"{self.temperature}, {self.weight}, {self.batch_size}."
+            )
+
+    def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        return soft_label_loss(model, self, gen)
+
+
+def soft_label_loss(model: torch.nn.Module, r: SoftReplay, gen: torch.Generator) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) over the classes, averaged over a random batch of views."""
+    device = next(model.parameters()).device
+    m, n_views, c = r.logits.shape
+    idx = torch.randperm(m, generator=gen)[: min(r.batch_size, m)]
+    view = torch.randint(0, n_views, (len(idx),), generator=gen)
+    x = apply_views(r.pixels[idx], r.views[idx, view]).to(device)
+    mu = torch.tensor(r.mean, device=device).view(1, 3, 1, 1)
+    sd = torch.tensor(r.std, device=device).view(1, 3, 1, 1)
+    img = model.encode_image((x - mu) / sd, normalize=True)
+    txt = model.encode_text(r.prompts.to(device), normalize=True)
+    cls = F.normalize(txt.reshape(c, -1, txt.shape[-1]).mean(1), dim=-1)
+    t = r.temperature
+    student = F.log_softmax(model.logit_scale.exp() * img @ cls.T / t, dim=-1)
+    teacher = F.log_softmax(r.logits[idx, view].to(device) / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+def soft_label_metrics(soft: SoftLabels, labels: Sequence[int] | None) -> dict[str, float]:
+    """The teacher's view of the set: mean entropy (nats) of its soft labels and, with
+    labels (indices into the classes), how often a view's top class is its image's."""
+    p = soft.logits.softmax(-1)
+    out = {
+        "relabel_views": int(soft.logits.shape[1]),
+        "relabel_teacher_entropy": float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()),
+    }
+    if labels is not None and len(labels):
+        y = torch.as_tensor(list(labels)).view(-1, 1)
+        out["relabel_teacher_view_acc"] = float((soft.logits.argmax(-1) == y).float().mean())
+    return out

@@ -190,6 +190,15 @@ def decode_images(images: list[bytes], clip: Clip) -> torch.Tensor:
     return images_to_tensor(pil, clip.preprocess) if x is None else x
 
 
+def decode_pixels(images: list[bytes], clip: Clip) -> torch.Tensor:
+    """Encoded images -> (N, 3, H, W) in [0, 1]: `decode_images` before its normalisation
+    (the model's size and crop, for augmenting in pixel space)."""
+    x = decode_images(images, clip)
+    mean = torch.tensor(clip.preprocess_cfg.get("mean", (0.0, 0.0, 0.0))).view(1, 3, 1, 1)
+    std = torch.tensor(clip.preprocess_cfg.get("std", (1.0, 1.0, 1.0))).view(1, 3, 1, 1)
+    return (x * std + mean).clamp_(0.0, 1.0)
+
+
 class LazyImages:
     """Encoded images decoded batch by batch: `images[idx]` -> (B, 3, H, W) float tensor.
 

@@ -468,10 +468,13 @@ def finetune_ncu(
     weight_decay: float,
     seed: int,
     log: Callable[[str, float, int], None] | None = None,
+    replay=None,
 ) -> NCUResult:
     """NCU fine-tuning for ``steps`` optimisation steps in total (phase A then phase B).
 
     noisy: (N,) bool global flags (``nc_source='detect'``), or None with ``nc_source='batch'``.
+    replay: a soft-labelled distilled set (`otcurate.distill.SoftReplay`) whose loss joins
+    phase B's (phase A learns the negation prompt only).
     """
     o = opts or NCUOptions()
     if o.nc_source == "detect" and noisy is None:
@@ -479,6 +482,7 @@ def finetune_ncu(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
+    replay_gen = torch.Generator().manual_seed(seed + 2)
     width = _text_tower(model).token_embedding.weight.shape[1]
     prompt = NegationPrompt(o.n_ctx, width, gen).to(device)
     flags = None if noisy is None else torch.as_tensor(np.asarray(noisy, dtype=bool))
@@ -557,6 +561,9 @@ def finetune_ncu(
                     img_e[keep], txt_e[keep], neg_e[keep], scale, nz[keep],
                     reg=o.reg, gamma=o.gamma, text_targets=o.text_targets,
                 )  # fmt: skip
+                if replay is not None:
+                    kd = replay.weight * replay.loss(model, replay_gen)
+                    out["loss"] = out["loss"] + kd
             lrs.append(update(model, opt, sched, out["loss"]))
             step = len(losses)
             losses.append(out["loss"].item())

@@ -45,17 +45,27 @@ def _loop(
     seed: int,
     log: Callable[[str, float, int], None] | None,
     description: str,
+    replay=None,
 ) -> TrainResult:
+    """``steps`` updates on ``batch_loss`` of random pair batches, plus ``replay.weight *
+    replay.loss(model, generator)`` when given (a soft-labelled distilled set,
+    `otcurate.distill.SoftReplay`; alone when there are fewer than 2 pairs). The pair
+    batches are the same with or without it: its draws come from their own generator."""
     gen = torch.Generator().manual_seed(seed)
+    replay_gen = torch.Generator().manual_seed(seed + 2)
     opt, sched = make_optimizer(
         param_groups(model, weight_decay), lr=lr, steps=steps, warmup=warmup
     )
     model.train()
     losses, lrs = [], []
-    for step, idx in enumerate(
-        track(batches(n, batch_size, steps, gen), total=steps, description=description)
-    ):
-        loss = batch_loss(idx)
+    pairs = batches(n, batch_size, steps, gen) if n >= 2 or replay is None else [None] * steps
+    for step, idx in enumerate(track(pairs, total=steps, description=description)):
+        loss = batch_loss(idx) if idx is not None else None
+        if replay is not None:
+            kd = replay.weight * replay.loss(model, replay_gen)
+            loss = kd if loss is None else loss + kd
+            if log is not None:
+                log("soft_label_loss", float(kd.detach()), step)
         lrs.append(update(model, opt, sched, loss))
         losses.append(loss.item())
         if log is not None:

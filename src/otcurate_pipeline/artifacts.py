@@ -7,7 +7,7 @@ inside the reader, so a stage never reads another's output by hand.
 | scores | detect, `otcurate score` | `scores.parquet`: uid, score (high = clean), noisy; `otcurate score` adds index, caption |
 | subset | coreset | `subset.parquet`: uid, weight, score |
 | detector | detect | `detector.json` (+ `detector.safetensors`: the fitted InfoOT plan) |
-| distilled set | distill | ingest's record format: `train-00000.parquet` + `classes.json` |
+| distilled set | distill | ingest's record format: `train-00000.parquet` + `classes.json` (+ `soft_labels.safetensors` and `soft_labels.json` when relabelled) |
 
 Writers write into a folder the caller has opened with `otcurate.io.atomic_dir`. Readers
 given `uids` raise `Mismatch` (a ValueError whose message says what to rerun) unless the
@@ -29,6 +29,7 @@ from otcurate.io import read_json, write_json, write_parquet
 
 SCORES, SUBSET = "scores.parquet", "subset.parquet"
 DETECTOR, DETECTOR_TENSORS = "detector.json", "detector.safetensors"
+SOFT_LABELS, SOFT_LABEL_TENSORS = "soft_labels.json", "soft_labels.safetensors"
 
 
 class Mismatch(ValueError):
@@ -170,3 +171,37 @@ def read_distilled(folder: str | Path, columns: list[str] | None = None) -> pa.T
     from otcurate.data.shards import read_split
 
     return read_split(folder, "train", columns=columns)
+
+
+def write_soft_labels(folder: Path, uids: Sequence[str], soft) -> None:
+    """The distilled set's soft labels (`otcurate.distill.SoftLabels`), row i for uid i:
+    views and teacher logits as tensors, the class prompts and uids as JSON."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file(
+        {"views": soft.views.contiguous(), "logits": soft.logits.contiguous()},
+        str(folder / SOFT_LABEL_TENSORS),
+    )
+    write_json(folder / SOFT_LABELS, {"uids": list(uids), "prompts": soft.prompts})
+
+
+@dataclass(frozen=True)
+class SoftLabelSet:
+    views: Any  # (m, V, 5) torch.Tensor
+    logits: Any  # (m, V, C) torch.Tensor
+    prompts: list[list[str]]
+
+
+def read_soft_labels(folder: str | Path, uids: Sequence[str]) -> SoftLabelSet | None:
+    """The soft labels of the distilled set in `folder`, aligned to `uids` (its rows), or
+    None when distill wrote none (distill.relabel.views 0)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / SOFT_LABELS).exists():
+        return None
+    meta = read_json(folder / SOFT_LABELS)
+    check_uids(folder, meta["uids"], uids, "the distilled set", "distill")
+    t = load_file(str(folder / SOFT_LABEL_TENSORS))
+    return SoftLabelSet(t["views"], t["logits"], meta["prompts"])

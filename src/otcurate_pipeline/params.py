@@ -314,12 +314,28 @@ class Coreset(_Methods):
 
 
 @dataclass(frozen=True)
+class Relabel:
+    # WMDD's third step (SRe2L's relabel), for either method: `views` augmented views of
+    # every distilled image (random resized crop, area in [min_scale, 1], and flip), each
+    # with the base model's soft label over the class prompts; finetune learns the set by
+    # KL to them (finetune.soft_labels). views 0: no soft labels, the set is hard pairs.
+    views: int = 16
+    min_scale: float = 0.08
+
+    def check(self) -> None:
+        _nonneg("distill.relabel.views", self.views)
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ParamsError(f"distill.relabel.min_scale must be in (0, 1]; got {self.min_scale}.")
+
+
+@dataclass(frozen=True)
 class Distill(_Methods):
     method: str = field(default="random_real", metadata=_choices("otcurate.distill:METHODS"))
     # Images per class (or per cluster when the data has no labels); 0 disables distillation.
     ipc: int = 10
     # Clusters of the text embeddings used as classes when the data has no labels.
     clusters: int = 10
+    relabel: Relabel = field(default_factory=Relabel)
     # Per-method subsection distill.wmdd: otcurate.distill.WmddOptions, added by _schema.
     METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.distill:METHODS"
 
@@ -352,6 +368,21 @@ class Wise:
 
 
 @dataclass(frozen=True)
+class SoftLabels:
+    # How finetune learns a soft-labelled distilled set (distill.relabel.views > 0): each
+    # step `batch_size` of its images, one stored view each, by KL to the teacher's soft
+    # labels at `temperature` (times temperature²), weighted by `weight` beside the pairs.
+    weight: float = 1.0
+    temperature: float = 1.0
+    batch_size: int = 64
+
+    def check(self) -> None:
+        _nonneg("finetune.soft_labels.weight", self.weight)
+        _positive("finetune.soft_labels.temperature", self.temperature)
+        _positive("finetune.soft_labels.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
 class Finetune(_Methods, _Optimised):
     method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
     steps: int = 150
@@ -362,6 +393,7 @@ class Finetune(_Methods, _Optimised):
     # Processes (torchrun, data parallel at the same global batch): gloo on CPU, nccl on CUDA.
     nproc: int = 1
     wise: Wise = field(default_factory=Wise)
+    soft_labels: SoftLabels = field(default_factory=SoftLabels)
     # Per-method subsections finetune.gradient_ascent, finetune.ncu, finetune.rematch: the
     # library's records (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions,
     # otcurate.rematch.RematchOptions), added by _schema.

@@ -19,6 +19,7 @@ from otcurate_support import ROOT, STAGE_PATHS, TinyRun, write_params
 from PIL import Image
 
 from otcurate.data.records import SCHEMA
+from otcurate_pipeline.artifacts import read_soft_labels
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -476,6 +477,7 @@ def test_wmdd_through_the_stage_feeds_finetune(tiny, tmp_path, labelled):
                 "ipc": 2,
                 "clusters": 3,
                 "wmdd": {"steps": 5, "stat_samples": 16},
+                "relabel": {"views": 3},
             },
             "finetune": {"steps": 2},
         },
@@ -511,6 +513,15 @@ def test_wmdd_through_the_stage_feeds_finetune(tiny, tmp_path, labelled):
     assert (tmp_path / "r" / "plots" / "synthetic.png").stat().st_size > 0
     assert len((tmp_path / "r" / "plots" / "loss.tsv").read_text().splitlines()) == 1 + 5
     assert 0.0 <= m["synthetic_zs_acc"] <= 1.0 and m["barycenter_w2"] >= 0
+    # relabel: the base's soft labels, 3 views per image, over every class's prompts
+    soft = read_soft_labels(tmp_path / "d", syn["uid"].to_pylist())
+    assert (
+        soft.logits.shape
+        == (syn.num_rows, 3, m["classes"])
+        == (*soft.views.shape[:2], 7 if labelled else 3)
+    )
+    assert len(soft.prompts) == m["classes"] and m["relabel_views"] == 3
+    assert ("relabel_teacher_view_acc" in m) == labelled
     ft = {
         **STAGE_PATHS["finetune"],
         "data": data,
@@ -519,8 +530,29 @@ def test_wmdd_through_the_stage_feeds_finetune(tiny, tmp_path, labelled):
         "results": str(tmp_path / "rf"),
     }
     assert tiny.run("finetune", params=params, **ft) == 0
+    fm = json.loads((tmp_path / "rf" / "metrics.json").read_text())
+    assert fm["distilled_pairs"] == m["pairs"] and fm["distilled_as"] == "soft_labels"
+    assert fm["pairs"] == fm["coreset_pairs"]  # the set is learned through its soft labels only
+
+
+def test_distilled_set_without_relabel_is_hard_pairs(tiny, tmp_path):
+    """distill.relabel.views 0: no soft labels written; finetune reads the set as pairs."""
+    params = write_params(
+        tmp_path, {"distill": {"ipc": 2, "relabel": {"views": 0}}, "finetune": {"steps": 2}}
+    )
+    paths = {**STAGE_PATHS["distill"], "out": str(tmp_path / "d"), "results": str(tmp_path / "r")}
+    assert tiny.run("distill", params=params, **paths) == 0
+    assert read_soft_labels(tmp_path / "d", None) is None
+    ft = {
+        **STAGE_PATHS["finetune"],
+        "distill": str(tmp_path / "d"),
+        "out": str(tmp_path / "model"),
+        "results": str(tmp_path / "rf"),
+    }
+    assert tiny.run("finetune", params=params, **ft) == 0
+    fm = json.loads((tmp_path / "rf" / "metrics.json").read_text())
     assert (
-        json.loads((tmp_path / "rf" / "metrics.json").read_text())["distilled_pairs"] == m["pairs"]
+        fm["distilled_as"] == "pairs" and fm["pairs"] == fm["coreset_pairs"] + fm["distilled_pairs"]
     )
 
 
