@@ -79,7 +79,7 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     ws.check("detect", out=flags)
 
     def evaluate(stage: str, setting, method: str, model: str) -> None:
-        for k, v in evaluate_model(ws, model).items():
+        for k, v in evaluate_model(ws, model, Path(model).name).items():
             if k in METRICS:
                 row(stage, setting, method, k, v)
 

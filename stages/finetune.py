@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from otcurate import distill as dist
 from otcurate import models, parallel, train
@@ -101,20 +102,28 @@ def finetune(args) -> None:
         log=live_logger() if rank == 0 else None,
         replay=replay,
     )
+    used = "none" if not distilled.num_rows else "pairs" if soft is None else "soft_labels"
     metrics = {
         "flagged_pairs": int(noisy.sum()),
         "pairs": data.num_rows,
         "coreset_pairs": chosen.num_rows,
         "distilled_pairs": distilled.num_rows,
-        "distilled_as": "none"
-        if not distilled.num_rows
-        else "pairs"
-        if soft is None
-        else "soft_labels",
+        "distilled_as": used,
         "steps": p.steps,
         "processes": size,
         "final_loss": res.losses[-1],
     }
+    if p.check_distilled and used != "none" and chosen.num_rows >= 2:
+        # The same fine-tune without the distilled set; the better on val is kept.
+        alone = torch.arange(data.num_rows) < chosen.num_rows
+        res = _check_distilled(
+            clip, args, res, metrics,
+            lambda: train.finetune(
+                p.method, clip.model, images[alone], tokens[alone],
+                p.method_options(), noisy=noisy[alone.numpy()], **p.optim_kwargs(), seed=base.seed,
+                log=None,
+            ),
+        )  # fmt: skip
     parallel.shutdown()
     if rank > 0:
         return  # the first process writes
@@ -129,14 +138,58 @@ def finetune(args) -> None:
     )
 
 
+def _val_scorer(args, key: str, instead: str):
+    """score(clip): zero-shot top-1 on the val split when it has classes, else mean R@1."""
+    from otcurate import evaluate as ev
+    from otcurate.data.shards import read_classes, read_split
+
+    val = read_split(args.data, "val", columns=["image", "caption", "label"])
+    if val.num_rows == 0:
+        raise StageError(f"{key} needs a val split; raise ingest.val_fraction, or {instead}.")
+    info = read_classes(args.data)
+
+    def score(clip) -> float:
+        m = ev.split_metrics(clip, val, info, [1], 512)
+        return m["zs_acc"] if "zs_acc" in m else (m["i2t_r1"] + m["t2i_r1"]) / 2
+
+    return score
+
+
+def _check_distilled(clip, args, res, metrics: dict, alone):
+    """finetune.check_distilled: score the model fine-tuned with the distilled set on val,
+    fine-tune again from the base without it (``alone()``), and keep the better; a warning
+    says so when the distilled set lowered the score. Returns the kept run's curve."""
+    score = _val_scorer(args, "finetune.check_distilled", "set it to false")
+    with_set = {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
+    s_with = score(clip)
+    clip.model.load_state_dict(models.load(args.model, device="cpu").model.state_dict())
+    res_alone = alone()
+    s_alone = score(clip)
+    kept = s_with >= s_alone
+    metrics.update(
+        val_score_with_distilled=s_with, val_score_coreset_alone=s_alone, distilled_kept=kept
+    )
+    if kept:
+        clip.model.load_state_dict(with_set)
+        return res
+    print(
+        f"finetune: WARNING the distilled set lowered the val score ({s_with:.4f} with it, "
+        f"{s_alone:.4f} on the coreset alone): the model written is the one fine-tuned on the "
+        "coreset alone. Consider distill.ipc: 0, another distill.method, or "
+        "distill.relabel.views > 0 (soft labels).",
+        file=sys.stderr,
+        flush=True,
+    )
+    metrics["final_loss"] = res_alone.losses[-1]
+    return res_alone
+
+
 def _wise(clip, args, w):
     """Replace `clip`'s weights by the WiSE-FT interpolation with the base; returns the
     fine-tuned weights as trained (saved beside the model, for evaluate's forgetting
     report) and the metrics: the alpha used and, when chosen, each alpha's val score."""
 
-    from otcurate import evaluate as ev
     from otcurate import wise
-    from otcurate.data.shards import read_classes, read_split
 
     trained = {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
     base = models.load(args.model, device="cpu").model.state_dict()
@@ -146,18 +199,11 @@ def _wise(clip, args, w):
         clip.model.load_state_dict(wise.interpolate(base, trained, alpha))
 
     if w.choose:
-        val = read_split(args.data, "val", columns=["image", "caption", "label"])
-        if val.num_rows == 0:
-            raise StageError(
-                "finetune.wise.choose needs a val split; raise ingest.val_fraction, or give "
-                "finetune.wise.alpha instead."
-            )
-        info = read_classes(args.data)
+        scorer = _val_scorer(args, "finetune.wise.choose", "give finetune.wise.alpha instead")
 
         def score(alpha: float) -> float:
             use(alpha)
-            m = ev.split_metrics(clip, val, info, [1], 512)
-            return m["zs_acc"] if "zs_acc" in m else (m["i2t_r1"] + m["t2i_r1"]) / 2
+            return scorer(clip)
 
         alpha, scores = wise.choose_alpha(score, w.alphas)
         metrics.update({f"wise_val_score_{a:g}": v for a, v in scores.items()})

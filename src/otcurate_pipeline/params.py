@@ -394,6 +394,9 @@ class Finetune(_Methods, _Optimised):
     nproc: int = 1
     wise: Wise = field(default_factory=Wise)
     soft_labels: SoftLabels = field(default_factory=SoftLabels)
+    # true: also fine-tune without the distilled set (twice the time) and keep whichever
+    # scores higher on the val split; a warning says when the distilled set lowered it.
+    check_distilled: bool = False
     # Per-method subsections finetune.gradient_ascent, finetune.ncu, finetune.rematch: the
     # library's records (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions,
     # otcurate.rematch.RematchOptions), added by _schema.
