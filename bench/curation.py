@@ -6,7 +6,7 @@ For each dataset x seed (noise 0.2), in a scratch folder:
 - coreset at each budget with random / clip_score / kcenter / goracs (unflagged candidates),
   then `finetune` (clip) on the coreset alone; plus `all_clean` (every truly clean train pair);
 - distill at each ipc with random_real / wmdd, each relabelled (the base's soft labels on
-  `--relabel-views` views per image; finetune learns them by KL) or not (`:hard`, pairs);
+  `--relabel` views per image; finetune learns them by KL) or not (`:hard`, pairs);
   then each set alone fine-tuned from the base (`finetune_distill`), a student trained on it
   from a random init by the finetune stage, same steps/lr/batch for every set
   (`scratch_distill`), and the goracs coreset at the middle budget plus the set
@@ -142,8 +142,8 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
         model = finetune(clean, "data/distill-none", "ft-all_clean")
         evaluate("finetune_coreset", "all", "all_clean", model)
 
-    # Distilled sets, relabelled (soft labels from the base on `views` augmented views per
-    # image; the method's name alone) or not (":hard", the set read as pairs). Each alone,
+    # Distilled sets, relabelled (":soft<min_scale>": soft labels from the base on augmented
+    # views of each image) or not (":hard", the set read as pairs). Each alone,
     # fine-tuned from the base; each alone, a student trained from a random init with the
     # same protocol (finetune stage, same steps, lr and batch for every set); and beside the
     # pipeline's coreset (goracs at the middle budget), against that coreset alone.
@@ -154,10 +154,12 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     }
     for ipc in args.ipc:
         for method in DISTILLERS:
-            for views in args.relabel_views:
-                name = method if views else f"{method}:hard"
-                tag = f"distill-{method}-{ipc}-v{views}"
-                over = {"distill": {"method": method, "ipc": ipc, "relabel": {"views": views}}}
+            for spec in args.relabel:
+                views, _, scale = spec.partition(":")
+                relabel = {"views": int(views)} | ({"min_scale": float(scale)} if scale else {})
+                name = f"{method}:soft{scale or ''}" if int(views) else f"{method}:hard"
+                tag = f"distill-{method}-{ipc}-{spec.replace(':', '-')}"
+                over = {"distill": {"method": method, "ipc": ipc, "relabel": relabel}}
                 sec = ws.check(
                     "distill", over, detect=flags, coreset=empty,
                     out=f"data/{tag}", results=f"results/{tag}",
@@ -433,11 +435,11 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--ipc", nargs="+", type=int, default=[10])
     ap.add_argument(
-        "--relabel-views",
+        "--relabel",
         nargs="+",
-        type=int,
-        default=[16, 0],
-        help="distill.relabel.views for each distilled set (0 = no relabel: hard pairs)",
+        default=["16:0.08", "16:0.5", "0"],
+        help="distill.relabel for each distilled set, as VIEWS[:MIN_SCALE] (0 = no relabel: "
+        "hard pairs); rows name them method:softMIN_SCALE or method:hard",
     )
     ap.add_argument("--coresets", nargs="+", default=CORESETS, choices=CORESETS)
     ap.add_argument(

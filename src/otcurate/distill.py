@@ -622,12 +622,23 @@ class SoftReplay:
                 f"{self.temperature}, {self.weight}, {self.batch_size}."
             )
 
-    def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
-        return soft_label_loss(model, self, gen)
+    def loss(
+        self, model: torch.nn.Module, gen: torch.Generator, *, batch_stats: bool = False
+    ) -> torch.Tensor:
+        return soft_label_loss(model, self, gen, batch_stats=batch_stats)
 
 
-def soft_label_loss(model: torch.nn.Module, r: SoftReplay, gen: torch.Generator) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) over the classes, averaged over a random batch of views."""
+def soft_label_loss(
+    model: torch.nn.Module, r: SoftReplay, gen: torch.Generator, *, batch_stats: bool = False
+) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) over the classes, averaged over a random batch of views.
+
+    ``batch_stats`` False (beside real pairs): the image tower's BatchNorm layers normalise
+    the views by their running statistics and leave them as they are, so that synthetic or
+    heavily cropped images never shift the statistics the real images are read with (a
+    student equal to its teacher then has loss 0). True (the set alone, as SRe2L's student):
+    BatchNorm trains on the views as on any batch.
+    """
     device = next(model.parameters()).device
     m, n_views, c = r.logits.shape
     idx = torch.randperm(m, generator=gen)[: min(r.batch_size, m)]
@@ -635,7 +646,16 @@ def soft_label_loss(model: torch.nn.Module, r: SoftReplay, gen: torch.Generator)
     x = apply_views(r.pixels[idx], r.views[idx, view]).to(device)
     mu = torch.tensor(r.mean, device=device).view(1, 3, 1, 1)
     sd = torch.tensor(r.std, device=device).view(1, 3, 1, 1)
-    img = model.encode_image((x - mu) / sd, normalize=True)
+    norms = [] if batch_stats else [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+    ]  # fmt: skip
+    for m in norms:
+        m.eval()
+    try:
+        img = model.encode_image((x - mu) / sd, normalize=True)
+    finally:
+        for m in norms:
+            m.train()
     txt = model.encode_text(r.prompts.to(device), normalize=True)
     cls = F.normalize(txt.reshape(c, -1, txt.shape[-1]).mean(1), dim=-1)
     t = r.temperature

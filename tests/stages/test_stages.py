@@ -913,3 +913,46 @@ def test_export_clip_benchmark_writes_the_webdataset_layout_it_reads(tiny, tmp_p
     )
     assert (root / "cb" / "test_retrieval" / "dataset_type.txt").read_text() == "retrieval\n"
     assert done["glyphs"].images == 30 and len(samples("glyphs")) == 60
+
+
+def test_check_distilled_keeps_the_better_on_val_and_says_so(tiny, tmp_path, capsys):
+    """finetune.check_distilled: the same fine-tune without the distilled set; the model
+    written is whichever scores higher on val, and the metrics carry both scores."""
+    from otcurate import models
+
+    params = write_params(
+        tmp_path,
+        {
+            "distill": {"ipc": 2, "relabel": {"views": 2}},
+            # a set weighted far above the pairs and a high lr: likely to hurt, either is fine
+            "finetune": {
+                "steps": 3,
+                "lr": 0.01,
+                "check_distilled": True,
+                "soft_labels": {"weight": 50.0},
+            },
+        },
+    )
+    paths = {**STAGE_PATHS["distill"], "out": str(tmp_path / "d"), "results": str(tmp_path / "r")}
+    assert tiny.run("distill", params=params, **paths) == 0
+    ft = {
+        **STAGE_PATHS["finetune"],
+        "distill": str(tmp_path / "d"),
+        "out": str(tmp_path / "model"),
+        "results": str(tmp_path / "rf"),
+    }
+    assert tiny.run("finetune", params=params, **ft) == 0
+    m = json.loads((tmp_path / "rf" / "metrics.json").read_text())
+    assert m["distilled_kept"] == (m["val_score_with_distilled"] >= m["val_score_coreset_alone"])
+    err = capsys.readouterr().err
+    assert ("lowered the val score" in err) == (not m["distilled_kept"])
+    # The model written scores what the kept run scored on val.
+    from otcurate.data.shards import read_classes, read_split
+    from otcurate.evaluate import split_metrics
+
+    val = read_split(tiny.p("data/ingest"), "val", columns=["image", "caption", "label"])
+    got = split_metrics(
+        models.load(tmp_path / "model"), val, read_classes(tiny.p("data/ingest")), [1], 512
+    )
+    kept = m["val_score_with_distilled"] if m["distilled_kept"] else m["val_score_coreset_alone"]
+    assert got["zs_acc"] == pytest.approx(kept, abs=1e-6)

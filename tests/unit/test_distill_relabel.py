@@ -165,3 +165,33 @@ def test_soft_replay_checks_its_shapes(tiny):
             pixels=torch.rand(2, 3, 8, 8), views=torch.zeros(3, 2, 5), logits=torch.zeros(3, 2, 2),
             prompts=torch.zeros(2, 77, dtype=torch.long), mean=(0, 0, 0), std=(1, 1, 1),
         )  # fmt: skip
+
+
+def test_beside_pairs_the_views_never_move_batchnorm_statistics(tiny):
+    """A base in training mode against its own soft labels: loss 0, running statistics kept;
+    the set alone (batch_stats) trains BatchNorm on the views like any batch."""
+    import copy
+
+    prompts = [["a red circle"], ["a blue square"]]
+    cls = dist.prompt_classifier(lambda t: models.encode_texts(tiny, t), prompts)
+    cfg = tiny.preprocess_cfg
+    pix = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    soft = dist.relabel(
+        tiny.model, pix, cls, prompts, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        opts=dist.RelabelOptions(views=2, min_scale=0.08), seed=0,
+    )  # fmt: skip
+    model = copy.deepcopy(tiny.model).train()
+    r = dist.SoftReplay(
+        pixels=pix, views=soft.views, logits=soft.logits,
+        prompts=tiny.tokenizer([t for row in prompts for t in row]),
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), batch_size=4,
+    )  # fmt: skip
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        kept = r.loss(model, torch.Generator().manual_seed(0))
+    assert float(kept) == pytest.approx(0.0, abs=1e-4) and torch.equal(bn.running_mean, before)
+    assert bn.training  # put back as it was
+    with torch.no_grad():
+        r.loss(model, torch.Generator().manual_seed(0), batch_stats=True)
+    assert not torch.equal(bn.running_mean, before)
