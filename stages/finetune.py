@@ -88,6 +88,7 @@ def finetune(args) -> None:
             weight=sl.weight,
             temperature=sl.temperature,
             batch_size=sl.batch_size,
+            batch_norm=sl.batch_norm,
         )
     images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
     res = train.finetune(

@@ -193,11 +193,20 @@ class WmddOptions:
     w_ce: float = 1.0  # cross-entropy against the zero-shot class embeddings
     w_stat: float = 1.0  # per-class activation statistics matching
     stat_samples: int = 256  # real images per class for the statistics
+    # Each step's augmentation: "resized" (SRe2L/WMDD recover's random resized crop, area in
+    # [min_scale, 1], and flip; the same views relabel draws) or "shift" (reflection-padded
+    # shift and flip, as this stage had before relabel).
+    crop: str = "resized"
+    min_scale: float = 0.08
 
     def __post_init__(self) -> None:
         for name in ("barycenter_iter", "steps", "lr", "stat_samples"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
+        if self.crop not in ("resized", "shift"):
+            raise ValueError(f"crop must be 'resized' or 'shift'; got {self.crop!r}.")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1]; got {self.min_scale}.")
         for name in ("w_feat", "w_ce", "w_stat"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
@@ -223,8 +232,9 @@ def synthesize(
     Loss per step (batch means): w_feat·‖f(x̃_i) − point_i‖² + w_ce·CE(scale·f(x̃)·Wᵀ, y)
     + w_stat·Σ_classes Σ_layers (‖μ̃ − μ‖ + ‖σ̃² − σ²‖)/classes, with f the L2-normalised image
     embedding, W the zero-shot class embeddings (``classifier``, rows indexed through
-    ``class_index``), and (μ, σ²) the class's real activation statistics. Random crop/flip
-    each step; Adam betas (0.5, 0.9), cosine lr; pixels clipped to [0, 1] after each step.
+    ``class_index``), and (μ, σ²) the class's real activation statistics. One random view of
+    the batch each step (``opts.crop``); Adam betas (0.5, 0.9), cosine lr; pixels clipped to
+    [0, 1] after each step.
     The model's weights are not changed.
     """
     o = opts or WmddOptions()
@@ -251,10 +261,11 @@ def synthesize(
     rec = _Recorder(stat_modules(model.visual))
     losses, terms = [], {}
     pad = max(1, size[0] // 8)
+    boxes = sample_views(steps, 1, size, o.min_scale, seed=seed)[:, 0]  # one per step
     try:
         for step in track(range(steps), total=steps, description="distill (wmdd): synthesis"):
             rec.out.clear()
-            x = _augment(pix, gen, pad)
+            x = _augment(pix, gen, pad) if o.crop == "shift" else view_batch(pix, boxes[step])
             f = F.normalize(model.encode_image((x - mu) / sd), dim=-1)
             feat = (f - target).square().sum(dim=1).mean()
             ce = F.cross_entropy(scale * f @ classifier.to(dev).T, y)
@@ -277,7 +288,7 @@ def synthesize(
             sched.step()
             with torch.no_grad():
                 pix.clamp_(0.0, 1.0)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             terms = {"feature": float(feat), "ce": float(ce), "statistics": float(stat)}
             if log is not None:
                 for k, v in terms.items():
@@ -341,16 +352,19 @@ def sample_views(
     return out
 
 
-def apply_views(pixels: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """Row i of ``pixels`` (B, 3, H, W) cropped to box ``views[i]`` (B, 5), resized back to
-    (H, W) (bilinear, antialiased) and flipped when its flag is set."""
+def view_batch(x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., 3, H, W) cropped to one box ``view`` (5,: top, left, height, width, flip),
+    resized back to (H, W) (bilinear, antialiased; differentiable) and flipped when set."""
     from torchvision.transforms.v2 import functional as TF
 
-    size = list(pixels.shape[-2:])
-    rows = []
-    for x, (top, left, h, w, flip) in zip(pixels, views.tolist(), strict=True):
-        y = TF.resized_crop(x, int(top), int(left), int(h), int(w), size, antialias=True)
-        rows.append(y.flip(-1) if flip else y)
+    top, left, h, w, flip = (int(v) for v in view.tolist())
+    y = TF.resized_crop(x, top, left, h, w, list(x.shape[-2:]), antialias=True)
+    return y.flip(-1) if flip else y
+
+
+def apply_views(pixels: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Row i of ``pixels`` (B, 3, H, W) in view ``views[i]`` (B, 5) (`view_batch`)."""
+    rows = [view_batch(x, v) for x, v in zip(pixels, views, strict=True)]
     return torch.stack(rows) if rows else pixels
 
 
@@ -606,8 +620,14 @@ class SoftReplay:
     weight: float = 1.0
     temperature: float = 1.0
     batch_size: int = 64
+    # BatchNorm on the views: "running" (normalise by the running statistics, never update
+    # them: fine-tuning a trained model) or "batch" (train on them like any batch: a
+    # student from scratch, as SRe2L's).
+    batch_norm: str = "running"
 
     def __post_init__(self) -> None:
+        if self.batch_norm not in ("running", "batch"):
+            raise ValueError(f"batch_norm must be 'running' or 'batch'; got {self.batch_norm!r}.")
         m, v, c = self.logits.shape
         if len(self.pixels) != m or self.views.shape[:2] != (m, v):
             raise ValueError(
@@ -622,10 +642,8 @@ class SoftReplay:
                 f"{self.temperature}, {self.weight}, {self.batch_size}."
             )
 
-    def loss(
-        self, model: torch.nn.Module, gen: torch.Generator, *, batch_stats: bool = False
-    ) -> torch.Tensor:
-        return soft_label_loss(model, self, gen, batch_stats=batch_stats)
+    def loss(self, model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        return soft_label_loss(model, self, gen, batch_stats=self.batch_norm == "batch")
 
 
 def soft_label_loss(
@@ -633,11 +651,11 @@ def soft_label_loss(
 ) -> torch.Tensor:
     """T² · KL(teacher ‖ student) over the classes, averaged over a random batch of views.
 
-    ``batch_stats`` False (beside real pairs): the image tower's BatchNorm layers normalise
-    the views by their running statistics and leave them as they are, so that synthetic or
-    heavily cropped images never shift the statistics the real images are read with (a
-    student equal to its teacher then has loss 0). True (the set alone, as SRe2L's student):
-    BatchNorm trains on the views as on any batch.
+    ``batch_stats`` False: the image tower's BatchNorm layers normalise the views by their
+    running statistics and leave them as they are, so that synthetic or heavily cropped
+    images never shift the statistics real images are read with (a student equal to its
+    teacher then has loss 0). True (a student from scratch, as SRe2L's): BatchNorm trains
+    on the views as on any batch.
     """
     device = next(model.parameters()).device
     m, n_views, c = r.logits.shape

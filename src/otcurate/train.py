@@ -49,8 +49,7 @@ def _loop(
 ) -> TrainResult:
     """``steps`` updates on ``batch_loss`` of random pair batches, plus ``replay.weight *
     replay.loss(model, generator)`` when given (a soft-labelled distilled set,
-    `otcurate.distill.SoftReplay`; alone when there are fewer than 2 pairs, and only then
-    with BatchNorm training on its views). The pair
+    `otcurate.distill.SoftReplay`; alone when there are fewer than 2 pairs). The pair
     batches are the same with or without it: its draws come from their own generator."""
     gen = torch.Generator().manual_seed(seed)
     replay_gen = torch.Generator().manual_seed(seed + 2)
@@ -63,7 +62,7 @@ def _loop(
     for step, idx in enumerate(track(pairs, total=steps, description=description)):
         loss = batch_loss(idx) if idx is not None else None
         if replay is not None:
-            kd = replay.weight * replay.loss(model, replay_gen, batch_stats=idx is None)
+            kd = replay.weight * replay.loss(model, replay_gen)
             loss = kd if loss is None else loss + kd
             if log is not None:
                 log("soft_label_loss", float(kd.detach()), step)

@@ -375,6 +375,9 @@ class SoftLabels:
     weight: float = 1.0
     temperature: float = 1.0
     batch_size: int = 64
+    # BatchNorm on the views: running (its statistics kept as the base has them) | batch
+    # (trained on the views: a model from scratch, pretrain.pretrained a fresh init).
+    batch_norm: Literal["running", "batch"] = "running"
 
     def check(self) -> None:
         _nonneg("finetune.soft_labels.weight", self.weight)

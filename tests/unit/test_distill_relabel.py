@@ -169,7 +169,7 @@ def test_soft_replay_checks_its_shapes(tiny):
 
 def test_beside_pairs_the_views_never_move_batchnorm_statistics(tiny):
     """A base in training mode against its own soft labels: loss 0, running statistics kept;
-    the set alone (batch_stats) trains BatchNorm on the views like any batch."""
+    batch_norm "batch" (a student from scratch) trains BatchNorm on the views."""
     import copy
 
     prompts = [["a red circle"], ["a blue square"]]
@@ -193,5 +193,7 @@ def test_beside_pairs_the_views_never_move_batchnorm_statistics(tiny):
     assert float(kept) == pytest.approx(0.0, abs=1e-4) and torch.equal(bn.running_mean, before)
     assert bn.training  # put back as it was
     with torch.no_grad():
-        r.loss(model, torch.Generator().manual_seed(0), batch_stats=True)
+        dist.SoftReplay(**{**r.__dict__, "batch_norm": "batch"}).loss(
+            model, torch.Generator().manual_seed(0)
+        )
     assert not torch.equal(bn.running_mean, before)
