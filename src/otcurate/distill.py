@@ -289,7 +289,10 @@ def synthesize(
             with torch.no_grad():
                 pix.clamp_(0.0, 1.0)
             losses.append(float(loss.detach()))
-            terms = {"feature": float(feat), "ce": float(ce), "statistics": float(stat)}
+            terms = {
+                k: float(v.detach())
+                for k, v in (("feature", feat), ("ce", ce), ("statistics", stat))
+            }
             if log is not None:
                 for k, v in terms.items():
                     log(f"wmdd_{k}", v, step)

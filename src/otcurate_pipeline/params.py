@@ -318,8 +318,9 @@ class Relabel:
     # WMDD's third step (SRe2L's relabel), for either method: `views` augmented views of
     # every distilled image (random resized crop, area in [min_scale, 1], and flip), each
     # with the base model's soft label over the class prompts; finetune learns the set by
-    # KL to them (finetune.soft_labels). views 0: no soft labels, the set is hard pairs.
-    views: int = 16
+    # KL to them (finetune.soft_labels). views 0 (the default, as measured in
+    # bench/results/curation.md): no soft labels, the set is hard pairs.
+    views: int = 0
     min_scale: float = 0.08
 
     def check(self) -> None:
