@@ -176,8 +176,7 @@ def _check_distilled(clip, args, res, metrics: dict, alone):
     print(
         f"finetune: WARNING the distilled set lowered the val score ({s_with:.4f} with it, "
         f"{s_alone:.4f} on the coreset alone): the model written is the one fine-tuned on the "
-        "coreset alone. Consider distill.ipc: 0, another distill.method, or "
-        "distill.relabel.views > 0 (soft labels).",
+        "coreset alone. Consider distill.ipc: 0 or another distill.method.",
         file=sys.stderr,
         flush=True,
     )

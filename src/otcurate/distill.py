@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from otcurate.data.records import ClassInfo
+from otcurate.evaluate import class_means
 from otcurate.methods import Method
 from otcurate.progress import track
 
@@ -387,7 +388,7 @@ def relabel(
     """The teacher's soft label for each of ``opts.views`` views of every image.
 
     pixels: (m, 3, H, W) in [0, 1] at the model's input size; classifier: (C, d) the
-    teacher's L2-normalised mean embeddings of ``prompts``. A view's logits are the
+    teacher's `otcurate.evaluate.class_means` of ``prompts``' embeddings. A view's logits are the
     teacher's ``logit_scale.exp()`` times the cosines of its image embedding to the C
     classes; the student is trained by KL to their softmax (`SoftReplay`).
     """
@@ -570,16 +571,6 @@ def class_prompts(
     return out
 
 
-def prompt_classifier(
-    embed_text: Callable[[list[str]], torch.Tensor], prompts: list[list[str]]
-) -> torch.Tensor:
-    """(C, d): each class's mean L2-normalised prompt embedding, renormalised (for template
-    prompts, `otcurate.evaluate.class_embeddings`)."""
-    c, t = len(prompts), len(prompts[0]) if prompts else 0
-    e = embed_text([p for row in prompts for p in row]).reshape(c, t, -1).mean(1)
-    return F.normalize(e, dim=-1)
-
-
 def soft_label_set(
     clip,
     images: Sequence[bytes],
@@ -593,11 +584,11 @@ def soft_label_set(
     from otcurate import models
 
     cfg = clip.preprocess_cfg
-    embed = functools.partial(models.encode_texts, clip, batch_size=512)
+    texts = models.encode_texts(clip, [p for row in prompts for p in row], batch_size=512)
     return relabel(
         clip.model,
         models.decode_pixels(list(images), clip),
-        prompt_classifier(embed, prompts),
+        class_means(texts, len(prompts)),
         prompts,
         mean=tuple(cfg.get("mean")),
         std=tuple(cfg.get("std")),
@@ -668,17 +659,17 @@ def soft_label_loss(
     mu = torch.tensor(r.mean, device=device).view(1, 3, 1, 1)
     sd = torch.tensor(r.std, device=device).view(1, 3, 1, 1)
     norms = [] if batch_stats else [
-        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        layer for layer in model.modules()
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.training
     ]  # fmt: skip
-    for m in norms:
-        m.eval()
+    for layer in norms:
+        layer.eval()
     try:
         img = model.encode_image((x - mu) / sd, normalize=True)
     finally:
-        for m in norms:
-            m.train()
-    txt = model.encode_text(r.prompts.to(device), normalize=True)
-    cls = F.normalize(txt.reshape(c, -1, txt.shape[-1]).mean(1), dim=-1)
+        for layer in norms:
+            layer.train()
+    cls = class_means(model.encode_text(r.prompts.to(device), normalize=True), c)
     t = r.temperature
     student = F.log_softmax(model.logit_scale.exp() * img @ cls.T / t, dim=-1)
     teacher = F.log_softmax(r.logits[idx, view].to(device) / t, dim=-1)

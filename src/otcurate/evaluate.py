@@ -21,7 +21,13 @@ def class_embeddings(
     `text_embed_fn(list[str]) -> (m, d)` L2-normalised text embeddings.
     """
     prompts = [t.format(c) for c in class_names for t in templates]
-    e = text_embed_fn(prompts).reshape(len(class_names), len(templates), -1).mean(1)
+    return class_means(text_embed_fn(prompts), len(class_names))
+
+
+def class_means(embeddings: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, d): the mean of each class's rows of L2-normalised ``embeddings`` ((C · T, d),
+    class-major: T prompts per class), renormalised."""
+    e = embeddings.reshape(n_classes, -1, embeddings.shape[-1]).mean(1)
     return torch.nn.functional.normalize(e, dim=-1)
 
 

@@ -535,14 +535,10 @@ def test_wmdd_through_the_stage_feeds_finetune(tiny, tmp_path, labelled):
     assert fm["pairs"] == fm["coreset_pairs"]  # the set is learned through its soft labels only
 
 
-def test_distilled_set_without_relabel_is_hard_pairs(tiny, tmp_path):
-    """distill.relabel.views 0: no soft labels written; finetune reads the set as pairs."""
-    params = write_params(
-        tmp_path, {"distill": {"ipc": 2, "relabel": {"views": 0}}, "finetune": {"steps": 2}}
-    )
+def _distill_then_finetune(tiny, tmp_path, params) -> dict:
+    """distill into tmp_path/d, then finetune on it into tmp_path/model; finetune's metrics."""
     paths = {**STAGE_PATHS["distill"], "out": str(tmp_path / "d"), "results": str(tmp_path / "r")}
     assert tiny.run("distill", params=params, **paths) == 0
-    assert read_soft_labels(tmp_path / "d", None) is None
     ft = {
         **STAGE_PATHS["finetune"],
         "distill": str(tmp_path / "d"),
@@ -550,7 +546,16 @@ def test_distilled_set_without_relabel_is_hard_pairs(tiny, tmp_path):
         "results": str(tmp_path / "rf"),
     }
     assert tiny.run("finetune", params=params, **ft) == 0
-    fm = json.loads((tmp_path / "rf" / "metrics.json").read_text())
+    return json.loads((tmp_path / "rf" / "metrics.json").read_text())
+
+
+def test_distilled_set_without_relabel_is_hard_pairs(tiny, tmp_path):
+    """distill.relabel.views 0: no soft labels written; finetune reads the set as pairs."""
+    params = write_params(
+        tmp_path, {"distill": {"ipc": 2, "relabel": {"views": 0}}, "finetune": {"steps": 2}}
+    )
+    fm = _distill_then_finetune(tiny, tmp_path, params)
+    assert read_soft_labels(tmp_path / "d", None) is None
     assert (
         fm["distilled_as"] == "pairs" and fm["pairs"] == fm["coreset_pairs"] + fm["distilled_pairs"]
     )
@@ -933,16 +938,7 @@ def test_check_distilled_keeps_the_better_on_val_and_says_so(tiny, tmp_path, cap
             },
         },
     )
-    paths = {**STAGE_PATHS["distill"], "out": str(tmp_path / "d"), "results": str(tmp_path / "r")}
-    assert tiny.run("distill", params=params, **paths) == 0
-    ft = {
-        **STAGE_PATHS["finetune"],
-        "distill": str(tmp_path / "d"),
-        "out": str(tmp_path / "model"),
-        "results": str(tmp_path / "rf"),
-    }
-    assert tiny.run("finetune", params=params, **ft) == 0
-    m = json.loads((tmp_path / "rf" / "metrics.json").read_text())
+    m = _distill_then_finetune(tiny, tmp_path, params)
     assert m["distilled_kept"] == (m["val_score_with_distilled"] >= m["val_score_coreset_alone"])
     err = capsys.readouterr().err
     assert ("lowered the val score" in err) == (not m["distilled_kept"])
