@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from otcurate import coreset as cs
 from otcurate.data.shards import read_split
 from otcurate.io import atomic_dir, write_json
-from otcurate.runtime import make_reproducible
 from otcurate_pipeline import artifacts
 from stages._common import StageError, model_logit_scale, parser, read_params, run
 
@@ -57,6 +55,12 @@ def _named_target(spec, args, base):
 
 def coreset(args) -> None:
     base, p = read_params(args.params, "coreset")
+    pool_size = read_split(args.data, "train", columns=["uid"]).num_rows
+    print(f"coreset ({p.method}): choosing among {pool_size} train pairs", flush=True)
+    # torch loads now, after the params and inputs are read (#18)
+    from otcurate import coreset as cs
+    from otcurate.runtime import make_reproducible
+
     make_reproducible(base.seed, base.threads)
     uids, image, text = artifacts.read_embeddings(args.embed, "train")
     det = artifacts.read_scores(args.detect, uids, against=args.embed)

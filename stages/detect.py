@@ -12,19 +12,22 @@ import sys
 
 import numpy as np
 
-from otcurate import detect as det
 from otcurate.data.shards import read_split
-from otcurate.evaluate import plot_score_hist
 from otcurate.io import atomic_dir, write_json, write_tsv
-from otcurate.runtime import make_reproducible
 from otcurate_pipeline import artifacts
 from stages._common import model_logit_scale, parser, read_params, run
 
 
 def detect(args) -> None:
     base, p = read_params(args.params, "detect")
-    make_reproducible(base.seed, base.threads)
     truth_t = read_split(args.data, "train", columns=["uid", "noisy"])
+    print(f"detect ({p.method}): scoring {truth_t.num_rows} train pairs", flush=True)
+    # torch and POT load now, after the params and inputs are read (#18)
+    from otcurate import detect as det
+    from otcurate.evaluate import plot_score_hist
+    from otcurate.runtime import make_reproducible
+
+    make_reproducible(base.seed, base.threads)
     uids, image, text = artifacts.read_embeddings(
         args.embed, "train", truth_t["uid"].to_pylist(), against=args.data
     )

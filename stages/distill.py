@@ -18,23 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from otcurate import distill as dist
-from otcurate import models
-from otcurate.clusters import clusters
-from otcurate.data.shards import (
-    read_classes,
-    read_selected,
-    read_split,
-)
+from otcurate.data.shards import read_classes, read_selected, read_split
 from otcurate.io import atomic_dir, write_json, write_tsv
-from otcurate.runtime import make_reproducible, resolve_device
 from otcurate_pipeline import artifacts
 from stages._common import live_logger, parser, read_params, run
 
 
 def distill(args) -> None:
     base, p = read_params(args.params, "distill")
-    make_reproducible(base.seed, base.threads)
     wmdd = p.method == "wmdd" and p.ipc > 0
     # random_real needs the images of the picked pairs only (read after picking)
     columns = None if wmdd else ["uid", "label", "caption"]  # captions: prompts of clusters
@@ -42,6 +33,14 @@ def distill(args) -> None:
     subset = artifacts.read_subset(args.coreset)
     train_uids = train["uid"].to_pylist()
     flagged = artifacts.read_scores(args.detect, train_uids, against=args.data)
+    print(f"distill ({p.method}): {p.ipc} per class from {len(train_uids)} train pairs", flush=True)
+    # torch and open_clip load now, after the params and inputs are read (#18)
+    from otcurate import distill as dist
+    from otcurate import models
+    from otcurate.clusters import clusters
+    from otcurate.runtime import make_reproducible, resolve_device
+
+    make_reproducible(base.seed, base.threads)
     info = read_classes(args.data)
     labels = np.asarray(train["label"].to_pylist())
     labelled = info is not None and bool((labels >= 0).all())

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-from otcurate.data.embed_work import embed_shards
 from otcurate.data.records import SPLITS
 from otcurate.data.shards import shard_files, write_embedding_shard
 from otcurate.io import atomic_dir
-from otcurate.runtime import resolve_device
 from stages._common import parser, read_params, run
 
 
@@ -23,6 +19,14 @@ def embed(args) -> None:
     shards = [str(f.resolve()) for s in SPLITS for f in shard_files(args.data, s)]
     if not shards:
         raise FileNotFoundError(f"{args.data}/train-*.parquet")
+    where = f" on Dask ({p.dask})" if p.dask else ""
+    print(f"embed: {len(shards)} shards with the model in {args.model}{where}", flush=True)
+    # torch and open_clip load now, after the params and inputs are read (#18)
+    import torch
+
+    from otcurate.data.embed_work import embed_shards
+    from otcurate.runtime import resolve_device
+
     n = 0
     with atomic_dir(args.out) as out:
         for shard, uids, img, txt in embed_shards(
@@ -39,7 +43,6 @@ def embed(args) -> None:
             name = shard.rsplit("/", 1)[-1].removesuffix(".parquet")
             write_embedding_shard(out, name, uids, torch.from_numpy(img), torch.from_numpy(txt))
             n += len(uids)
-    where = f" on Dask ({p.dask})" if p.dask else ""
     print(f"embed: {n} pairs from {len(shards)} shards{where} -> {args.out}")
 
 

@@ -11,12 +11,8 @@ import sys
 
 import numpy as np
 
-from otcurate import detect as det
-from otcurate import evaluate as ev
-from otcurate import models
 from otcurate.data.shards import read_classes, read_provenance, read_split
 from otcurate.io import atomic_dir, write_json, write_text
-from otcurate.runtime import make_reproducible, resolve_device
 from otcurate_pipeline import artifacts
 from stages._common import StageError, parser, read_params, run
 
@@ -39,11 +35,19 @@ def _load_sets(sets) -> list:
 
 def evaluate(args) -> None:
     base, p = read_params(args.params, "evaluate")
-    device = resolve_device(base.device)
-    make_reproducible(base.seed, base.threads, device)
     test = read_split(args.data, "test", columns=["image", "caption", "label"])
     if test.num_rows == 0:
         raise StageError(f"the test split in {args.data} is empty; raise ingest.test_fraction.")
+    shown_sets = f" and {len(p.sets)} clean set(s)" if p.sets else ""
+    print(f"evaluate: base and fine-tuned on {test.num_rows} test pairs{shown_sets}", flush=True)
+    # torch and open_clip load now, after the params and inputs are read (#18)
+    from otcurate import detect as det
+    from otcurate import evaluate as ev
+    from otcurate import models
+    from otcurate.runtime import make_reproducible, resolve_device
+
+    device = resolve_device(base.device)
+    make_reproducible(base.seed, base.threads, device)
     info = read_classes(args.data)
     sets = _load_sets(p.sets)
 

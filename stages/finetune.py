@@ -14,12 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from otcurate import distill as dist
-from otcurate import models, parallel, train
 from otcurate.data.shards import read_selected
-from otcurate.runtime import make_reproducible, resolve_device
 from otcurate_pipeline import artifacts
 from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
@@ -44,6 +40,16 @@ def launch(nproc: int, argv: list[str]) -> None:
 
 def finetune(args) -> None:
     base, p = read_params(args.params, "finetune")
+    subset = pa.array(artifacts.read_subset(args.coreset).uids, pa.string())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"finetune ({p.method}): {len(subset)} coreset pairs, {p.steps} steps", flush=True)
+    # torch and open_clip load now, after the params and inputs are read (#18)
+    import torch
+
+    from otcurate import distill as dist
+    from otcurate import models, parallel, train
+    from otcurate.runtime import make_reproducible, resolve_device
+
     if p.nproc > 1 and not parallel.launched():
         launch(p.nproc, args.argv)
         return
@@ -52,7 +58,6 @@ def finetune(args) -> None:
     # The processes share this machine's cores: same total threads as one process.
     threads = max(1, base.threads // size) if base.threads > 0 else base.threads
     make_reproducible(base.seed, threads, device)
-    subset = pa.array(artifacts.read_subset(args.coreset).uids, pa.string())
     # only the chosen rows, shard by shard; images stay encoded until their batch comes
     chosen = read_selected(args.data, "train", subset, ["uid", "image", "caption"])
     distilled = artifacts.read_distilled(args.distill, columns=["uid", "image", "caption"])
@@ -160,6 +165,8 @@ def _check_distilled(clip, args, res, metrics: dict, alone):
     """finetune.check_distilled: score the model fine-tuned with the distilled set on val,
     fine-tune again from the base without it (``alone()``), and keep the better; a warning
     says so when the distilled set lowered the score. Returns the kept run's curve."""
+    from otcurate import models
+
     score = _val_scorer(args, "finetune.check_distilled", "set it to false")
     with_set = {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
     s_with = score(clip)
@@ -188,8 +195,7 @@ def _wise(clip, args, w):
     """Replace `clip`'s weights by the WiSE-FT interpolation with the base; returns the
     fine-tuned weights as trained (saved beside the model, for evaluate's forgetting
     report) and the metrics: the alpha used and, when chosen, each alpha's val score."""
-
-    from otcurate import wise
+    from otcurate import models, wise
 
     trained = {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
     base = models.load(args.model, device="cpu").model.state_dict()

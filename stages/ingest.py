@@ -99,6 +99,8 @@ def ingest(args) -> None:
             f"shards in {staging}, kept)",
             file=sys.stderr,
         )
+    size = f", up to {p.size} pairs" if p.size is not None else ""
+    print(f"ingest: reading the {p.source} source{size}", flush=True)
     pairs, info, n = _raw_pairs(p, base.seed, start)
 
     # Phase 1: stream the source into chunk files (resumable).

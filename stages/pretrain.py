@@ -9,15 +9,31 @@ from __future__ import annotations
 
 import sys
 
-from otcurate import models
 from otcurate.data.shards import read_split
-from otcurate.runtime import make_reproducible, resolve_device
-from otcurate.train import train_contrastive
 from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
 
 
 def pretrain(args) -> None:
     base, p = read_params(args.params, "pretrain")
+    train = None
+    if p.pretrained is None:
+        train = read_split(args.data, "train", columns=["image", "caption"])
+        if train.num_rows < 2:
+            raise StageError(
+                f"the train split in {args.data} has {train.num_rows} pairs; pre-training needs at least 2."
+            )
+        print(
+            f"pretrain: {p.arch} from scratch, {p.steps} steps of {p.batch_size} on "
+            f"{train.num_rows} train pairs",
+            flush=True,
+        )
+    else:
+        print(f"pretrain: {p.arch}, weights {p.pretrained}", flush=True)
+    # torch and open_clip load now, after the params and inputs are read (#18)
+    from otcurate import models
+    from otcurate.runtime import make_reproducible, resolve_device
+    from otcurate.train import train_contrastive
+
     device = resolve_device(base.device)
     make_reproducible(base.seed, base.threads, device)
     try:
@@ -29,12 +45,7 @@ def pretrain(args) -> None:
         "trained_steps": 0,
     }
     curve = None
-    if p.pretrained is None:
-        train = read_split(args.data, "train", columns=["image", "caption"])
-        if train.num_rows < 2:
-            raise StageError(
-                f"the train split in {args.data} has {train.num_rows} pairs; pre-training needs at least 2."
-            )
+    if train is not None:
         images, tokens = models.lazy_pairs(
             train["image"].to_pylist(), train["caption"].to_pylist(), clip
         )

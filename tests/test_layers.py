@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import networkx as nx
 import pytest
-from otcurate_support import ROOT, imported, module_file, module_name
+from otcurate_support import ROOT, closure, imported, module_file, module_name
 
 LIBRARY, APPLICATION = ROOT / "src" / "otcurate", ROOT / "src" / "otcurate_pipeline"
 # what only the application may import: itself, the entry points, and the pipeline's services
@@ -50,6 +50,27 @@ def test_the_walk_sees_imports():  # the graph is not empty by accident
     assert g.has_edge("otcurate.io", "otcurate.faults")
 
 
+def test_every_registered_method_is_imported_by_the_module_that_runs_it():
+    """A registry names its functions as strings (otcurate.options stays torch-free); the
+    module that dispatches on it imports each one, so a stage's dvc.yaml deps (the static
+    import closure, tests/test_contract.py) cover the code its methods run."""
+    from otcurate import options
+
+    dispatchers = {
+        "otcurate.detect.methods": options.DETECT_METHODS,
+        "otcurate.coreset": options.CORESET_METHODS,
+        "otcurate.distill": options.DISTILL_METHODS,
+        "otcurate.train": options.FINETUNE_METHODS,
+    }
+    for dispatcher, registry in dispatchers.items():
+        reach = closure(module_file(dispatcher))
+        for name, method in registry.items():
+            module = method.target.partition(":")[0]
+            assert module_file(module) in reach, (dispatcher, name, method.target)
+            assert callable(method.fn), name
+            assert method.fn.__module__ == module, name
+
+
 def test_no_scorer_or_selector_swallows_unknown_keywords():
     """Options come as one record per method; a misspelt option cannot vanish into **_."""
     import inspect
@@ -79,3 +100,24 @@ def test_nothing_imports_through_sys_path_and_bench_uses_no_private_names():
     private = re.compile(r"\b(?:cs|det|dist|ev|ncu|models|stages\.\w+)\._[a-z]\w*")
     for f in (ROOT / "bench").glob("*.py"):
         assert private.findall(f.read_text()) == [], f.name
+
+
+def test_checking_params_and_starting_a_stage_import_no_torch():
+    """params.yaml is checked, and every stage module imported, without torch, open_clip or
+    POT: they load when the stage's work needs them (#18: a stage starts in under 2 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib; from pathlib import Path\n"
+        "from otcurate_pipeline.params import validate_file\n"
+        "validate_file(Path('params.yaml'))\n"
+        "for s in ('ingest', 'pretrain', 'embed', 'detect', 'coreset', 'distill', 'finetune', "
+        "'evaluate'): importlib.import_module('stages.' + s)\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'ot', 'sklearn') if m in sys.modules)\n"
+        "print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

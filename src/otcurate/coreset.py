@@ -20,7 +20,9 @@ import torch
 
 from otcurate import methods as registry
 from otcurate.clusters import clusters
-from otcurate.methods import Method, NoOptions
+from otcurate.methods import NoOptions
+from otcurate.options import CORESET_METHODS as METHODS
+from otcurate.options import GoracsOptions
 from otcurate.progress import track
 
 
@@ -317,29 +319,6 @@ def split_budget(k: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarra
     return out
 
 
-@dataclass(frozen=True, kw_only=True)
-class GoracsOptions:
-    """goracs: cost = distance/max - lam * gradnorm/max; swap refinement limits."""
-
-    lam: float = 0.5
-    max_iters: int = 100  # accepted swaps at most (the reference's default)
-    cut_num: int = 10  # members and outsiders tried per swap round (pruned by the duals' estimate)
-    grouped: bool = True  # split the budget by the target's classes (or text clusters)
-    groups: int = 10  # k-means clusters of the text embeddings when there are no labels
-    target_max: int = 2000  # subsample the target (val) to at most this many pairs
-    candidate_max: int = 20000  # pre-cluster larger pools into max(this, 2 x budget)
-    grad_batch_size: int = 256  # batches for the per-pair gradient norms
-
-    def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0; got {self.lam}.")
-        if self.max_iters < 0:
-            raise ValueError(f"max_iters must be >= 0; got {self.max_iters}.")
-        for name in ("cut_num", "groups", "target_max", "candidate_max", "grad_batch_size"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
-
-
 def goracs(pool: Pool, k: int, opts: GoracsOptions | None = None, *, seed: int) -> Selection:
     """GORACS: stage-1 greedy and stage-2 swap refinement on the OT cost to the target,
     per group (labels, or k-means clusters of the text embeddings) with the budget split by
@@ -470,14 +449,6 @@ def _groups(
     both = torch.cat([pool.text[cand], pool.target_text[tgt]]).numpy()
     ids = clusters(both, groups, seed=seed)
     return ids[: len(cand)].astype(np.int64), ids[len(cand) :].astype(np.int64)
-
-
-METHODS: dict[str, Method] = {
-    "random": Method(random),
-    "clip_score": Method(clip_score),
-    "kcenter": Method(kcenter),
-    "goracs": Method(goracs, GoracsOptions),
-}
 
 
 def options(method: str, **values: Any) -> Any:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from otcurate.data.records import ClassInfo
 from otcurate.evaluate import class_means
-from otcurate.methods import Method
+from otcurate.options import DISTILL_METHODS as METHODS  # noqa: F401 - the registry, by name
+from otcurate.options import WmddOptions
 from otcurate.progress import track
 
 
@@ -179,38 +180,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
     if bool(torch.randint(0, 2, (1,), generator=gen)):
         x = x.flip(-1)
     return x
-
-
-@dataclass(frozen=True, kw_only=True)
-class WmddOptions:
-    """wmdd: per-class Wasserstein barycenter (``barycenter_iter`` iterations), then
-    ``steps`` of pixel optimisation (Adam betas (0.5, 0.9), cosine ``lr``) weighing three
-    terms; ``stat_samples`` real images per class give the activation statistics."""
-
-    barycenter_iter: int = 100
-    steps: int = 300
-    lr: float = 0.05
-    w_feat: float = 1.0  # feature-to-barycenter distance
-    w_ce: float = 1.0  # cross-entropy against the zero-shot class embeddings
-    w_stat: float = 1.0  # per-class activation statistics matching
-    stat_samples: int = 256  # real images per class for the statistics
-    # Each step's augmentation: "resized" (SRe2L/WMDD recover's random resized crop, area in
-    # [min_scale, 1], and flip; the same views relabel draws) or "shift" (reflection-padded
-    # shift and flip, as this stage had before relabel).
-    crop: str = "resized"
-    min_scale: float = 0.08
-
-    def __post_init__(self) -> None:
-        for name in ("barycenter_iter", "steps", "lr", "stat_samples"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
-        if self.crop not in ("resized", "shift"):
-            raise ValueError(f"crop must be 'resized' or 'shift'; got {self.crop!r}.")
-        if not 0.0 < self.min_scale <= 1.0:
-            raise ValueError(f"min_scale must be in (0, 1]; got {self.min_scale}.")
-        for name in ("w_feat", "w_ce", "w_stat"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
 
 
 def synthesize(
@@ -416,10 +385,6 @@ def relabel(
     return SoftLabels(views, logits.reshape(m, o.views, -1), [list(p) for p in prompts])
 
 
-METHODS: dict[str, Method] = {
-    "random_real": Method(random_real),
-    "wmdd": Method(synthesize, WmddOptions),
-}
 PICKERS: dict[str, Callable[..., Distilled]] = {"random_real": random_real}
 
 

@@ -1,14 +1,16 @@
 """Method registries: each name maps to a function and its options record (a keyword-only,
 frozen dataclass that checks its own values). The records are the schema: params.yaml's
 per-method subsections (`detect.ot`, `coreset.goracs`, `finetune.ncu`, ...) are built from
-them, so every option is written once, here in the library."""
+them, so every option is written once, here in the library. The registries themselves live
+in `otcurate.options`, free of torch."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,9 +18,19 @@ class NoOptions:
     """A method without options."""
 
 
-class Method(NamedTuple):
-    fn: Callable[..., Any]
+@dataclass(frozen=True)
+class Method:
+    """A method's function, named ``module:function`` and imported when first asked for
+    (a registry that names its methods costs no import of what they use), and its options
+    record."""
+
+    target: str
     options: type = NoOptions
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def lookup(kind: str, registry: Mapping[str, Method], name: str) -> Method:

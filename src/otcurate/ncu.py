@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from otcurate.optim import batches, make_optimizer, param_groups, update
+from otcurate.options import NCUOptions
 from otcurate.ot import sinkhorn_log
 from otcurate.parallel import shard_map
 from otcurate.progress import track
@@ -385,73 +386,6 @@ class NCUResult:
     lrs: list[float]
     phase_a_steps: int
     noisy_seen: float  # mean fraction of noisy rows per batch
-
-
-@dataclass(frozen=True, kw_only=True)
-class NCUOptions:
-    """NCU's own options; the optimisation budget (steps, batch, lr of phase B, warm-up,
-    weight decay) is every fine-tuning method's and comes separately.
-
-    Defaults follow the reference; the options marked *departure* keep this project's
-    earlier behaviour available for the ablation (``bench/ncu_diag.py``)."""
-
-    # Where noisy rows come from: detect's global flags, or the reference's per-batch rule.
-    nc_source: Literal["detect", "batch"] = "detect"
-    # Per-batch rule: flag the lowest int(nc_ratio * B) own-caption probabilities.
-    nc_ratio: float = 0.1
-    # nc_source='detect': unlearn at most int(unlearn_cap * B) flagged rows per batch, those
-    # with the lowest own-caption probability (about the reference's count); the other
-    # flagged rows are dropped from the batch (`others: drop`) or trained as clean (`keep`).
-    # null: unlearn every flagged row (departure: the earlier behaviour).
-    unlearn_cap: float | None = 0.1
-    others: Literal["drop", "keep"] = "drop"
-    phase_a_fraction: float = (
-        0.2  # share of the steps learning the negation prompt (2 of 10 epochs)
-    )
-    n_ctx: int = 4  # prompt vectors after the start token (reference: 8 with a 77-token context)
-    lr_phase_a: float = 2e-4  # text tower in phase A (reference ratio 1e-4 : 5e-5 to phase B)
-    lr_prompt: float = 6e-4  # prompt in phase A (reference ratio 3e-4 : 5e-5)
-    prompt_weight_decay: float = 0.2  # reference (departure: 0)
-    reg: float = 0.03  # entropic strength of the unlearning OT
-    gamma: float = 0.7  # weight of the OT plan in the targets
-    # First text blocks frozen in phase B; null: the reference's share (5 of 12) of the depth.
-    frozen_text_blocks: int | None = None
-    freeze_token_embedding: bool = False  # departure: true
-    train_image_projection: bool = True  # in phase A, as the reference (departure: false)
-    # reference: the extra row carries gamma + (1 - gamma) k; normalised: departure
-    text_targets: Literal["reference", "normalised"] = "reference"
-    # one: one warm-up + cosine over both phases (reference); per_phase: departure
-    schedule: Literal["one", "per_phase"] = "one"
-    augment_negated: bool = True  # EDA swap/deletion on the caption the prompt negates
-
-    def __post_init__(self) -> None:
-        choices = {
-            "nc_source": ("detect", "batch"),
-            "others": ("drop", "keep"),
-            "text_targets": ("reference", "normalised"),
-            "schedule": ("one", "per_phase"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
-                )
-        for name in ("nc_ratio", "phase_a_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}.")
-        if self.unlearn_cap is not None and not 0.0 < self.unlearn_cap <= 1.0:
-            raise ValueError(f"unlearn_cap must be in (0, 1] or null; got {self.unlearn_cap}.")
-        for name in ("n_ctx", "reg"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1]; got {self.gamma}.")
-        if self.prompt_weight_decay < 0:
-            raise ValueError(f"prompt_weight_decay must be >= 0; got {self.prompt_weight_decay}.")
-        if self.frozen_text_blocks is not None and self.frozen_text_blocks < 0:
-            raise ValueError(
-                f"frozen_text_blocks must be >= 0 or null; got {self.frozen_text_blocks}."
-            )
 
 
 def finetune_ncu(

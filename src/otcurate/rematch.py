@@ -20,35 +20,12 @@ Everything here takes tensors and returns tensors; nothing reads files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
+from otcurate.options import RematchOptions
+
 FORBIDDEN_COST = 1e3  # a forbidden cell: exp(-1e3 / reg) is 0 for any reg <= 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class RematchOptions:
-    mass: float = 0.1  # ρ: share of the (uniform, unit) mass the partial plan moves
-    reg: float = 0.01  # entropic strength on the cost relu(1 - cosine)
-    tau: float = 0.05  # temperature of the soft-target loss
-    weight: float = 1.0  # weight of the rematch loss beside the clean pairs' CLIP loss
-    pool: Literal["flagged", "batch"] = "flagged"  # captions a flagged image may take
-    max_iter: int = 1000
-    tol: float = 1e-3  # the reference's Sinkhorn stops at 1e-3
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1]; got {self.mass}.")
-        for name in ("reg", "tau", "max_iter", "tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0; got {self.weight}.")
-        if self.pool not in ("flagged", "batch"):
-            raise ValueError(f"pool must be 'flagged' or 'batch'; got {self.pool!r}.")
 
 
 def rematch_plan(

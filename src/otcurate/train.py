@@ -18,12 +18,12 @@ from open_clip import ClipLoss
 
 from otcurate import faults
 from otcurate import methods as registry
-from otcurate.methods import Method
-from otcurate.ncu import NCUOptions, finetune_ncu
+from otcurate.ncu import finetune_ncu  # noqa: F401 - FINETUNE_METHODS["ncu"] runs it
 from otcurate.optim import batches, make_optimizer, param_groups, update
+from otcurate.options import FINETUNE_METHODS, GradientAscentOptions, RematchOptions
 from otcurate.parallel import shard_map
 from otcurate.progress import track
-from otcurate.rematch import RematchOptions, rematch_loss
+from otcurate.rematch import rematch_loss
 
 
 @dataclass(frozen=True)
@@ -117,15 +117,6 @@ def finetune_filter(model, images, tokens, opts=None, *, noisy=None, **kw) -> Tr
     )
 
 
-@dataclass(frozen=True, kw_only=True)
-class GradientAscentOptions:
-    ascent_weight: float = 0.1  # weight of the (capped) ascent term on flagged pairs
-
-    def __post_init__(self) -> None:
-        if self.ascent_weight < 0:
-            raise ValueError(f"ascent_weight must be >= 0; got {self.ascent_weight}.")
-
-
 def finetune_gradient_ascent(
     model, images, tokens, opts: GradientAscentOptions | None = None, *, noisy=None, **kw
 ) -> TrainResult:
@@ -197,17 +188,6 @@ def finetune_rematch(
         model, len(images), batch_loss, description="finetune (rematch)",
         log=kw.pop("log", None), **kw,
     )  # fmt: skip
-
-
-# Every method: fn(model, images, tokens, opts, *, noisy, steps, batch_size, lr, warmup,
-# weight_decay, seed, log); `opts` is its options record (None: defaults).
-FINETUNE_METHODS: dict[str, Method] = {
-    "clip": Method(finetune_clip),
-    "filter": Method(finetune_filter),
-    "gradient_ascent": Method(finetune_gradient_ascent, GradientAscentOptions),
-    "ncu": Method(finetune_ncu, NCUOptions),
-    "rematch": Method(finetune_rematch, RematchOptions),
-}
 
 
 def finetune(method: str, model, images, tokens, opts=None, **kw):

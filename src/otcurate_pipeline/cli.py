@@ -93,6 +93,19 @@ def run(
         raise typer.Exit(3) from None
 
 
+def _flow_run(root: Path, name: str | None, allow_rewrite: bool) -> list[dict]:
+    """The Prefect flow over the stages; a failed stage exits 1 saying what was kept."""
+    from otcurate_pipeline.flow import StageFailed, pipeline
+
+    try:
+        return pipeline(str(root), run_name=name, allow_rewrite=allow_rewrite)
+    except StageFailed as exc:
+        done = exc.recovery.message if exc.recovery else "its outputs were not checked."
+        err.print(f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}).\n{exc.tail}")
+        err.print(f"[{'green' if exc.recovery and exc.recovery.restored else 'yellow'}]{done}[/]")
+        raise typer.Exit(1) from None
+
+
 def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewrite: bool) -> None:
     try:
         if set_:
@@ -104,28 +117,37 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None
-    from otcurate_pipeline.flow import StageFailed, pipeline
     from otcurate_pipeline.manifests import SourceChanged
+    from otcurate_pipeline.uptodate import noop_run
 
     t0 = time.perf_counter()
     try:
-        results = pipeline(str(root), run_name=name, allow_rewrite=allow_rewrite)
+        results = noop_run(root, name, allow_rewrite)  # nothing changed: no flow, no server
+        if results is None:
+            results = _flow_run(root, name, allow_rewrite)
     except SourceChanged as exc:
         err.print(f"[red]error:[/] ingest source: {exc}")
         raise typer.Exit(2) from None
-    except StageFailed as exc:
-        done = exc.recovery.message if exc.recovery else "its outputs were not checked."
-        err.print(f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}).\n{exc.tail}")
-        err.print(f"[{'green' if exc.recovery and exc.recovery.restored else 'yellow'}]{done}[/]")
-        raise typer.Exit(1) from None
-    table = Table(title=f"pipeline run ({time.perf_counter() - t0:.1f} s)")
+    from otcurate_pipeline.uptodate import WHY_SKIPPED
+
+    noop = all(r.get("why") for r in results)
+    title = f"pipeline run ({time.perf_counter() - t0:.1f} s)"
+    table = Table(title=title + (": nothing changed, no stage ran" if noop else ""))
     table.add_column("stage")
     table.add_column("outcome")
     table.add_column("seconds", justify="right")
+    table.add_column("why")
     style = {"ran": "green", "restored": "cyan", "skipped": "dim"}
+    why = {
+        "skipped": WHY_SKIPPED,
+        "restored": "its outputs for these inputs were in DVC's run-cache",
+    }
     for r in results:
         table.add_row(
-            r["stage"], f"[{style.get(r['outcome'], '')}]{r['outcome']}[/]", f"{r['seconds']:.1f}"
+            r["stage"],
+            f"[{style.get(r['outcome'], '')}]{r['outcome']}[/]",
+            f"{r['seconds']:.1f}",
+            r.get("why") or why.get(r["outcome"], ""),
         )
     console.print(table)
     evaluated = root / layout.stages(root)["evaluate"].paths["results"]

@@ -27,6 +27,7 @@ from otcurate_pipeline.manifests import ALL_MANIFESTS
 from otcurate_pipeline.recovery import Recovery, recover, sweep, uncached_outs
 from otcurate_pipeline.runlock import RunLocked, run_lock
 from otcurate_pipeline.tracking import Tracker
+from otcurate_pipeline.uptodate import dvc_state, sync_sources
 
 EXIT_TRANSIENT = 75
 _EXIT_RE = re.compile(r"exited with (-?\d+)")
@@ -79,13 +80,7 @@ def dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedPro
 
 def stage_order(root: Path) -> list[str]:
     """Stage names in an order that respects DVC's dependency graph."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        order = list(reversed(list(nx.topological_sort(graph))))
-        return [s.addressing for s in order if getattr(s, "cmd", None)]
+    return dvc_state(root, with_status=False).order
 
 
 def _outcome(log: str, name: str) -> str:
@@ -171,22 +166,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-
-
-def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
-    """Refresh the content manifests (data/sources.json for ingest, and those of the clean
-    sources in coreset.target and evaluate.sets) from the params."""
-    from otcurate_pipeline.manifests import sync
-    from otcurate_pipeline.params import parse_yaml
-
-    params = parse_yaml((root / "params.yaml").read_text()) or {}
-    report = sync(root, params, allow_rewrite=allow_rewrite)
-    if report["added"]:
-        shown = ", ".join(report["added"][:5]) + (" ..." if len(report["added"]) > 5 else "")
-        print(f"[sources] {len(report['added'])} new file(s): {shown}", flush=True)
-    for stage in report["clean_changed"]:
-        print(f"[sources] {stage}'s clean source changed: {stage} reruns", flush=True)
-    return report
 
 
 @flow(name="otcurate-pipeline", log_prints=False)

@@ -6,7 +6,7 @@ Loading is strict: an unknown key, a wrong type or a bad combination raises
 take the defaults below, which are also the values shipped in params.yaml.
 
 Method names are checked against the library's registries
-(`otcurate.detect.METHODS`, ...) so a new method needs no change here.
+(`otcurate.options`: `DETECT_METHODS`, ...) so a new method needs no change here.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class Embed:
     def check(self) -> None:
         _positive("embed.batch_size", self.batch_size)
         _nonneg("embed.workers", self.workers)
-        from otcurate.data.embed_work import check_dask_address
+        from otcurate.data.cluster import check_dask_address
 
         try:
             check_dask_address(self.dask)
@@ -260,15 +260,15 @@ class Embed:
 
 @dataclass(frozen=True)
 class Detect(_Methods):
-    method: str = field(default="clip_score", metadata=_choices("otcurate.detect:METHODS"))
+    method: str = field(default="clip_score", metadata=_choices("otcurate.options:DETECT_METHODS"))
     # Flag by exactly one of: the lowest-scoring `fraction` of train pairs, scores below
     # `threshold`, or `auto` (a two-component mixture on the scores estimates the noise rate).
     fraction: float | None = 0.2
     threshold: float | None = None
     auto: bool = False
     # Per-method subsections (detect.ot, detect.ncu_batch, detect.gmm_loss, detect.infoot):
-    # the library's options records (otcurate.detect.METHODS[...].options), added by _schema.
-    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.detect:METHODS"
+    # the library's options records (otcurate.options.DETECT_METHODS), added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.options:DETECT_METHODS"
 
     def check(self) -> None:
         scale = getattr(self.method_options(), "logit_scale", None)
@@ -288,7 +288,7 @@ class Detect(_Methods):
 
 @dataclass(frozen=True)
 class Coreset(_Methods):
-    method: str = field(default="goracs", metadata=_choices("otcurate.coreset:METHODS"))
+    method: str = field(default="goracs", metadata=_choices("otcurate.options:CORESET_METHODS"))
     # Budget: exactly one of a fraction of the train split, or an absolute size.
     fraction: float | None = 0.5
     size: int | None = None
@@ -297,8 +297,8 @@ class Coreset(_Methods):
     # goracs target: null = the ingest val split; or a clean source (as an evaluate.sets entry,
     # without name/task), embedded with the base model.
     target: SourceSpec | None = None
-    # Per-method subsection coreset.goracs: otcurate.coreset.GoracsOptions, added by _schema.
-    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.coreset:METHODS"
+    # Per-method subsection coreset.goracs: otcurate.options.GoracsOptions, added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.options:CORESET_METHODS"
 
     def check(self) -> None:
         if (self.fraction is None) == (self.size is None):
@@ -331,14 +331,16 @@ class Relabel:
 
 @dataclass(frozen=True)
 class Distill(_Methods):
-    method: str = field(default="random_real", metadata=_choices("otcurate.distill:METHODS"))
+    method: str = field(
+        default="random_real", metadata=_choices("otcurate.options:DISTILL_METHODS")
+    )
     # Images per class (or per cluster when the data has no labels); 0 disables distillation.
     ipc: int = 10
     # Clusters of the text embeddings used as classes when the data has no labels.
     clusters: int = 10
     relabel: Relabel = field(default_factory=Relabel)
-    # Per-method subsection distill.wmdd: otcurate.distill.WmddOptions, added by _schema.
-    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.distill:METHODS"
+    # Per-method subsection distill.wmdd: otcurate.options.WmddOptions, added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.options:DISTILL_METHODS"
 
     def check(self) -> None:
         _nonneg("distill.ipc", self.ipc)
@@ -388,7 +390,7 @@ class SoftLabels:
 
 @dataclass(frozen=True)
 class Finetune(_Methods, _Optimised):
-    method: str = field(default="clip", metadata=_choices("otcurate.train:FINETUNE_METHODS"))
+    method: str = field(default="clip", metadata=_choices("otcurate.options:FINETUNE_METHODS"))
     steps: int = 150
     batch_size: int = 128
     lr: float = 1e-4
@@ -402,9 +404,9 @@ class Finetune(_Methods, _Optimised):
     # scores higher on the val split; a warning says when the distilled set lowered it.
     check_distilled: bool = False
     # Per-method subsections finetune.gradient_ascent, finetune.ncu, finetune.rematch: the
-    # library's records (otcurate.train.GradientAscentOptions, otcurate.ncu.NCUOptions,
-    # otcurate.rematch.RematchOptions), added by _schema.
-    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.train:FINETUNE_METHODS"
+    # library's records (otcurate.options: GradientAscentOptions, NCUOptions,
+    # RematchOptions), added by _schema.
+    METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.options:FINETUNE_METHODS"
 
     def check(self) -> None:
         _positive("finetune.steps", self.steps)

@@ -44,6 +44,18 @@ def test_second_run_is_a_no_op(scratch):
     root, _, md5 = scratch
     again = sh(root, str(BIN / "otcurate"), "run")
     assert outcomes(again.stdout) == {s: "skipped" for s in STAGES}
+    # answered from `dvc status` in-process: no Prefect flow, no stage process (#18)
+    assert "nothing changed, no stage ran" in again.stdout
+    assert "match dvc.lock" in again.stdout  # each stage says why it was skipped
+    db = sqlite3.connect(root / "mlflow.db")
+    noop = db.execute(
+        "select run_uuid from tags where key = 'otcurate.noop' and value = 'true'"
+    ).fetchall()
+    assert len(noop) >= 1
+    kids = db.execute(
+        "select count(*) from tags where key = 'mlflow.parentRunId' and value = ?", noop[-1]
+    ).fetchone()[0]
+    assert kids == len(STAGES)  # still one child run per stage, outcome skipped
     assert outs_md5(root) == md5
     assert "up to date" in sh(root, str(BIN / "otcurate"), "status").stdout
     assert "Data and pipelines are up to date" in sh(root, str(BIN / "dvc"), "repro").stdout

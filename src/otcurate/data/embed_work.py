@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -21,10 +20,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from otcurate.data.cluster import LOCAL
 from otcurate.progress import track
 
 _MODELS: dict[tuple[str, str], object] = {}
-_LOCAL = re.compile(r"^local(?::(\d+))?$")
 
 
 class ShardBatches(torch.utils.data.Dataset):
@@ -123,22 +122,12 @@ def embed_shard(
     return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
 
 
-def check_dask_address(value: str | None) -> None:
-    """None, 'local', 'local:N' (N worker processes on this machine) or a scheduler address."""
-    if value is None or _LOCAL.match(value) or "://" in value:
-        return
-    raise ValueError(
-        f"embed.dask must be null (in-process), 'local' / 'local:N' (a local cluster of N worker "
-        f"processes) or a scheduler address such as tcp://127.0.0.1:8786; got {value!r}."
-    )
-
-
 @contextmanager
 def dask_client(address: str, threads: int):
     """A Dask client: a LocalCluster bound to 127.0.0.1 (no dashboard) or a running scheduler."""
     from distributed import Client, LocalCluster
 
-    m = _LOCAL.match(address)
+    m = LOCAL.match(address)
     if m is None:
         with Client(address, timeout="30s") as client:
             yield client, threads

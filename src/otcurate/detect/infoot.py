@@ -7,28 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from otcurate.detect.minibatch import Sinkhorn, SinkhornOptions, check_pairs, over_batches
+from otcurate.detect.minibatch import Sinkhorn, check_pairs, over_batches
+from otcurate.options import InfoOTOptions
 from otcurate.ot import cost_cosine, normalize_cost
-
-
-@dataclass(frozen=True, kw_only=True)
-class InfoOTOptions(SinkhornOptions):
-    """infoot: ``lam`` weighs the mutual-information term, ``h`` the kernel bandwidth
-    (relative to the median distance), ``outer_iter`` Sinkhorn solves on the linearised
-    objective."""
-
-    lam: float = 0.01
-    h: float = 0.5
-    outer_iter: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0; got {self.lam}.")
-        if not self.h > 0:
-            raise ValueError(f"h must be > 0; got {self.h}.")
-        if self.outer_iter < 1:
-            raise ValueError(f"outer_iter must be >= 1; got {self.outer_iter}.")
 
 
 def sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

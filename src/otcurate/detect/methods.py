@@ -10,24 +10,8 @@ import torch
 
 from otcurate import methods as registry
 from otcurate.detect.flags import Detection, flag
-from otcurate.detect.infoot import InfoOTOptions, infoot_score
-from otcurate.detect.scorers import (
-    OTOptions,
-    SoftmaxOptions,
-    clip_score,
-    gmm_loss_score,
-    ncu_batch_score,
-    ot_score,
-)
 from otcurate.methods import Method
-
-METHODS: dict[str, Method] = {
-    "clip_score": Method(clip_score),
-    "ot": Method(ot_score, OTOptions),
-    "ncu_batch": Method(ncu_batch_score, SoftmaxOptions),
-    "gmm_loss": Method(gmm_loss_score, SoftmaxOptions),
-    "infoot": Method(infoot_score, InfoOTOptions),
-}
+from otcurate.options import DETECT_METHODS as METHODS
 
 
 def options(method: str, **values: Any):

@@ -5,47 +5,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from otcurate.options import MinibatchOptions, SinkhornOptions
 from otcurate.ot import ConvergenceWarning, OTResult, sinkhorn_log
 
 # Minibatch OT problems solved in one batched call: bounds each (chunk, B, B)
 # temporary at 128 * 256**2 float32 = 32 MiB while keeping the device busy.
 CHUNK = 128
-
-
-@dataclass(frozen=True, kw_only=True)
-class MinibatchOptions:
-    """Random batches of ``batch_size`` pairs, scores averaged over ``passes`` partitions."""
-
-    batch_size: int = 256
-    passes: int = 4
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2; got {self.batch_size}.")
-        if self.passes < 1:
-            raise ValueError(f"passes must be >= 1; got {self.passes}.")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SinkhornOptions(MinibatchOptions):
-    """Entropic OT on each batch: ``reg`` on the max-normalised 1 - cosine cost."""
-
-    reg: float = 0.02
-    max_iter: int = 1000
-    tol: float = 1e-4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.reg > 0:
-            raise ValueError(f"reg must be > 0; got {self.reg}.")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1; got {self.max_iter}.")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0; got {self.tol}.")
 
 
 def check_pairs(image: torch.Tensor, text: torch.Tensor) -> None:

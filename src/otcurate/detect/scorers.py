@@ -4,59 +4,18 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from otcurate.detect.minibatch import (
-    MinibatchOptions,
-    Sinkhorn,
-    SinkhornOptions,
-    check_pairs,
-    logits,
-    over_batches,
-)
+from otcurate.detect.minibatch import Sinkhorn, check_pairs, logits, over_batches
 from otcurate.methods import NoOptions
+from otcurate.options import OTOptions, SoftmaxOptions
 from otcurate.ot import cost_cosine, normalize_cost
 
 # NCR / DivideMix fit the loss mixture with a deliberately short EM (10 steps, tol 1e-2)
 # and this covariance floor; kept so the posteriors match the reference.
 _GMM = {"n_components": 2, "max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4}
-
-
-@dataclass(frozen=True, kw_only=True)
-class OTOptions(SinkhornOptions):
-    """ot: minibatch entropic OT (see `ot_score`). ``relative_to``: a pair's own-cell plan
-    mass relative to its image's best cell (``row``), or also to its caption's best cell
-    (``both``: the geometric mean of the two ratios; a caption that another image of the
-    batch explains better scores lower)."""
-
-    relative_to: Literal["row", "both"] = "row"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.relative_to not in ("row", "both"):
-            raise ValueError(f"relative_to must be 'row' or 'both'; got {self.relative_to!r}.")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SoftmaxOptions(MinibatchOptions):
-    """ncu_batch, gmm_loss: in-batch InfoNCE with the CLIP temperature ``logit_scale`` (the
-    scale itself, not its log; clamped to <= 100). None is CLIP's clamp, 100; the pipeline
-    gives the model's own."""
-
-    logit_scale: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.logit_scale is not None and not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0; got {self.logit_scale}.")
-
-    @property
-    def scale(self) -> float:
-        return 100.0 if self.logit_scale is None else float(self.logit_scale)
 
 
 def clip_score(

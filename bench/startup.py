@@ -1,0 +1,173 @@
+"""Where a user waits: a stage's start-up, a no-op run, the default run, the test suite.
+
+In a clone-like copy of the project under --work (the files git tracks or would track, one
+commit, params.yaml as committed):
+- `default_run_seconds`: `otcurate run` from nothing (the built-in default; the venv is
+  installed), wall clock; `--default-repeats` fresh copies.
+- `noop_run_seconds`: `otcurate run` again with nothing changed; `--repeats` times.
+- `startup_seconds` (case = the stage): `python -m stages.<name>` with its cmd from dvc.yaml,
+  from the spawn to its first line of output (params read and checked, its input opened:
+  the first unit of work); `--repeats` times each, the process stopped there.
+- `suite_seconds` (`--suite`): the README's test command (`make test`), once.
+
+Each figure is the median; `<metric>_min` / `<metric>_max` rows give the spread. Run it
+alone on the machine. Writes bench/results/startup.json (flat rows {case, metric, value})
+and startup.md.
+
+    .venv/bin/python -m bench.startup --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.results_io import RESULTS, command, save
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def clone_like(dest: Path) -> Path:
+    """The working tree's project files (what git tracks or would track) in `dest`, one commit."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    if dest.exists():
+        shutil.rmtree(dest)
+    for f in filter(None, listed):
+        src = ROOT / f
+        if src.is_file() and not f.startswith("bench/results/"):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "bench.startup"], cwd=dest, check=True)
+    return dest
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def timed(argv: list[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def first_line_seconds(argv: list[str], cwd: Path) -> tuple[float, str]:
+    """Seconds from spawning `argv` to its first line on stdout or stderr; then stop it."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    seconds = time.perf_counter() - t0
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if not line:
+        raise RuntimeError(f"{' '.join(argv)} printed nothing (exit {proc.returncode}).")
+    return seconds, line.strip()
+
+
+def stage_commands(root: Path) -> dict[str, list[str]]:
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, spec in stages.items():
+        argv = shlex.split(spec["cmd"])
+        out[name] = [sys.executable, *argv[1:]] if argv[0] == "python" else argv
+    return out
+
+
+def summary(case: str, metric: str, values: list[float]) -> list[dict]:
+    return [
+        {"case": case, "metric": metric, "value": statistics.median(values)},
+        {"case": case, "metric": f"{metric}_min", "value": min(values)},
+        {"case": case, "metric": f"{metric}_max", "value": max(values)},
+    ]
+
+
+def table(rows: list[dict], repeats: dict[str, int], notes: list[str]) -> str:
+    by = {(r["case"], r["metric"]): r["value"] for r in rows}
+    lines = [
+        "# Where a user waits",
+        "",
+        f"`{command('startup')}` on {platform.machine()}, {os.cpu_count()} CPU cores.",
+        "",
+        "Median (min-max) seconds. startup: from `python -m stages.<name>` to the stage's "
+        "first line of output.",
+        "",
+        "| case | metric | median | min | max | repeats |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["metric"]
+        if m.endswith(("_min", "_max")):
+            continue
+        lo, hi = by[(r["case"], f"{m}_min")], by[(r["case"], f"{m}_max")]
+        lines.append(
+            f"| {r['case']} | {m} | {r['value']:.2f} | {lo:.2f} | {hi:.2f} | {repeats[m]} |"
+        )
+    return "\n".join([*lines, "", *notes, ""])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=5, help="no-op runs and stage start-ups")
+    ap.add_argument("--default-repeats", type=int, default=1, help="default runs from nothing")
+    ap.add_argument("--suite", action="store_true", help="also time the test suite (make test)")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "startup")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    otc = str(BIN / "otcurate")
+    rows: list[dict] = []
+    repeats = {"default_run_seconds": args.default_repeats, "noop_run_seconds": args.repeats}
+    repeats["startup_seconds"] = args.repeats
+    default = []
+    for k in range(args.default_repeats):
+        root = clone_like(args.work / "project")
+        default.append(timed([otc, "run"], root))
+        print(f"[startup] default run {k + 1}: {default[-1]:.1f} s", flush=True)
+    rows += summary("otcurate run (built-in default, from nothing)", "default_run_seconds", default)
+    noop = []
+    for _ in range(args.repeats):
+        noop.append(timed([otc, "run"], root))
+    print(f"[startup] no-op runs: {', '.join(f'{s:.2f}' for s in noop)} s", flush=True)
+    rows += summary("otcurate run (nothing changed)", "noop_run_seconds", noop)
+    notes = []
+    for name, argv in stage_commands(root).items():
+        got = [first_line_seconds(argv, root) for _ in range(args.repeats)]
+        rows += summary(name, "startup_seconds", [s for s, _ in got])
+        notes.append(f"- {name}'s first line: `{got[0][1][:120]}`")
+        print(f"[startup] {name}: {statistics.median(s for s, _ in got):.2f} s", flush=True)
+    if args.suite:
+        t = timed(["make", "test"], ROOT)
+        rows += summary("make test", "suite_seconds", [t])
+        repeats["suite_seconds"] = 1
+    save("startup", rows, table(rows, repeats, notes), args.out)
+    print(table(rows, repeats, notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Is there anything to run? DVC's answer, in-process, without Prefect or the stages.
+
+`otcurate run` asks first. When DVC finds every stage's deps, params and outs equal to
+dvc.lock (and no new source file arrived), the run records itself in MLflow (a parent run
+and one child per stage, outcome `skipped`, as a run through the flow would) and stops:
+no Prefect server, no `dvc repro` per stage, no model loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+WHY_SKIPPED = "deps, params and outs match dvc.lock (dvc status)"
+
+
+@dataclass(frozen=True)
+class State:
+    order: list[str]  # stage names in DVC's dependency order
+    stale: dict  # `dvc status`: stage -> what changed; empty when up to date
+
+
+def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
+    """Refresh the content manifests (data/sources.json for ingest, and those of the clean
+    sources in coreset.target and evaluate.sets) from the params."""
+    from otcurate_pipeline.manifests import sync
+    from otcurate_pipeline.params import parse_yaml
+
+    params = parse_yaml((root / "params.yaml").read_text()) or {}
+    report = sync(root, params, allow_rewrite=allow_rewrite)
+    if report["added"]:
+        shown = ", ".join(report["added"][:5]) + (" ..." if len(report["added"]) > 5 else "")
+        print(f"[sources] {len(report['added'])} new file(s): {shown}", flush=True)
+    for stage in report["clean_changed"]:
+        print(f"[sources] {stage}'s clean source changed: {stage} reruns", flush=True)
+    return report
+
+
+def dvc_state(root: Path, with_status: bool = True) -> State:
+    """The stages in an order that respects DVC's graph, and (``with_status``) what
+    `dvc status` says changed, from one in-process DVC repo."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        order = [
+            s.addressing
+            for s in reversed(list(nx.topological_sort(graph)))
+            if getattr(s, "cmd", None)
+        ]
+        stale = repo.status() if with_status else {}
+    return State(order, dict(stale))
+
+
+def record_noop(root: Path, order: list[str], run_name: str | None = None) -> list[dict]:
+    """Write the MLflow record of a run in which nothing changed; return its stage rows."""
+    from otcurate_pipeline.tracking import Tracker
+
+    tracker = Tracker(root, run_name=run_name, tags={"otcurate.noop": "true"})
+    for name in order:
+        tracker.end_stage(tracker.start_stage(name), name, "skipped", 0.0)
+    tracker.finish("FINISHED", dict.fromkeys(order, "skipped"))
+    return [{"stage": s, "outcome": "skipped", "seconds": 0.0, "why": WHY_SKIPPED} for s in order]
+
+
+def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict] | None:
+    """When nothing changed: record the no-op run in MLflow and return its stage rows.
+    Otherwise None, and the caller runs the flow. Sweeps the leftovers of a failed run and
+    syncs the source manifests first, as the flow does."""
+    from otcurate_pipeline.recovery import sweep
+
+    swept = sweep(root)
+    if swept:
+        print(
+            f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run", flush=True
+        )
+    report = sync_sources(root, allow_rewrite)
+    if report["added"] or report["clean_changed"]:
+        return None
+    state = dvc_state(root)
+    if state.stale:
+        return None
+    return record_noop(root, state.order, run_name)
