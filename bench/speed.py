@@ -4,7 +4,8 @@
     .venv/bin/python -m bench.speed --sizes 10000 100000
 
 Writes bench/results/speed.json (flat rows {"bench": "speed", "case", "n", "metric", "value"})
-and speed.md. Times are wall-clock medians over repeats, measured in one run on one machine.
+and speed.md. Each time is the wall-clock median of `--repeats` runs (default 5), with its
+spread in `<metric>_min` / `<metric>_max` rows; ratios are of medians. Run it alone.
 """
 
 from __future__ import annotations
@@ -26,13 +27,26 @@ from otcurate import ot as otl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(fn, repeats: int = 3) -> tuple[float, object]:
+REPEATS = 5  # main() sets it from --repeats
+
+
+def timed(fn, repeats: int | None = None) -> tuple[list[float], object]:
+    """(the wall-clock seconds of each of `repeats` calls, the last call's result)."""
     out, times = None, []
-    for _ in range(repeats):
+    for _ in range(repeats or REPEATS):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return times, out
+
+
+def spread(case: str, n: int, metric: str, times: list[float]) -> list[dict]:
+    """The median row of a timing and its min / max rows."""
+    return [
+        {"case": case, "n": n, "metric": metric, "value": statistics.median(times)},
+        {"case": case, "n": n, "metric": f"{metric}_min", "value": min(times)},
+        {"case": case, "n": n, "metric": f"{metric}_max", "value": max(times)},
+    ]
 
 
 def marginal_error(P: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,19 +68,20 @@ def ot_vs_pot(sizes, batch: int, reg: float, iters: int, rows: list) -> None:
         a = torch.full((B,), 1.0 / B, dtype=torch.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t_ours, r = timed(
+            ts_ours, r = timed(
                 lambda a=a, M=M: otl.sinkhorn_log(a, a, M, reg, max_iter=iters, tol=0.0)
             )
-            t_pot, P = timed(
+            ts_pot, P = timed(
                 lambda a=a, M=M: ot.sinkhorn(
                     a, a, M, reg, method="sinkhorn_log", numItermax=iters, stopThr=0.0
                 )
             )
+        t_ours, t_pot = statistics.median(ts_ours), statistics.median(ts_pot)
         e_ours, e_pot = marginal_error(r.plan, a, a), marginal_error(P, a, a)
         case = f"sinkhorn_log B={B}"
         rows += [
-            {"case": case, "n": B, "metric": "seconds_ours", "value": t_ours},
-            {"case": case, "n": B, "metric": "seconds_pot", "value": t_pot},
+            *spread(case, B, "seconds_ours", ts_ours),
+            *spread(case, B, "seconds_pot", ts_pot),
             {"case": case, "n": B, "metric": "ratio_vs_pot", "value": t_ours / t_pot},
             {"case": case, "n": B, "metric": "marginal_error_ours", "value": e_ours},
             {"case": case, "n": B, "metric": "marginal_error_pot", "value": e_pot},
@@ -87,17 +102,18 @@ def ot_vs_pot(sizes, batch: int, reg: float, iters: int, rows: list) -> None:
     a = torch.full((B,), 1.0 / B, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_ours, _ = timed(lambda: otl.sinkhorn_log(a, a, Ms, reg, max_iter=iters, tol=0.0))
-        t_pot, _ = timed(
+        ts_ours, _ = timed(lambda: otl.sinkhorn_log(a, a, Ms, reg, max_iter=iters, tol=0.0))
+        ts_pot, _ = timed(
             lambda: [
                 ot.sinkhorn(a, a, Ms[i], reg, method="sinkhorn_log", numItermax=iters, stopThr=0.0)
                 for i in range(batch)
             ]
         )
+    t_ours, t_pot = statistics.median(ts_ours), statistics.median(ts_pot)
     case = f"sinkhorn_log batched {batch}x{B}"
     rows += [
-        {"case": case, "n": batch * B, "metric": "seconds_ours", "value": t_ours},
-        {"case": case, "n": batch * B, "metric": "seconds_pot", "value": t_pot},
+        *spread(case, batch * B, "seconds_ours", ts_ours),
+        *spread(case, batch * B, "seconds_pot", ts_pot),
         {"case": case, "n": batch * B, "metric": "ratio_vs_pot", "value": t_ours / t_pot},
     ]
     print(f"{case}: ours {t_ours:.3f}s vs POT loop {t_pot:.3f}s", flush=True)
@@ -113,12 +129,11 @@ def detection_throughput(sizes, method: str, passes: int, rows: list) -> None:
         del base
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t, _ = timed(
-                lambda img=img, txt=txt: det.score(method, img, txt, passes=passes, seed=0),
-                repeats=1,
-            )
+            opts = det.options(method, passes=passes)
+            ts, _ = timed(lambda img=img, txt=txt, o=opts: det.score(method, img, txt, o, seed=0))
+        t = statistics.median(ts)
         rows += [
-            {"case": f"detect {method} passes={passes}", "n": n, "metric": "seconds", "value": t},
+            *spread(f"detect {method} passes={passes}", n, "seconds", ts),
             {
                 "case": f"detect {method} passes={passes}",
                 "n": n,
@@ -142,52 +157,48 @@ def detection_throughput(sizes, method: str, passes: int, rows: list) -> None:
         print(f"scaling exponent (seconds ~ n^k): k = {slope:.3f}", flush=True)
 
 
-def ncu_vs_clip_step(rows: list, steps: int = 10) -> None:
-    from otcurate import models
+def finetune_steps(rows: list, steps: int = 10) -> None:
+    """Seconds per fine-tuning step at batch 128 on the tiny model: plain CLIP, `filter`
+    (the recipe the pipeline runs: CLIP steps on the unflagged pairs) and NCU's phase B;
+    the median over repeats of `steps`-step runs, after one warm-up run."""
+    from otcurate import models, train
     from otcurate.data import builtin
-    from otcurate.ncu import NCUOptions, finetune_ncu
-    from otcurate.train import train_contrastive
+    from otcurate.options import NCUOptions
 
-    recs = [builtin.shapes_record(0, i) for i in range(256)]
-    times = {}
-    for name in ("clip", "ncu"):
+    recs = [builtin.shapes_record(0, i) for i in range(320)]
+    noisy = np.zeros(len(recs), dtype=bool)
+    noisy[::5] = True  # 20% flagged: filter keeps 256, a batch of 128 as plain CLIP's
+    kw = dict(batch_size=128, lr=1e-4, warmup=0, weight_decay=0.2, seed=0)
+    per_step = {}
+    for name in ("clip", "filter", "ncu"):
         torch.manual_seed(0)
         clip = models.create("otcurate-tiny")
         x, t = models.pairs_to_tensors([r.image for r in recs], [r.caption for r in recs], clip)
-        noisy = np.zeros(len(recs), dtype=bool)
-        noisy[::5] = True
-        # The first call warms up allocators and kernels; the second is timed.
-        for n_steps in (2, steps):
-            kw = dict(steps=n_steps, batch_size=128, lr=1e-4, warmup=0, weight_decay=0.2, seed=0)
-            t0 = time.perf_counter()
-            if name == "clip":
-                train_contrastive(clip.model, x, t, **kw)
-            else:  # phase B steps only: the unlearning step that runs for most of the budget
-                opts = NCUOptions(phase_a_fraction=0.0)
-                finetune_ncu(clip.model, x, t, opts, noisy=noisy, **kw)
-            times[name] = (time.perf_counter() - t0) / n_steps
-    rows += [
-        {
-            "case": "finetune step otcurate-tiny B=128",
-            "n": 128,
-            "metric": "seconds_clip_step",
-            "value": times["clip"],
-        },
-        {
-            "case": "finetune step otcurate-tiny B=128",
-            "n": 128,
-            "metric": "seconds_ncu_step",
-            "value": times["ncu"],
-        },
-        {
-            "case": "finetune step otcurate-tiny B=128",
-            "n": 128,
-            "metric": "ncu_over_clip_step",
-            "value": times["ncu"] / times["clip"],
-        },
-    ]
+        opts = NCUOptions(phase_a_fraction=0.0) if name == "ncu" else None  # phase B only
+
+        def run(n, name=name, clip=clip, x=x, t=t, opts=opts):
+            train.finetune(name, clip.model, x, t, opts, noisy=noisy, steps=n, **kw)
+
+        run(2)  # warm-up: allocators and kernels
+        ts, _ = timed(lambda run=run: run(steps))
+        per_step[name] = [s / steps for s in ts]
+        rows += spread(
+            "finetune step otcurate-tiny B=128", 128, f"seconds_{name}_step", per_step[name]
+        )
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    for name in ("filter", "ncu"):
+        rows.append(
+            {
+                "case": "finetune step otcurate-tiny B=128",
+                "n": 128,
+                "metric": f"{name}_over_clip_step",
+                "value": med[name] / med["clip"],
+            }
+        )
     print(
-        f"step: clip {times['clip']:.3f}s, ncu (phase B) {times['ncu']:.3f}s, ratio {times['ncu'] / times['clip']:.2f}",
+        "step: "
+        + ", ".join(f"{k} {v:.3f}s" for k, v in med.items())
+        + f"; filter/clip {med['filter'] / med['clip']:.2f}, ncu/clip {med['ncu'] / med['clip']:.2f}",
         flush=True,
     )
 
@@ -219,13 +230,21 @@ def main() -> None:
     ap.add_argument("--method", default="ot")
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="runs per timing (the median is kept)")
+    ap.add_argument("--only", nargs="+", choices=["ot", "steps", "detect"], default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global REPEATS
+    REPEATS = args.repeats
+    parts = args.only or ["ot", "steps", "detect"]
     rows: list = []
-    ot_vs_pot(args.ot_sizes, args.batched, args.reg, args.iters, rows)
-    ncu_vs_clip_step(rows)
-    detection_throughput(args.sizes, args.method, args.passes, rows)
+    if "ot" in parts:
+        ot_vs_pot(args.ot_sizes, args.batched, args.reg, args.iters, rows)
+    if "steps" in parts:
+        finetune_steps(rows)
+    if "detect" in parts:
+        detection_throughput(args.sizes, args.method, args.passes, rows)
     rows = [{"bench": "speed", **r} for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     save("speed", rows, markdown(rows), args.out)

@@ -84,6 +84,8 @@ def first_line_seconds(argv: list[str], cwd: Path) -> tuple[float, str]:
     seconds = time.perf_counter() - t0
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for left in [*cwd.glob("*/*.partial"), *cwd.glob("*/*.tmp-*")]:  # a stopped stage's staging
+        shutil.rmtree(left, ignore_errors=True)
     if not line:
         raise RuntimeError(f"{' '.join(argv)} printed nothing (exit {proc.returncode}).")
     return seconds, line.strip()
@@ -135,11 +137,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--repeats", type=int, default=5, help="no-op runs and stage start-ups")
-    ap.add_argument("--default-repeats", type=int, default=1, help="default runs from nothing")
+    ap.add_argument(
+        "--default-repeats", type=int, default=1, help="default runs from nothing (>= 1)"
+    )
     ap.add_argument("--suite", action="store_true", help="also time the test suite (make test)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "startup")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.default_repeats < 1 or args.repeats < 1:
+        ap.error("--repeats and --default-repeats must be >= 1")
     otc = str(BIN / "otcurate")
     rows: list[dict] = []
     repeats = {"default_run_seconds": args.default_repeats, "noop_run_seconds": args.repeats}

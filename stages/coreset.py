@@ -55,8 +55,8 @@ def _named_target(spec, args, base):
 
 def coreset(args) -> None:
     base, p = read_params(args.params, "coreset")
-    pool_size = read_split(args.data, "train", columns=["uid"]).num_rows
-    print(f"coreset ({p.method}): choosing among {pool_size} train pairs", flush=True)
+    flags = artifacts.read_scores(args.detect)
+    print(f"coreset ({p.method}): choosing among {len(flags.uids)} train pairs", flush=True)
     # torch loads now, after the params and inputs are read (#18)
     from otcurate import coreset as cs
     from otcurate.runtime import make_reproducible

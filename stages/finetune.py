@@ -41,7 +41,7 @@ def launch(nproc: int, argv: list[str]) -> None:
 def finetune(args) -> None:
     base, p = read_params(args.params, "finetune")
     subset = pa.array(artifacts.read_subset(args.coreset).uids, pa.string())
-    if int(os.environ.get("RANK", "0")) == 0:
+    if "RANK" not in os.environ:  # not a torchrun worker: the launcher says it once
         print(f"finetune ({p.method}): {len(subset)} coreset pairs, {p.steps} steps", flush=True)
     # torch and open_clip load now, after the params and inputs are read (#18)
     import torch

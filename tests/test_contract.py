@@ -35,6 +35,16 @@ def test_every_file_a_stage_runs_is_a_dep(stage):
 
 
 @pytest.mark.parametrize("stage", list(LAYOUT))
+def test_every_code_file_a_stage_lists_is_one_it_runs(stage):
+    """No stale code deps: a listed .py file the stage no longer imports would rerun it for
+    nothing (folders, such as src/otcurate/data, are listed whole on purpose)."""
+    s = LAYOUT[stage]
+    runs = closure(ROOT / "stages" / f"{stage}.py")
+    listed = [d for d in s.deps if d.startswith(("src/", "stages/")) and d.endswith(".py")]
+    assert [d for d in listed if ROOT / d not in runs] == []
+
+
+@pytest.mark.parametrize("stage", list(LAYOUT))
 def test_every_path_a_cmd_names_is_a_dep_or_an_out(stage):
     s = LAYOUT[stage]
     assert set(s.paths.values()) <= set(s.deps) | set(s.outs)

@@ -57,7 +57,7 @@ def test_every_registered_method_is_imported_by_the_module_that_runs_it():
     from otcurate import options
 
     dispatchers = {
-        "otcurate.detect.methods": options.DETECT_METHODS,
+        "otcurate.detect": options.DETECT_METHODS,  # the package: score/detect and the scorers
         "otcurate.coreset": options.CORESET_METHODS,
         "otcurate.distill": options.DISTILL_METHODS,
         "otcurate.train": options.FINETUNE_METHODS,

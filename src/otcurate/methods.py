@@ -27,6 +27,10 @@ class Method:
     target: str
     options: type = NoOptions
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or self.target.count(":") != 1:
+            raise TypeError(f"Method takes 'module:function'; got {self.target!r}.")
+
     @property
     def fn(self) -> Callable[..., Any]:
         module, name = self.target.split(":")

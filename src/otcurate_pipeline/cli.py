@@ -98,7 +98,7 @@ def _flow_run(root: Path, name: str | None, allow_rewrite: bool) -> list[dict]:
     from otcurate_pipeline.flow import StageFailed, pipeline
 
     try:
-        return pipeline(str(root), run_name=name, allow_rewrite=allow_rewrite)
+        return pipeline(str(root), run_name=name, allow_rewrite=allow_rewrite, prepared=True)
     except StageFailed as exc:
         done = exc.recovery.message if exc.recovery else "its outputs were not checked."
         err.print(f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}).\n{exc.tail}")
@@ -113,24 +113,26 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             if changed:
                 console.print(f"params.yaml updated: {', '.join(changed)}")
         params = validate_file(root / PARAMS_FILE)
-        check_device(params["base"].device)
     except ParamsError as exc:
         err.print(f"[red]error:[/] params.yaml: {exc}")
         raise typer.Exit(2) from None
     from otcurate_pipeline.manifests import SourceChanged
-    from otcurate_pipeline.uptodate import noop_run
+    from otcurate_pipeline.uptodate import WHY_SKIPPED, noop_run
 
     t0 = time.perf_counter()
     try:
         results = noop_run(root, name, allow_rewrite)  # nothing changed: no flow, no server
-        if results is None:
+        noop = results is not None
+        if not noop:
+            try:
+                check_device(params["base"].device)  # (imports torch for cuda: only now)
+            except ParamsError as exc:
+                err.print(f"[red]error:[/] params.yaml: {exc}")
+                raise typer.Exit(2) from None
             results = _flow_run(root, name, allow_rewrite)
     except SourceChanged as exc:
         err.print(f"[red]error:[/] ingest source: {exc}")
         raise typer.Exit(2) from None
-    from otcurate_pipeline.uptodate import WHY_SKIPPED
-
-    noop = all(r.get("why") for r in results)
     title = f"pipeline run ({time.perf_counter() - t0:.1f} s)"
     table = Table(title=title + (": nothing changed, no stage ran" if noop else ""))
     table.add_column("stage")

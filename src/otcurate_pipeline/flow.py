@@ -170,17 +170,23 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 @flow(name="otcurate-pipeline", log_prints=False)
 def pipeline(
-    root: str = ".", run_name: str | None = None, allow_rewrite: bool = False
+    root: str = ".",
+    run_name: str | None = None,
+    allow_rewrite: bool = False,
+    prepared: bool = False,
 ) -> list[dict]:
     """Run every stage in DVC's order; record each in MLflow; return [{stage, outcome, seconds}].
-    ``allow_rewrite`` accepts a source whose known files changed (see otcurate_pipeline.manifests)."""
+    ``allow_rewrite`` accepts a source whose known files changed (see otcurate_pipeline.manifests);
+    ``prepared``: the caller swept the leftovers and synced the sources (uptodate.noop_run)."""
     rootp = Path(root).resolve()
-    swept = sweep(rootp)
-    if swept:
-        print(
-            f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run", flush=True
-        )
-    sync_sources(rootp, allow_rewrite)
+    if not prepared:
+        swept = sweep(rootp)
+        if swept:
+            print(
+                f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run",
+                flush=True,
+            )
+        sync_sources(rootp, allow_rewrite)
     order = stage_order(rootp)
     tracker = Tracker(rootp, run_name=run_name)
     results: list[StageResult] = []
@@ -285,13 +291,9 @@ def nightly(root: str = ".", lineage: str = "branch", branch: str = "otcurate/li
 
 
 def _nightly_locked(rootp: Path, started: str, lineage: str, branch: str) -> dict:
-    import json
 
     sources = sync_sources(rootp)
-    status = dvc(rootp, "status", "--json")
-    if status.returncode != 0:
-        raise RuntimeError(f"dvc status failed:\n{status.stderr}")
-    stale = json.loads(status.stdout or "{}")
+    stale = dvc_state(rootp).stale
     record: dict = {"started": started, "new_files": sources["added"]}
     if not stale:
         print("nothing changed since the last run: no stage reruns")

@@ -66,8 +66,9 @@ def record_noop(root: Path, order: list[str], run_name: str | None = None) -> li
 
 def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict] | None:
     """When nothing changed: record the no-op run in MLflow and return its stage rows.
-    Otherwise None, and the caller runs the flow. Sweeps the leftovers of a failed run and
-    syncs the source manifests first, as the flow does."""
+    Otherwise None, and the caller runs the flow (``prepared``: the sweep and the source
+    sync done here). Sweeps the leftovers of a failed run and syncs the source manifests
+    first, as the flow does."""
     from otcurate_pipeline.recovery import sweep
 
     swept = sweep(root)
@@ -78,7 +79,12 @@ def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict
     report = sync_sources(root, allow_rewrite)
     if report["added"] or report["clean_changed"]:
         return None
-    state = dvc_state(root)
+    from dvc.exceptions import DvcException
+
+    try:
+        state = dvc_state(root)
+    except DvcException:  # e.g. DVC's lock held by a `dvc` command: the flow retries it
+        return None
     if state.stale:
         return None
     return record_noop(root, state.order, run_name)
