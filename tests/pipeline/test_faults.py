@@ -102,7 +102,8 @@ def test_a_second_run_refuses_at_once_and_changes_nothing(scratch):
     )
     try:
         deadline = time.monotonic() + 120
-        while holder(root).get("pid") != first.pid:
+        # the first run holds the lock and has written its --set (it takes the lock first)
+        while holder(root).get("pid") != first.pid or _finetune_steps(root) != steps + 2:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         params = (root / "params.yaml").read_bytes()
