@@ -55,11 +55,16 @@ def git_state(root: Path) -> tuple[str, bool]:
     return commit, dirty
 
 
+# libyaml's loader when PyYAML has it: dvc.lock holds every output file's md5 (a second per
+# read in pure Python on a few thousand lines)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_lock(root: Path) -> dict[str, Any]:
     path = root / "dvc.lock"
     if not path.exists():
         return {}
-    return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    return (yaml.load(path.read_text(), Loader=_LOADER) or {}).get("stages", {})
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -209,13 +214,21 @@ class Tracker:
             self._warn(f"could not start the run of stage {name}", exc)
             return None
 
-    def end_stage(self, run_id: str | None, name: str, outcome: str, seconds: float) -> None:
+    def end_stage(
+        self,
+        run_id: str | None,
+        name: str,
+        outcome: str,
+        seconds: float,
+        lock: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a finished stage (``lock``: dvc.lock's stages, when the caller has read it)."""
         if self.client is None or run_id is None:
             return
         try:
             from mlflow.entities import Metric, Param, RunTag
 
-            entry = read_lock(self.root).get(name, {})
+            entry = (read_lock(self.root) if lock is None else lock).get(name, {})
             tags = {"dvc.outcome": outcome, **lock_tags(entry)}
             params = lock_params(entry)
             metrics = {"stage_seconds": seconds}

@@ -55,11 +55,12 @@ def dvc_state(root: Path, with_status: bool = True) -> State:
 
 def record_noop(root: Path, order: list[str], run_name: str | None = None) -> list[dict]:
     """Write the MLflow record of a run in which nothing changed; return its stage rows."""
-    from otcurate_pipeline.tracking import Tracker
+    from otcurate_pipeline.tracking import Tracker, read_lock
 
     tracker = Tracker(root, run_name=run_name, tags={"otcurate.noop": "true"})
+    lock = read_lock(root)  # unchanged through a no-op: read once
     for name in order:
-        tracker.end_stage(tracker.start_stage(name), name, "skipped", 0.0)
+        tracker.end_stage(tracker.start_stage(name), name, "skipped", 0.0, lock)
     tracker.finish("FINISHED", dict.fromkeys(order, "skipped"))
     return [{"stage": s, "outcome": "skipped", "seconds": 0.0, "why": WHY_SKIPPED} for s in order]
 
