@@ -63,8 +63,8 @@ def coreset(args) -> None:
 
     make_reproducible(base.seed, base.threads)
     uids, image, text = artifacts.read_embeddings(args.embed, "train")
-    det = artifacts.read_scores(args.detect, uids, against=args.embed)
-    scores, flagged = det.score, det.noisy
+    artifacts.check_uids(Path(args.detect), flags.uids, uids, args.embed, "detect")
+    scores, flagged = flags.score, flags.noisy
     candidates = np.flatnonzero(~flagged) if p.exclude_flagged else np.arange(len(uids))
     try:
         k = cs.budget(len(uids), len(candidates), fraction=p.fraction, size=p.size)

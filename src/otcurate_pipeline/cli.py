@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -93,6 +93,11 @@ def run(
         raise typer.Exit(3) from None
 
 
+def _bad_params(exc: ParamsError) -> NoReturn:
+    err.print(f"[red]error:[/] params.yaml: {exc}")
+    raise typer.Exit(2) from None
+
+
 def _flow_run(root: Path, name: str | None, allow_rewrite: bool) -> list[dict]:
     """The Prefect flow over the stages; a failed stage exits 1 saying what was kept."""
     from otcurate_pipeline.flow import StageFailed, pipeline
@@ -114,8 +119,7 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
                 console.print(f"params.yaml updated: {', '.join(changed)}")
         params = validate_file(root / PARAMS_FILE)
     except ParamsError as exc:
-        err.print(f"[red]error:[/] params.yaml: {exc}")
-        raise typer.Exit(2) from None
+        _bad_params(exc)
     from otcurate_pipeline.manifests import SourceChanged
     from otcurate_pipeline.uptodate import WHY_SKIPPED, noop_run
 
@@ -127,8 +131,7 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             try:
                 check_device(params["base"].device)  # (imports torch for cuda: only now)
             except ParamsError as exc:
-                err.print(f"[red]error:[/] params.yaml: {exc}")
-                raise typer.Exit(2) from None
+                _bad_params(exc)
             results = _flow_run(root, name, allow_rewrite)
     except SourceChanged as exc:
         err.print(f"[red]error:[/] ingest source: {exc}")
@@ -149,7 +152,7 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             r["stage"],
             f"[{style.get(r['outcome'], '')}]{r['outcome']}[/]",
             f"{r['seconds']:.1f}",
-            r.get("why") or why.get(r["outcome"], ""),
+            why.get(r["outcome"], ""),
         )
     console.print(table)
     evaluated = root / layout.stages(root)["evaluate"].paths["results"]
@@ -391,8 +394,7 @@ def schedule(
     try:
         validate_file(root / PARAMS_FILE)
     except ParamsError as exc:
-        err.print(f"[red]error:[/] params.yaml: {exc}")
-        raise typer.Exit(2) from None
+        _bad_params(exc)
     os.chdir(root)
     from otcurate_pipeline.flow import nightly
 

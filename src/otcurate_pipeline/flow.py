@@ -24,10 +24,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from otcurate_pipeline.manifests import ALL_MANIFESTS
-from otcurate_pipeline.recovery import Recovery, recover, sweep, uncached_outs
+from otcurate_pipeline.recovery import Recovery, recover, uncached_outs
 from otcurate_pipeline.runlock import RunLocked, run_lock
 from otcurate_pipeline.tracking import Tracker
-from otcurate_pipeline.uptodate import dvc_state, sync_sources
+from otcurate_pipeline.uptodate import dvc_state, sweep_leftovers, sync_sources
 
 EXIT_TRANSIENT = 75
 _EXIT_RE = re.compile(r"exited with (-?\d+)")
@@ -180,12 +180,7 @@ def pipeline(
     ``prepared``: the caller swept the leftovers and synced the sources (uptodate.noop_run)."""
     rootp = Path(root).resolve()
     if not prepared:
-        swept = sweep(rootp)
-        if swept:
-            print(
-                f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run",
-                flush=True,
-            )
+        sweep_leftovers(rootp)
         sync_sources(rootp, allow_rewrite)
     order = stage_order(rootp)
     tracker = Tracker(rootp, run_name=run_name)
@@ -291,7 +286,6 @@ def nightly(root: str = ".", lineage: str = "branch", branch: str = "otcurate/li
 
 
 def _nightly_locked(rootp: Path, started: str, lineage: str, branch: str) -> dict:
-
     sources = sync_sources(rootp)
     stale = dvc_state(rootp).stale
     record: dict = {"started": started, "new_files": sources["added"]}

@@ -20,6 +20,17 @@ class State:
     stale: dict  # `dvc status`: stage -> what changed; empty when up to date
 
 
+def sweep_leftovers(root: Path) -> None:
+    """Remove what an earlier failed run left (otcurate_pipeline.recovery.sweep), saying so."""
+    from otcurate_pipeline.recovery import sweep
+
+    swept = sweep(root)
+    if swept:
+        print(
+            f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run", flush=True
+        )
+
+
 def sync_sources(root: Path, allow_rewrite: bool = False) -> dict:
     """Refresh the content manifests (data/sources.json for ingest, and those of the clean
     sources in coreset.target and evaluate.sets) from the params."""
@@ -62,21 +73,14 @@ def record_noop(root: Path, order: list[str], run_name: str | None = None) -> li
     for name in order:
         tracker.end_stage(tracker.start_stage(name), name, "skipped", 0.0, lock)
     tracker.finish("FINISHED", dict.fromkeys(order, "skipped"))
-    return [{"stage": s, "outcome": "skipped", "seconds": 0.0, "why": WHY_SKIPPED} for s in order]
+    return [{"stage": s, "outcome": "skipped", "seconds": 0.0} for s in order]
 
 
 def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict] | None:
     """When nothing changed: record the no-op run in MLflow and return its stage rows.
-    Otherwise None, and the caller runs the flow (``prepared``: the sweep and the source
-    sync done here). Sweeps the leftovers of a failed run and syncs the source manifests
-    first, as the flow does."""
-    from otcurate_pipeline.recovery import sweep
-
-    swept = sweep(root)
-    if swept:
-        print(
-            f"[cleanup] removed {len(swept)} temporary file(s) of an earlier failed run", flush=True
-        )
+    Otherwise None, and the caller runs the flow with ``prepared=True``: the leftovers of a
+    failed run are swept and the source manifests synced here first, as the flow does."""
+    sweep_leftovers(root)
     report = sync_sources(root, allow_rewrite)
     if report["added"] or report["clean_changed"]:
         return None
