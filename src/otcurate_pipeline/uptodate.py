@@ -4,10 +4,17 @@
 dvc.lock (and no new source file arrived), the run records itself in MLflow (a parent run
 and one child per stage, outcome `skipped`, as a run through the flow would) and stops:
 no Prefect server, no `dvc repro` per stage, no model loaded.
+
+Importing MLflow costs about 3 s, more than DVC takes to answer, so a recorder process
+imports it on the second core while DVC decides (`Recorder`); it writes the record only
+when told that nothing changed, and is killed otherwise.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,20 +83,67 @@ def record_noop(root: Path, order: list[str], run_name: str | None = None) -> li
     return [{"stage": s, "outcome": "skipped", "seconds": 0.0} for s in order]
 
 
+class Recorder:
+    """A process that imports MLflow now and writes a no-op record (`record_noop`) once it
+    is given the stage order; `cancel` kills it unused. Its warnings go to our stderr."""
+
+    def __init__(self, root: Path, run_name: str | None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otcurate_pipeline.uptodate", str(root), run_name or ""],
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+
+    def record(self, order: list[str]) -> list[dict]:
+        self.proc.communicate(json.dumps(order) + "\n")
+        if self.proc.returncode != 0:
+            print(
+                f"otcurate: tracking: the no-op record was not written (recorder exit "
+                f"{self.proc.returncode}); nothing else is affected",
+                file=sys.stderr,
+            )
+        return [{"stage": s, "outcome": "skipped", "seconds": 0.0} for s in order]
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict] | None:
     """When nothing changed: record the no-op run in MLflow and return its stage rows.
     Otherwise None, and the caller runs the flow with ``prepared=True``: the leftovers of a
     failed run are swept and the source manifests synced here first, as the flow does."""
-    sweep_leftovers(root)
-    report = sync_sources(root, allow_rewrite)
-    if report["added"] or report["clean_changed"]:
-        return None
-    from dvc.exceptions import DvcException
-
+    recorder = Recorder(root, run_name)  # imports MLflow while DVC answers
     try:
-        state = dvc_state(root)
-    except DvcException:  # e.g. DVC's lock held by a `dvc` command: the flow retries it
-        return None
-    if state.stale:
-        return None
-    return record_noop(root, state.order, run_name)
+        sweep_leftovers(root)
+        report = sync_sources(root, allow_rewrite)
+        if report["added"] or report["clean_changed"]:
+            return None
+        from dvc.exceptions import DvcException
+
+        try:
+            state = dvc_state(root)
+        except DvcException:  # e.g. DVC's lock held by a `dvc` command: the flow retries it
+            return None
+        if state.stale:
+            return None
+        return recorder.record(state.order)
+    finally:
+        recorder.cancel()
+
+
+def _recorder_main(root: str, run_name: str) -> int:
+    """`Recorder`'s process: import MLflow's client and store, then wait for the order."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the slow import, done early
+    import mlflow.tracking  # noqa: F401
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # cancelled: the flow runs and records itself
+    record_noop(Path(root), json.loads(line), run_name or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_recorder_main(*sys.argv[1:3]))
