@@ -155,6 +155,15 @@ def detection_throughput(sizes, method: str, passes: int, rows: list) -> None:
             }
         )
         print(f"scaling exponent (seconds ~ n^k): k = {slope:.3f}", flush=True)
+        for (n0, t0), (n1, t1) in zip(pts[:-1], pts[1:], strict=True):  # where the curve bends
+            rows.append(
+                {
+                    "case": f"detect {method} passes={passes}",
+                    "n": n1,
+                    "metric": f"local_exponent_from_{n0}",
+                    "value": float(np.log(t1 / t0) / np.log(n1 / n0)),
+                }
+            )
 
 
 def finetune_steps(rows: list, steps: int = 10) -> None:
