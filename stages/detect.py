@@ -46,6 +46,21 @@ def detect(args) -> None:
         auto=p.auto,
         seed=base.seed,
     )
+    estimate = det.estimate_rate(result.scores, seed=base.seed)
+    share = p.fraction
+    if p.raise_fraction:  # the fraction is a floor: flag what a bimodal mixture says, if more
+        bimodal = det.separation(result.scores, result.noisy, seed=base.seed).bimodal
+        share = det.raised_fraction(p.fraction, estimate, bimodal)
+        if share > p.fraction:
+            result = det.Detection(
+                result.scores, det.flag(result.scores, fraction=share, seed=base.seed)
+            )
+        print(
+            f"detect ({p.method}): detect.raise_fraction: flagging {share:.3f} of the pairs "
+            f"(detect.fraction {p.fraction:g}; the scores' mixture estimates "
+            f"{estimate.rate:.3f}, {'bimodal' if bimodal else 'not bimodal: not followed'})",
+            flush=True,
+        )
     detector = det.fit_detector(
         p.method, image, text, result, opts, threshold=p.threshold, seed=base.seed
     )
@@ -57,7 +72,6 @@ def detect(args) -> None:
         "logit_scale": getattr(opts, "logit_scale", None) or scale,
     }
     has_truth = bool(truth.any())
-    estimate = det.estimate_rate(result.scores, seed=base.seed)
     if has_truth:
         metrics.update(det.quality(result.scores, result.noisy, truth))
     metrics.update(estimate.metrics("mixture_noise_rate"))  # what the scores suggest
@@ -68,14 +82,15 @@ def detect(args) -> None:
     notes = []  # a mixture splits any scores in two: its rate means something only if bimodal
     if (
         p.fraction is not None
+        and not p.raise_fraction
         and sep.bimodal
         and abs(estimate.rate - p.fraction) > 0.05 + 2 * estimate.std
     ):
         notes.append(
             f"detect.fraction is {p.fraction:g} but the scores suggest a noise rate of "
             f"{estimate.rate:.2f} (95% {estimate.low:.2f}-{estimate.high:.2f}); set "
-            f"detect.fraction: {estimate.rate:.2f}, or detect.auto: true with "
-            "detect.fraction: null to follow the scores"
+            f"detect.fraction: {estimate.rate:.2f}, or detect.raise_fraction: true to flag "
+            "what the scores suggest when it is more"
         )
     with atomic_dir(args.out) as out:
         artifacts.write_scores(out, uids, result.scores, result.noisy)

@@ -575,6 +575,15 @@ def test_detect_auto_flagging_through_the_stage(tiny, tmp_path):
     )
 
 
+def test_detect_raise_fraction_flags_the_bimodal_estimate_when_higher(tiny, tmp_path):
+    params = write_params(tmp_path, {"detect": {"fraction": 0.05, "raise_fraction": True}})
+    paths = {**STAGE_PATHS["detect"], "out": str(tmp_path / "out"), "results": str(tmp_path / "r")}
+    assert tiny.run("detect", params=params, **paths) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    share = max(0.05, m["mixture_noise_rate"]) if m["bimodal"] else 0.05
+    assert m["flagged"] == round(share * m["pairs"])
+
+
 def test_finetune_under_torchrun_matches_one_process(tiny, tmp_path):
     """finetune.nproc: 2 relaunches the stage under torchrun (gloo); the first process writes."""
     from safetensors.torch import load_file

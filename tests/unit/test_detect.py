@@ -122,3 +122,10 @@ def test_estimate_rate_reads_the_noise_share_off_the_scores_with_its_spread():
         assert 0 < est.std < 0.02 and est.low <= est.rate <= est.high
     flat = estimate_rate(np.full(50, 0.3))
     assert flat.rate == 0.0 and flat.std == 0.0
+
+
+def test_raised_fraction_follows_a_bimodal_estimate_only_upwards():
+    est = det.RateEstimate(rate=0.4, std=0.01, low=0.38, high=0.42)
+    assert det.raised_fraction(0.2, est, bimodal=True) == 0.4
+    assert det.raised_fraction(0.2, est, bimodal=False) == 0.2  # a mixture splits anything
+    assert det.raised_fraction(0.5, est, bimodal=True) == 0.5  # a floor: never fewer flags

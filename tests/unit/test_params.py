@@ -87,6 +87,12 @@ def test_exponent_floats_read_as_numbers_like_dvc():
     assert p.lr == 5e-05
 
 
+def test_detect_raise_fraction_needs_a_fraction():
+    assert load({"detect": {"raise_fraction": True}}, "detect").raise_fraction
+    with pytest.raises(ParamsError, match="detect.raise_fraction: true raises detect.fraction"):
+        load({"detect": {"raise_fraction": True, "fraction": None, "auto": True}}, "detect")
+
+
 def test_detect_auto_excludes_fraction_and_threshold():
     assert load({"detect": {"auto": True, "fraction": None}}, "detect").auto
     with pytest.raises(ParamsError, match="or detect.auto: true"):

@@ -30,6 +30,7 @@ from otcurate.detect.flags import (
     flag,
     mixture_flags,
     quality,
+    raised_fraction,
     roc_curve,
     separation,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "estimate_rate",
     "fit_detector",
     "flag",
+    "raised_fraction",
     "gmm_loss_score",
     "infoot_fit",
     "infoot_project",

@@ -72,6 +72,13 @@ def estimate_rate(scores: np.ndarray, *, seed: int = 0, bootstrap: int = 20) -> 
     return RateEstimate(rate, float(draws.std()), float(lo), float(hi))
 
 
+def raised_fraction(fraction: float, estimate: RateEstimate, bimodal: bool) -> float:
+    """The share to flag when ``fraction`` is a floor (`detect.raise_fraction`): the
+    mixture's noise-rate estimate when it is higher and the scores are bimodal (only then
+    does the estimate mean something: a mixture splits any scores in two), else ``fraction``."""
+    return max(float(fraction), estimate.rate) if bimodal else float(fraction)
+
+
 def flag(
     scores: np.ndarray,
     *,
