@@ -267,8 +267,9 @@ class Detect(_Methods):
     threshold: float | None = None
     auto: bool = False
     # With `fraction`: flag more when the scores are bimodal and their mixture estimates a
-    # higher noise rate (the fraction becomes a floor; bench/results/flagrule.md).
-    raise_fraction: bool = False
+    # higher noise rate (the fraction becomes a floor; bench/results/flagrule.md). Ignored
+    # with `threshold` or `auto`.
+    raise_fraction: bool = True
     # Per-method subsections (detect.ot, detect.ncu_batch, detect.gmm_loss, detect.infoot):
     # the library's options records (otcurate.options.DETECT_METHODS), added by _schema.
     METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.options:DETECT_METHODS"
@@ -287,11 +288,6 @@ class Detect(_Methods):
             )
         if self.fraction is not None:
             _frac("detect.fraction", self.fraction)
-        if self.raise_fraction and self.fraction is None:
-            raise ParamsError(
-                "detect.raise_fraction: true raises detect.fraction, which is null; set "
-                "detect.fraction (e.g. 0.2) or detect.raise_fraction: false."
-            )
 
 
 @dataclass(frozen=True)

@@ -357,7 +357,7 @@ def test_crashed_write_leaves_previous_output(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["ot", "ncu_batch", "gmm_loss", "infoot"])
 def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
-    over = {"method": method, method: {"passes": 2, "batch_size": 64}}
+    over = {"method": method, method: {"passes": 2, "batch_size": 64}, "raise_fraction": False}
     params = write_params(tmp_path, {"detect": over})
     paths = {
         **STAGE_PATHS["detect"],

@@ -87,10 +87,9 @@ def test_exponent_floats_read_as_numbers_like_dvc():
     assert p.lr == 5e-05
 
 
-def test_detect_raise_fraction_needs_a_fraction():
-    assert load({"detect": {"raise_fraction": True}}, "detect").raise_fraction
-    with pytest.raises(ParamsError, match="detect.raise_fraction: true raises detect.fraction"):
-        load({"detect": {"raise_fraction": True, "fraction": None, "auto": True}}, "detect")
+def test_detect_raise_fraction_is_the_default_and_leaves_auto_alone():
+    assert load({}, "detect").raise_fraction  # bench/results/flagrule.md
+    assert load({"detect": {"fraction": None, "auto": True}}, "detect").auto
 
 
 def test_detect_auto_excludes_fraction_and_threshold():
