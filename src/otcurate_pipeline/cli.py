@@ -436,6 +436,8 @@ def ui(
         services.start_mlflow(host, mlflow_port, tracking_uri(root), logs / "mlflow-ui.log"),
     ]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops cleanly, too
+    # and Ctrl-C even where SIGINT came ignored (a shell's background job without job control)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         console.print(f"starting the Prefect server and the MLflow UI (logs in {logs}) ...")
         services.wait_ready(running, timeout)

@@ -134,9 +134,17 @@ def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict
 
 
 def _recorder_main(root: str, run_name: str) -> int:
-    """`Recorder`'s process: import MLflow's client and store, then wait for the order."""
+    """`Recorder`'s process: import MLflow's client and open an existing store (its engine
+    and schema check, which MLflow caches per URI), then wait for the order. A store that
+    does not exist yet is left for the run that creates it: opening it would write."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the slow import, done early
-    import mlflow.tracking  # noqa: F401
+    from mlflow.tracking import MlflowClient
+
+    from otcurate_pipeline.tracking import tracking_uri
+
+    uri = tracking_uri(Path(root))
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :]).is_file():
+        MlflowClient(tracking_uri=uri)
 
     line = sys.stdin.readline()
     if not line.strip():
