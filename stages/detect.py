@@ -48,9 +48,8 @@ def detect(args) -> None:
     )
     estimate = det.estimate_rate(result.scores, seed=base.seed)
     share = p.fraction
-    if (
-        p.raise_fraction and p.fraction is not None
-    ):  # the fraction is a floor: flag what a bimodal mixture says, if more
+    # detect.raise_fraction: the fraction is a floor; flag what a bimodal mixture says, if more
+    if p.raise_fraction and p.fraction is not None:
         bimodal = det.separation(result.scores, result.noisy, seed=base.seed).bimodal
         share = det.raised_fraction(p.fraction, estimate, bimodal)
         if share > p.fraction:

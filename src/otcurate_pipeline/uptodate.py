@@ -71,8 +71,8 @@ def dvc_state(root: Path, with_status: bool = True) -> State:
     return State(order, dict(stale))
 
 
-def record_noop(root: Path, order: list[str], run_name: str | None = None) -> list[dict]:
-    """Write the MLflow record of a run in which nothing changed; return its stage rows."""
+def record_noop(root: Path, order: list[str], run_name: str | None = None) -> None:
+    """Write the MLflow record of a run in which nothing changed (in `Recorder`'s process)."""
     from otcurate_pipeline.tracking import Tracker, read_lock
 
     tracker = Tracker(root, run_name=run_name, tags={"otcurate.noop": "true"})
@@ -80,7 +80,6 @@ def record_noop(root: Path, order: list[str], run_name: str | None = None) -> li
     for name in order:
         tracker.end_stage(tracker.start_stage(name), name, "skipped", 0.0, lock)
     tracker.finish("FINISHED", dict.fromkeys(order, "skipped"))
-    return [{"stage": s, "outcome": "skipped", "seconds": 0.0} for s in order]
 
 
 class Recorder:
@@ -95,6 +94,7 @@ class Recorder:
         )
 
     def record(self, order: list[str]) -> list[dict]:
+        """Have the record written; the no-op's stage rows, whether or not it was."""
         self.proc.communicate(json.dumps(order) + "\n")
         if self.proc.returncode != 0:
             print(
