@@ -9,6 +9,10 @@ plan is only a target.
 POT's ``ot.sinkhorn(..., method="sinkhorn_log")`` has neither masks (forbidden cells)
 nor a batch dimension; NCU's unlearning step and the minibatch detectors need both,
 hence :func:`sinkhorn_log`. It agrees with POT on unmasked, unbatched problems.
+
+POT is imported on first use, not with this module: ``import ot`` takes about 2.4 s here
+(it loads scikit-learn), which a stage that imports the library but runs no OT (finetune's
+``clip`` and ``filter``) should not pay.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import ot as pot
-from ot.backend import get_backend
-
 # Added to the log-kernel of a forbidden cell: exp(-1e6) is exactly 0 in float32 and
 # float64, and -1e6 stays finite, so a forbidden row or column never yields -inf - -inf.
 MASK_LOGIT = -1e6
 
 Array = Any  # numpy.ndarray or torch.Tensor; POT's backend dispatches on the type
+
+
+def get_backend(*args: Array):
+    """POT's backend for ``args`` (``ot.backend.get_backend``), importing POT on first use."""
+    from ot.backend import get_backend as pot_backend
+
+    return pot_backend(*args)
 
 
 class ConvergenceWarning(UserWarning):
@@ -230,6 +238,8 @@ def emd(a: Array | None, b: Array | None, M: Array, *, max_iter: int = 100000) -
     n, m = M.shape
     a = _uniform(nx, a, (n,), M)
     b = _uniform(nx, b, (m,), M)
+    import ot as pot
+
     plan = pot.emd(a, b, M, numItermax=max_iter)
     return OTResult(
         plan=plan,

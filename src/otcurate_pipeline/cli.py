@@ -98,12 +98,16 @@ def _bad_params(exc: ParamsError) -> NoReturn:
     raise typer.Exit(2) from None
 
 
-def _flow_run(root: Path, name: str | None, allow_rewrite: bool) -> list[dict]:
-    """The Prefect flow over the stages; a failed stage exits 1 saying what was kept."""
+def _flow_run(root: Path, name: str | None, allow_rewrite: bool, state) -> list[dict]:
+    """The Prefect flow over the stages (``state``: DVC's, uptodate.State, or None when it
+    could not be asked); a failed stage exits 1 saying what was kept."""
     from otcurate_pipeline.flow import StageFailed, pipeline
 
+    plan = {"order": state.order, "untouched": state.untouched()} if state else {}
     try:
-        return pipeline(str(root), run_name=name, allow_rewrite=allow_rewrite, prepared=True)
+        return pipeline(
+            str(root), run_name=name, allow_rewrite=allow_rewrite, prepared=True, **plan
+        )
     except StageFailed as exc:
         done = exc.recovery.message if exc.recovery else "its outputs were not checked."
         err.print(f"\n[red]stage '{exc.stage}' failed[/] (exit {exc.code}).\n{exc.tail}")
@@ -125,14 +129,14 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
 
     t0 = time.perf_counter()
     try:
-        results = noop_run(root, name, allow_rewrite)  # nothing changed: no flow, no server
+        results, state = noop_run(root, name, allow_rewrite)  # nothing changed: no flow
         noop = results is not None
         if not noop:
             try:
                 check_device(params["base"].device)  # (imports torch for cuda: only now)
             except ParamsError as exc:
                 _bad_params(exc)
-            results = _flow_run(root, name, allow_rewrite)
+            results = _flow_run(root, name, allow_rewrite, state)
     except SourceChanged as exc:
         err.print(f"[red]error:[/] ingest source: {exc}")
         raise typer.Exit(2) from None

@@ -25,6 +25,15 @@ WHY_SKIPPED = "deps, params and outs match dvc.lock (dvc status)"
 class State:
     order: list[str]  # stage names in DVC's dependency order
     stale: dict  # `dvc status`: stage -> what changed; empty when up to date
+    upstream: dict[str, frozenset[str]]  # stage -> every stage it depends on, transitively
+
+    def untouched(self) -> list[str]:
+        """The stages this run cannot change: up to date, and nothing they depend on is
+        stale. `dvc repro` would only say "didn't change, skipping" for them; a stage
+        downstream of a stale one may change once that one reruns, so it is not here."""
+        return [
+            s for s in self.order if s not in self.stale and not self.upstream[s] & set(self.stale)
+        ]
 
 
 def sweep_leftovers(root: Path) -> None:
@@ -61,14 +70,14 @@ def dvc_state(root: Path, with_status: bool = True) -> State:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        order = [
-            s.addressing
-            for s in reversed(list(nx.topological_sort(graph)))
-            if getattr(s, "cmd", None)
-        ]
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        stages = [s for s in reversed(list(nx.topological_sort(graph))) if getattr(s, "cmd", None)]
+        upstream = {
+            s.addressing: frozenset(d.addressing for d in nx.descendants(graph, s) if d.cmd)
+            for s in stages
+        }
         stale = repo.status() if with_status else {}
-    return State(order, dict(stale))
+    return State([s.addressing for s in stages], dict(stale), upstream)
 
 
 def record_noop(root: Path, order: list[str], run_name: str | None = None) -> None:
@@ -110,25 +119,29 @@ class Recorder:
         self.proc.wait()
 
 
-def noop_run(root: Path, run_name: str | None, allow_rewrite: bool) -> list[dict] | None:
-    """When nothing changed: record the no-op run in MLflow and return its stage rows.
-    Otherwise None, and the caller runs the flow with ``prepared=True``: the leftovers of a
-    failed run are swept and the source manifests synced here first, as the flow does."""
+def noop_run(
+    root: Path, run_name: str | None, allow_rewrite: bool
+) -> tuple[list[dict] | None, State | None]:
+    """(the no-op's stage rows, DVC's state) when nothing changed: the run is recorded in
+    MLflow. Otherwise (None, the state, or None when DVC could not answer), and the caller
+    runs the flow with ``prepared=True`` and the state's order and untouched stages: the
+    leftovers of a failed run are swept and the source manifests synced here first, as the
+    flow does."""
     recorder = Recorder(root, run_name)  # imports MLflow while DVC answers
     try:
         sweep_leftovers(root)
         report = sync_sources(root, allow_rewrite)
-        if report["added"] or report["clean_changed"]:
-            return None
+        if report["added"] or report["clean_changed"]:  # every stage goes to dvc repro
+            return None, None
         from dvc.exceptions import DvcException
 
         try:
             state = dvc_state(root)
         except DvcException:  # e.g. DVC's lock held by a `dvc` command: the flow retries it
-            return None
+            return None, None
         if state.stale:
-            return None
-        return recorder.record(state.order)
+            return None, state
+        return recorder.record(state.order), state
     finally:
         recorder.cancel()
 

@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from otcurate_pipeline.uptodate import Recorder
+from otcurate_pipeline.uptodate import Recorder, State
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,3 +47,13 @@ def test_a_cancelled_recorder_writes_nothing(tmp_path, monkeypatch):
     recorder.cancel()
     assert recorder.proc.returncode is not None
     assert not (root / "mlflow.db").exists()
+
+
+def test_untouched_stages_are_up_to_date_with_nothing_stale_upstream():
+    # a -> b -> d, a -> c; c stale: d is up to date but not downstream of c, b is neither
+    up = {"a": frozenset(), "b": frozenset("a"), "c": frozenset("a"), "d": frozenset("ab")}
+    order = ["a", "b", "c", "d"]
+    assert State(order, {"c": ["changed deps"]}, up).untouched() == ["a", "b", "d"]
+    assert State(order, {"b": ["changed outs"]}, up).untouched() == ["a", "c"]
+    assert State(order, {"a": ["changed params"]}, up).untouched() == []
+    assert State(order, {}, up).untouched() == order
