@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -29,6 +29,9 @@ from otcurate_pipeline.params import (
     check_device,
     validate_file,
 )
+
+if TYPE_CHECKING:
+    from otcurate_pipeline.uptodate import State
 
 app = typer.Typer(
     add_completion=False,
@@ -98,9 +101,9 @@ def _bad_params(exc: ParamsError) -> NoReturn:
     raise typer.Exit(2) from None
 
 
-def _flow_run(root: Path, name: str | None, allow_rewrite: bool, state) -> list[dict]:
-    """The Prefect flow over the stages (``state``: DVC's, uptodate.State, or None when it
-    could not be asked); a failed stage exits 1 saying what was kept."""
+def _flow_run(root: Path, name: str | None, allow_rewrite: bool, state: State | None) -> list[dict]:
+    """The Prefect flow over the stages (``state``: DVC's, or None when it could not be
+    asked); a failed stage exits 1 saying what was kept."""
     from otcurate_pipeline.flow import StageFailed, pipeline
 
     plan = {"order": state.order, "untouched": state.untouched()} if state else {}

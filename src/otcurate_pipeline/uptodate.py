@@ -73,7 +73,9 @@ def dvc_state(root: Path, with_status: bool = True) -> State:
         graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
         stages = [s for s in reversed(list(nx.topological_sort(graph))) if getattr(s, "cmd", None)]
         upstream = {
-            s.addressing: frozenset(d.addressing for d in nx.descendants(graph, s) if d.cmd)
+            s.addressing: frozenset(
+                d.addressing for d in nx.descendants(graph, s) if getattr(d, "cmd", None)
+            )
             for s in stages
         }
         stale = repo.status() if with_status else {}
