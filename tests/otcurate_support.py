@@ -10,6 +10,7 @@ import ast
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,7 +72,50 @@ LAYOUT = layout.stages(ROOT)  # dvc.yaml's stages, their paths, deps and outs
 STAGE_PATHS = {name: dict(stage.paths) for name, stage in LAYOUT.items()}
 
 
-def scratch_env(tmp: Path) -> dict[str, str]:
+class SharedPrefect:
+    """One `prefect server start` for the session's flow runs (tests/pipeline/conftest.py
+    starts it): each `otcurate run` against it skips the temporary server a run without
+    PREFECT_API_URL starts for itself (7-13 s here). `scratch_env` points runs at it once
+    it answers; the first `otcurate run` of the suite (the `scratch` fixture) keeps the
+    temporary-server path covered."""
+
+    service = None  # otcurate_pipeline.services.Service, while started
+
+    @classmethod
+    def start(cls, tmp: Path) -> None:
+        from otcurate_pipeline import services
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        cls.service = services.start_prefect(
+            "127.0.0.1", port, tmp / "prefect-server.log", env | {"PREFECT_HOME": str(tmp)}
+        )
+
+    @classmethod
+    def api_url(cls) -> str | None:
+        """The server's API address, waiting until it answers; None when none was started."""
+        if cls.service is None:
+            return None
+        from otcurate_pipeline import services
+
+        services.wait_ready([cls.service], timeout=300)
+        return f"{cls.service.url}/api"
+
+    @classmethod
+    def stop(cls) -> None:
+        from otcurate_pipeline import services
+
+        if cls.service is not None:
+            services.stop([cls.service])
+            cls.service = None
+
+
+def scratch_env(tmp: Path, shared_prefect: bool = True) -> dict[str, str]:
+    """The environment of a command in a scratch repo under `tmp`: its own Prefect home, no
+    MLFLOW_/PREFECT_ settings of the caller's, and, when `shared_prefect` and the session's
+    server is up, PREFECT_API_URL at that server (`SharedPrefect`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -81,6 +125,9 @@ def scratch_env(tmp: Path) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         HF_HUB_OFFLINE="1",
     )
+    api = SharedPrefect.api_url() if shared_prefect else None
+    if api:
+        env["PREFECT_API_URL"] = api
     return env
 
 
@@ -143,11 +190,13 @@ def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Pat
     return proc, int(ready.read_text())
 
 
-def sh(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def sh(
+    root: Path, *args: str, check: bool = True, shared_prefect: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         list(args),
         cwd=root,
-        env=scratch_env(root.parent),
+        env=scratch_env(root.parent, shared_prefect),
         capture_output=True,
         text=True,
         timeout=900,

@@ -73,7 +73,7 @@ def test_ui_serves_prefect_and_mlflow_on_localhost_and_ctrl_c_stops_both(tmp_pat
     proc = subprocess.Popen(
         [str(BIN / "otcurate"), "ui", "--prefect-port", str(pp), "--mlflow-port", str(mp)],
         cwd=root,
-        env=scratch_env(tmp_path),
+        env=scratch_env(tmp_path, shared_prefect=False),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -129,7 +129,7 @@ def test_scheduled_runs_are_no_ops_without_new_data_and_rerun_from_ingest_on_a_n
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "commit", "-qam", "hf source"], cwd=root, check=True)
     head = sh(root, "git", "rev-parse", "HEAD").stdout.strip()
-    env = scratch_env(tmp_path)
+    env = scratch_env(tmp_path, shared_prefect=False)  # its own server, below
     port = free_port()
     server = services.start_prefect("127.0.0.1", port, tmp_path / "prefect.log", env)
     served = None
