@@ -3,6 +3,7 @@ serve the UIs, schedule nightly runs, score new pairs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -101,11 +102,26 @@ def _bad_params(exc: ParamsError) -> NoReturn:
     raise typer.Exit(2) from None
 
 
-def _flow_run(root: Path, name: str | None, allow_rewrite: bool, state: State | None) -> list[dict]:
+def _flow_run(
+    root: Path, name: str | None, allow_rewrite: bool, state: State | None, server
+) -> list[dict]:
     """The Prefect flow over the stages (``state``: DVC's, or None when it could not be
-    asked); a failed stage exits 1 saying what was kept."""
+    asked), on ``server`` (services.temporary_prefect's, booting since before this import)
+    or PREFECT_API_URL's; a failed stage exits 1 saying what was kept."""
+    from otcurate_pipeline import services
     from otcurate_pipeline.flow import StageFailed, pipeline
 
+    if server is not None:
+        timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        try:
+            services.wait_ready([server], timeout)
+        except RuntimeError as exc:
+            err.print(
+                f"[red]error:[/] the run's temporary Prefect server did not start: {exc}\n"
+                "Point the run at a running server instead: `otcurate ui` starts one, then "
+                "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and rerun."
+            )
+            raise typer.Exit(1) from None
     plan = {"order": state.order, "untouched": state.untouched()} if state else {}
     try:
         return pipeline(
@@ -119,6 +135,7 @@ def _flow_run(root: Path, name: str | None, allow_rewrite: bool, state: State | 
 
 
 def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewrite: bool) -> None:
+    changed = []
     try:
         if set_:
             changed = apply_overrides(root / PARAMS_FILE, set_)
@@ -128,18 +145,34 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
     except ParamsError as exc:
         _bad_params(exc)
     from otcurate_pipeline.manifests import SourceChanged
+    from otcurate_pipeline.services import temporary_prefect
     from otcurate_pipeline.uptodate import WHY_SKIPPED, noop_run
 
+    log = root / ".otcurate" / "logs" / "prefect-temporary.log"
     t0 = time.perf_counter()
     try:
-        results, state = noop_run(root, name, allow_rewrite)  # nothing changed: no flow
-        noop = results is not None
-        if not noop:
-            try:
-                check_device(params["base"].device)  # (imports torch for cuda: only now)
-            except ParamsError as exc:
-                _bad_params(exc)
-            results = _flow_run(root, name, allow_rewrite, state)
+        with contextlib.ExitStack() as stack:
+            # Without PREFECT_API_URL the run starts its own server; it boots while the run
+            # goes on: from here when a no-op is unlikely (--set changed a param, or nothing
+            # ran yet; if it is one, the server stops unused), else once DVC finds work.
+            early = bool(changed) or not (root / "dvc.lock").exists()
+            api = stack.enter_context(temporary_prefect(log)) if early else None
+            results, state = noop_run(root, name, allow_rewrite)  # nothing changed: no flow
+            noop = results is not None
+            if not noop:
+                if not early:
+                    api = stack.enter_context(temporary_prefect(log))
+                if api is not None:
+                    console.print(
+                        f"Prefect: this run's temporary API server on {api.url} (log {log}; "
+                        "set PREFECT_API_URL to use a running server)",
+                        highlight=False,
+                    )
+                try:
+                    check_device(params["base"].device)  # (imports torch for cuda: only now)
+                except ParamsError as exc:
+                    _bad_params(exc)
+                results = _flow_run(root, name, allow_rewrite, state, api)
     except SourceChanged as exc:
         err.print(f"[red]error:[/] ingest source: {exc}")
         raise typer.Exit(2) from None

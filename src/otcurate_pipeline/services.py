@@ -2,12 +2,15 @@
 
 Each runs as its own process group so that stopping it stops its workers too; `stop`
 sends SIGTERM, waits, then SIGKILL. `reachable` is a plain HTTP health probe.
+`temporary_prefect` is the API server of one `otcurate run` when PREFECT_API_URL is unset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +73,88 @@ def start_prefect(host: str, port: int, log: Path, env: dict[str, str] | None = 
     )
     base = f"http://{host}:{port}"
     return Service("prefect", base, f"{base}/api/health", proc, log)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_prefect(log: Path):
+    """A Prefect API server for the block, or None when PREFECT_API_URL names one already.
+
+    Prefect's own temporary server (`prefect.server.api.server.SubprocessASGIServer`, which a
+    flow starts when no API URL is set) is this same uvicorn command on `create_app` with the
+    UI off; but the flow starts it only at its first API call, and first imports the whole
+    server into the client (5 s here) to build the command. Started here, it boots while
+    the run imports Prefect and MLflow (#18). It shares the caller's process group, as
+    Prefect's does, so Ctrl-C and a kill of the group reach it; its output goes to ``log``.
+    PREFECT_API_URL names it inside the block (Prefect's settings, read from the environment
+    when it is imported, are refreshed if it already was); the caller waits for it to
+    answer (`wait_ready`) before the flow's first call."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    argv = [
+        sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+    base = f"http://127.0.0.1:{port}"
+    service = Service("prefect (temporary)", base, f"{base}/api/health", proc, log)
+    before = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    # the API only: no "View at <UI link>" for a server that serves no UI
+    os.environ.update(PREFECT_API_URL=f"{base}/api", PREFECT_UI_URL="")
+    _refresh_prefect_settings()
+    try:
+        yield service
+    finally:
+        _drain_prefect()  # else its log and event workers retry a stopped server at exit
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _refresh_prefect_settings()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _drain_prefect(timeout: float = 10.0) -> None:
+    """Send what Prefect's log and event workers still hold, as `prefect_test_harness` does
+    before it stops its server; nothing when Prefect was not imported."""
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
+def _refresh_prefect_settings() -> None:
+    """Prefect's global settings again from the environment, when Prefect is imported."""
+    if "prefect.context" in sys.modules:
+        sys.modules["prefect.context"].refresh_global_settings_context()
 
 
 def start_mlflow(

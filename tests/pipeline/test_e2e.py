@@ -17,6 +17,8 @@ import pytest
 import yaml
 from otcurate_support import BIN, make_scratch, scratch_env, sh, start_stopped
 
+from otcurate_pipeline import services
+
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +40,14 @@ def test_first_run_runs_every_stage_and_prints_the_comparison(scratch):
     assert outcomes(first.stdout) == {s: "ran" for s in STAGES}
     assert "base vs fine-tuned" in first.stdout and "zs_acc" in first.stdout
     assert (root / "results" / "evaluate" / "report.md").exists()
+    # on the run's own temporary Prefect server (no PREFECT_API_URL): up before the flow,
+    # no UI link to it, and stopped only after Prefect's workers sent their logs and events
+    log = first.stdout + first.stderr
+    server = re.search(r"temporary API server on (http://127\.0\.0\.1:\d+)", log)
+    assert server and "Beginning flow run" in log and "View at" not in log
+    assert "Error logging to API" not in log and "connection attempts failed" not in log
+    assert not services.reachable(f"{server[1]}/api/health")  # stopped with the run
+    assert (root / ".otcurate" / "logs" / "prefect-temporary.log").exists()
 
 
 def test_second_run_is_a_no_op(scratch):
