@@ -16,6 +16,7 @@ import typer
 
 # No phoning home (there may be no network; it also raced sqlite on a first start).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The serverless (ephemeral) Prefect API migrates a fresh sqlite database on its first start;
 # on 2 busy cores that took longer than Prefect's default 20 s wait, so wait longer.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
