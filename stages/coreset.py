@@ -6,7 +6,6 @@ only), or the clean source named in `coreset.target`. Writes `<out>/subset.parqu
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import numpy as np
 from otcurate.data.shards import read_split
 from otcurate.io import atomic_dir, write_json
 from otcurate_pipeline import artifacts
-from stages._common import StageError, model_logit_scale, parser, read_params, run
+from stages._common import StageError, exit_process, model_logit_scale, parser, read_params, run
 
 
 def _labels(data_dir: str, split: str, uids: list[str]) -> np.ndarray:
@@ -127,4 +126,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,8 +12,6 @@ Writes `<out>/train-00000.parquet` (+ classes.json, + soft_labels.* when relabel
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +19,7 @@ import pyarrow.compute as pc
 from otcurate.data.shards import read_classes, read_selected, read_split
 from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate_pipeline import artifacts
-from stages._common import live_logger, parser, read_params, run
+from stages._common import exit_process, live_logger, parser, read_params, run
 
 
 def distill(args) -> None:
@@ -135,4 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

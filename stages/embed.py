@@ -6,12 +6,10 @@ the shards are embedded on a Dask cluster (same results as in-process).
 
 from __future__ import annotations
 
-import sys
-
 from otcurate.data.records import SPLITS
 from otcurate.data.shards import shard_files, write_embedding_shard
 from otcurate.io import atomic_dir
-from stages._common import parser, read_params, run
+from stages._common import exit_process, parser, read_params, run
 
 
 def embed(args) -> None:
@@ -55,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -17,7 +17,15 @@ import pyarrow.compute as pc
 
 from otcurate.data.shards import read_selected
 from otcurate_pipeline import artifacts
-from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
+from stages._common import (
+    StageError,
+    exit_process,
+    live_logger,
+    parser,
+    read_params,
+    run,
+    save_model_and_curve,
+)
 
 
 def launch(nproc: int, argv: list[str]) -> None:
@@ -235,4 +243,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,10 +7,16 @@ Writes `<out>/` (open_clip_config.json + model.safetensors) and `<results>/`
 
 from __future__ import annotations
 
-import sys
-
 from otcurate.data.shards import read_split
-from stages._common import StageError, live_logger, parser, read_params, run, save_model_and_curve
+from stages._common import (
+    StageError,
+    exit_process,
+    live_logger,
+    parser,
+    read_params,
+    run,
+    save_model_and_curve,
+)
 
 
 def pretrain(args) -> None:
@@ -76,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

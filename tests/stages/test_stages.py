@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +305,23 @@ def test_missing_upstream_output_is_a_clear_error(tmp_path, capsys):
     assert run.run("embed", data="nowhere", model="models/pretrain", out="data/embed") == 2
     assert "run the upstream stages first" in capsys.readouterr().err
     assert not (tmp_path / "data" / "embed").exists()
+
+
+def test_a_stage_process_exits_with_its_code_and_its_whole_output(tiny):
+    """`python -m stages.<name>` ends without the interpreter's teardown (exit_process): the
+    exit code and every line it wrote still arrive, success or failure."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "stages.detect", *tiny.argv("detect", out="data/detect-again")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.rstrip().splitlines()[-1].startswith("detect (")  # its last line
+    assert (Path(tiny.p("data/detect-again")) / "scores.parquet").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "stages.embed", *tiny.argv("embed", data="nowhere", out="x")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "run the upstream stages first" in bad.stderr
 
 
 def test_outputs_that_disagree_name_the_stage_to_rerun(tiny, tmp_path, capsys):
