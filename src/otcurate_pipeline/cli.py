@@ -96,6 +96,8 @@ def run(
     except RunLocked as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(3) from None
+    global _ENDED_RUN
+    _ENDED_RUN = True
 
 
 def _bad_params(exc: ParamsError) -> NoReturn:
@@ -591,8 +593,24 @@ def export_clip_benchmark(
         print(clip_benchmark_command(e, model, e.folder.parent / "results"))
 
 
+_ENDED_RUN = False  # set by `run` when it finished: main() may end the process at once
+
+
 def main() -> None:  # pragma: no cover
-    app()
+    """The console script. After a finished `otcurate run` (everything recorded, the lock
+    released), the process ends without the interpreter's teardown of Prefect, MLflow and
+    DVC (1.7 s after a flow here), once Prefect's workers have sent what they hold."""
+    try:
+        app()
+    except SystemExit as exc:
+        if not _ENDED_RUN:
+            raise
+        from otcurate_pipeline.services import drain_prefect
+
+        drain_prefect()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -123,7 +123,7 @@ def temporary_prefect(log: Path):
     try:
         yield service
     finally:
-        _drain_prefect()  # else its log and event workers retry a stopped server at exit
+        drain_prefect()  # else its log and event workers retry a stopped server at exit
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -139,7 +139,7 @@ def temporary_prefect(log: Path):
                 proc.wait()
 
 
-def _drain_prefect(timeout: float = 10.0) -> None:
+def drain_prefect(timeout: float = 10.0) -> None:
     """Send what Prefect's log and event workers still hold, as `prefect_test_harness` does
     before it stops its server; nothing when Prefect was not imported."""
     if "prefect.logging.handlers" not in sys.modules:
