@@ -82,8 +82,13 @@ def run(
 
     One run at a time per repository: a second one refuses at once, naming the first
     (or, with --wait, waits for it) and changes nothing."""
+    import signal
+
     from otcurate_pipeline.runlock import RunLocked, run_lock
 
+    # `kill`, a CI cancel or `timeout` stop the run as Ctrl-C does: the cleanup runs (the
+    # temporary Prefect server stopped, the lock released)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = find_root()
     try:
         with run_lock(
@@ -115,7 +120,10 @@ def _flow_run(
     from otcurate_pipeline.flow import StageFailed, pipeline
 
     if server is not None:
-        timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        try:
+            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        except ValueError:
+            timeout = 180.0
         try:
             services.wait_ready([server], timeout)
         except RuntimeError as exc:
@@ -605,11 +613,16 @@ def main() -> None:  # pragma: no cover
     except SystemExit as exc:
         if not _ENDED_RUN:
             raise
+        import logging
+
         from otcurate_pipeline.services import drain_prefect
 
-        drain_prefect()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(Exception):  # the run is done: its exit code stands
+            drain_prefect()
+            logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # e.g. `otcurate run | head`
+                stream.flush()
         os._exit(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
 
 

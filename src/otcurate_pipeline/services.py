@@ -8,6 +8,7 @@ sends SIGTERM, waits, then SIGKILL. `reachable` is a plain HTTP health probe.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -83,7 +84,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def temporary_prefect(log: Path):
-    """A Prefect API server for the block, or None when PREFECT_API_URL names one already.
+    """A Prefect API server for the block, or None when the user configured one
+    (`configured_api_url`: PREFECT_API_URL in the environment or the active profile).
 
     Prefect's own temporary server (`prefect.server.api.server.SubprocessASGIServer`, which a
     flow starts when no API URL is set) is this same uvicorn command on `create_app` with the
@@ -94,7 +96,7 @@ def temporary_prefect(log: Path):
     PREFECT_API_URL names it inside the block (Prefect's settings, read from the environment
     when it is imported, are refreshed if it already was); the caller waits for it to
     answer (`wait_ready`) before the flow's first call."""
-    if os.environ.get("PREFECT_API_URL"):
+    if configured_api_url():
         yield None
         return
     port = free_port()
@@ -106,24 +108,28 @@ def temporary_prefect(log: Path):
         "PREFECT__SERVER_FINAL": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+    spec = importlib.util.find_spec("prefect")  # Prefect's --app-dir, without importing it
+    app_dir = str(Path(next(iter(spec.submodule_search_locations))).parent)
     argv = [
-        sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
+        sys.executable, "-m", "uvicorn", "--app-dir", app_dir,
+        "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+        "--port", str(port), "--log-level", "error", "--lifespan", "on",
     ]  # fmt: skip
-    with open(log, "ab") as fh:
+    with open(log, "wb") as fh:  # this run's server only
         proc = subprocess.Popen(
             argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
-    base = f"http://127.0.0.1:{port}"
-    service = Service("prefect (temporary)", base, f"{base}/api/health", proc, log)
     before = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_UI_URL")}
-    # the API only: no "View at <UI link>" for a server that serves no UI
-    os.environ.update(PREFECT_API_URL=f"{base}/api", PREFECT_UI_URL="")
-    _refresh_prefect_settings()
     try:
+        base = f"http://127.0.0.1:{port}"
+        service = Service("prefect (temporary)", base, f"{base}/api/health", proc, log)
+        # the API only: no "View at <UI link>" for a server that serves no UI
+        os.environ.update(PREFECT_API_URL=f"{base}/api", PREFECT_UI_URL="")
+        _refresh_prefect_settings()
         yield service
     finally:
-        drain_prefect()  # else its log and event workers retry a stopped server at exit
+        if proc.poll() is None:  # else its log and event workers retry a stopped server at exit
+            drain_prefect()
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -132,11 +138,29 @@ def temporary_prefect(log: Path):
         _refresh_prefect_settings()
         if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(timeout=5)
+            try:  # a server still migrating a fresh database finishes that first
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API the user configured: PREFECT_API_URL in the environment, else in the
+    active profile of $PREFECT_HOME/profiles.toml (PREFECT_PROFILE, else its `active`), read
+    without importing Prefect. (Prefect's prefect.toml and .env files are not read.)"""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    try:
+        profiles = tomllib.loads((home / "profiles.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
+    url = profiles.get("profiles", {}).get(name, {}).get("PREFECT_API_URL")
+    return str(url) if url else None
 
 
 def drain_prefect(timeout: float = 10.0) -> None:

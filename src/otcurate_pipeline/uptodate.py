@@ -3,7 +3,9 @@
 `otcurate run` asks first. When DVC finds every stage's deps, params and outs equal to
 dvc.lock (and no new source file arrived), the run records itself in MLflow (a parent run
 and one child per stage, outcome `skipped`, as a run through the flow would) and stops:
-no Prefect server, no `dvc repro` per stage, no model loaded.
+no Prefect flow, no `dvc repro` per stage, no model loaded. (A run whose --set changed a
+param starts its temporary Prefect server before asking, and stops it unused if nothing
+was found to run.)
 
 Importing MLflow costs about 3 s, more than DVC takes to answer, so a recorder process
 imports it on the second core while DVC decides (`Recorder`); it writes the record only
