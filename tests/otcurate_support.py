@@ -10,7 +10,6 @@ import ast
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -85,12 +84,12 @@ class SharedPrefect:
     def start(cls, tmp: Path) -> None:
         from otcurate_pipeline import services
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         cls.service = services.start_prefect(
-            "127.0.0.1", port, tmp / "prefect-server.log", env | {"PREFECT_HOME": str(tmp)}
+            "127.0.0.1",
+            services.free_port(),
+            tmp / "prefect-server.log",
+            env | {"PREFECT_HOME": str(tmp)},
         )
 
     @classmethod

@@ -77,6 +77,7 @@ def start_prefect(host: str, port: int, log: Path, env: dict[str, str] | None = 
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that nothing listens on now (the OS's pick)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

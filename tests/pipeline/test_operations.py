@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,12 +19,6 @@ from PIL import Image
 from otcurate_pipeline import services
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> set[str]:
@@ -69,7 +62,7 @@ class Output:
 
 def test_ui_serves_prefect_and_mlflow_on_localhost_and_ctrl_c_stops_both(tmp_path):
     root = make_scratch(tmp_path / "repo")
-    pp, mp = free_port(), free_port()
+    pp, mp = services.free_port(), services.free_port()
     proc = subprocess.Popen(
         [str(BIN / "otcurate"), "ui", "--prefect-port", str(pp), "--mlflow-port", str(mp)],
         cwd=root,
@@ -130,7 +123,7 @@ def test_scheduled_runs_are_no_ops_without_new_data_and_rerun_from_ingest_on_a_n
     subprocess.run([*git, "commit", "-qam", "hf source"], cwd=root, check=True)
     head = sh(root, "git", "rev-parse", "HEAD").stdout.strip()
     env = scratch_env(tmp_path, shared_prefect=False)  # its own server, below
-    port = free_port()
+    port = services.free_port()
     server = services.start_prefect("127.0.0.1", port, tmp_path / "prefect.log", env)
     served = None
     try:
@@ -144,7 +137,7 @@ def test_scheduled_runs_are_no_ops_without_new_data_and_rerun_from_ingest_on_a_n
         refused = subprocess.run(
             [str(BIN / "otcurate"), "schedule", "--cron", "0 3 * * *"],
             cwd=root,
-            env=no_api | {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"},
+            env=no_api | {"PREFECT_API_URL": f"http://127.0.0.1:{services.free_port()}/api"},
             capture_output=True,
             text=True,
         )
