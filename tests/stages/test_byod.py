@@ -1,18 +1,24 @@
-"""The README's "Bring your own data" walk-through, end to end at a small size: a folder of
-PNGs named like splits (train_000001.png, the trap that drops metadata) with 40% of the
-captions mismatched in the files themselves (no `ingest.noise`), a clean judge set given as
-`evaluate.sets` (a parquet classification set whose labels are class names), every stage
-in order. It checks that no caption is lost, that the report leads with the clean set and
-calls the test split what it is, and that the closing table says the same."""
+"""The README's "Bring your own data" walk-through, end to end at a small size, once for each
+local format it documents: an imagefolder of PNGs named like splits (train_000001.png, the
+trap that drops metadata), a CSV of image paths, parquet files of image bytes, and
+webdataset tars. In each, 40% of the captions are mismatched in the files themselves (no
+`ingest.noise`), and a clean judge set is given as `evaluate.sets` (a parquet
+classification set whose labels are class names); every stage runs in order. It checks that
+no caption is lost, that the report leads with the clean set and calls the test split what
+it is, and that the closing table says the same."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from otcurate_support import ROOT, STAGE_PATHS, tiny_params
 from PIL import Image
 
@@ -29,25 +35,85 @@ def _png(image: bytes) -> bytes:
         return buf.getvalue()
 
 
-def _collection(folder: Path) -> int:
-    """N shapes pairs as an imagefolder; 40% of the captions moved to another image."""
-    import numpy as np
-
-    folder.mkdir(parents=True)
+def _noisy_pairs() -> tuple[list[bytes], list[str], int]:
+    """N shapes pairs as PNG bytes and captions, 40% of the captions moved to another image;
+    also how many captions are now wrong."""
     recs = list(builtin.shapes(3, N, 32))
     captions = [r.caption for r in recs]
     rng = np.random.default_rng(0)
     wrong = rng.choice(N, int(0.4 * N), replace=False)
-    moved = np.roll(wrong, 1)
-    for a, b in zip(wrong, moved, strict=True):
+    for a, b in zip(wrong, np.roll(wrong, 1), strict=True):
         captions[a] = recs[b].caption
+    n_wrong = int((np.array(captions) != np.array([r.caption for r in recs])).sum())
+    return [_png(r.image) for r in recs], captions, n_wrong
+
+
+def _imagefolder(folder: Path, images: list[bytes], captions: list[str]) -> dict:
     lines = []
-    for i, r in enumerate(recs):
-        name = f"train_{i:06d}.png"
-        (folder / name).write_bytes(_png(r.image))
-        lines.append(json.dumps({"file_name": name, "text": captions[i]}))
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        name = f"train_{i:06d}.png"  # names datasets would read as a split of their own
+        (folder / name).write_bytes(image)
+        lines.append(json.dumps({"file_name": name, "text": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return int((np.array(captions) != np.array([r.caption for r in recs])).sum())
+    return {"path": "imagefolder", "data_dir": str(folder), "caption_column": "text"}
+
+
+def _csv(folder: Path, images: list[bytes], captions: list[str]) -> dict:
+    (folder / "images").mkdir()
+    with open(folder / "pairs.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["filepath", "title"])
+        for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+            (folder / "images" / f"{i:06d}.png").write_bytes(image)
+            out.writerow([f"images/{i:06d}.png", caption])
+    return {
+        "path": "csv",
+        "data_files": [str(folder / "pairs.csv")],
+        "image_column": "filepath",
+        "caption_column": "title",
+    }
+
+
+def _parquet(folder: Path, images: list[bytes], captions: list[str]) -> dict:
+    t = pa.table({"image": pa.array(images, pa.binary()), "caption": captions})
+    half = len(images) // 2
+    files = [folder / "part-0.parquet", folder / "part-1.parquet"]
+    pq.write_table(t.slice(0, half), files[0])
+    pq.write_table(t.slice(half), files[1])
+    return {"path": "parquet", "data_files": [str(f) for f in files]}
+
+
+def _webdataset(folder: Path, images: list[bytes], captions: list[str]) -> dict:
+    files, half = [], len(images) // 2
+    for shard, keys in enumerate((range(half), range(half, len(images)))):
+        path = folder / f"shard-{shard:02d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in keys:
+                for name, data in (
+                    (f"{i:06d}.png", images[i]),
+                    (f"{i:06d}.txt", captions[i].encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        files.append(str(path))
+    return {
+        "path": "webdataset",
+        "data_files": files,
+        "image_column": "png",
+        "caption_column": "txt",
+    }
+
+
+FORMATS = {"imagefolder": _imagefolder, "csv": _csv, "parquet": _parquet, "webdataset": _webdataset}
+
+
+def _collection(folder: Path, fmt: str) -> tuple[dict, list[str], int]:
+    """The noisy pairs written in `fmt` under `folder`: the `ingest.hf` section that reads
+    them, the captions as written, and how many of them are wrong."""
+    folder.mkdir(parents=True)
+    images, captions, n_wrong = _noisy_pairs()
+    return FORMATS[fmt](folder, images, captions), captions, n_wrong
 
 
 def _judge(path: Path) -> list[str]:
@@ -64,8 +130,9 @@ def _judge(path: Path) -> list[str]:
     return sorted(set(t["label"].to_pylist()))  # the classes the set's labels name
 
 
-def test_own_folder_with_noise_in_the_files_and_a_clean_judge_end_to_end(tmp_path, capsys):
-    wrong = _collection(tmp_path / "pairs")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_own_collection_with_noise_in_the_files_and_a_clean_judge_end_to_end(tmp_path, capsys, fmt):
+    hf, captions, wrong = _collection(tmp_path / "pairs", fmt)
     names = _judge(tmp_path / "judge.parquet")
     params = tiny_params(
         {
@@ -73,11 +140,7 @@ def test_own_folder_with_noise_in_the_files_and_a_clean_judge_end_to_end(tmp_pat
                 "source": "hf",
                 "size": None,
                 "noise": {"rate": 0.0},
-                "hf": {
-                    "path": "imagefolder",
-                    "data_dir": str(tmp_path / "pairs"),
-                    "caption_column": "text",
-                },
+                "hf": hf,
             },
             "evaluate": {
                 "sets": [
@@ -102,6 +165,9 @@ def test_own_folder_with_noise_in_the_files_and_a_clean_judge_end_to_end(tmp_pat
     m = ws.metrics("results/ingest")
     assert m["pairs"] == N and m["noise_rate_planted"] == 0.0  # every caption kept
     assert wrong > 0.3 * N
+    shards = sorted((ws.root / "data" / "ingest").glob("*-*.parquet"))
+    ingested = pa.concat_tables([pq.read_table(f, columns=["caption"]) for f in shards])
+    assert sorted(ingested["caption"].to_pylist()) == sorted(captions)  # the files' own noise
 
     e = ws.metrics("results/evaluate")
     assert e["test_split_clean"] == 0.0
