@@ -2,7 +2,7 @@
 overrides, at equal steps, judged on the clean **val** split (choosing settings on test
 would leak), with each loss term's first and last values.
 
-Runs `otcurate.train.finetune` in-process on a cell that `bench/quality.py` left
+Runs `otcurate.finetuning.finetune` in-process on a cell that `bench/quality.py` left
 (data/ingest, models/pretrain, data/detect-<detector>):
 
     .venv/bin/python -m bench.ncu_diag --work bench/work/shapes-near-0.5-0 --seeds 0 1 \\
@@ -70,7 +70,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from otcurate import models, train
+    from otcurate import finetuning, models
     from otcurate.data.shards import read_classes, read_split
     from otcurate.evaluate import split_metrics
     from otcurate.runtime import make_reproducible
@@ -105,7 +105,7 @@ def main() -> None:
             name, over = spec.split("=", 1)
             over = json.loads(over)
             method = over.pop("method", "ncu")
-            cls = train.FINETUNE_METHODS[method].options
+            cls = finetuning.FINETUNE_METHODS[method].options
             own = {f.name for f in dataclasses.fields(cls)}
             unknown = set(over) - own - set(SHARED)
             if unknown:
@@ -119,7 +119,7 @@ def main() -> None:
                 make_reproducible(seed, 2, torch.device("cpu"))
                 clip = models.load(w / "models" / "pretrain")
                 logs: dict[str, list[float]] = defaultdict(list)
-                train.finetune(
+                finetuning.finetune(
                     method, clip.model, images, tokens, opts, noisy=noisy, seed=seed,
                     log=lambda k, v, s, logs=logs: logs[k].append(v), **kw,
                 )  # fmt: skip

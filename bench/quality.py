@@ -27,6 +27,8 @@ import argparse
 import time
 from pathlib import Path
 
+import yaml
+
 from bench.results_io import command, save
 from otcurate_pipeline.runner import Workspace, merge
 
@@ -55,6 +57,10 @@ FINETUNERS = {  # name -> finetune section overrides; "flags": a detector other 
     "clip": {"method": "clip"},
     "filter": {"method": "filter"},
     "filter_ot": {"method": "filter", "flags": "ot_both"},
+    # rounds: rescore the pairs with the model being fine-tuned (finetune.filter)
+    "filter_2r": {"method": "filter", "filter": {"rounds": 2, "rescore": "clip_score"}},
+    "filter_ot_row": {"method": "filter", "flags": "ot"},
+    "filter_ot_2r": {"method": "filter", "flags": "ot", "filter": {"rounds": 2, "rescore": "ot"}},
     "rematch": {"method": "rematch"},
     "gradient_ascent": {"method": "gradient_ascent"},
     "ncu": {"method": "ncu"},
@@ -121,6 +127,7 @@ def one(
     flags_from: str,
     detectors: list[str],
     finetuners: list[str],
+    reuse: bool = False,
 ) -> list[dict]:
     rows = []
     common = {
@@ -128,7 +135,15 @@ def one(
         "ingest": DATASETS[dataset] | {"noise": {"rate": noise, "kind": kind}},
         "pretrain": PRETRAIN[dataset],
     }
-    ws = workspace(work / f"{dataset}-{kind}-{noise}-{seed}", common)
+    cell = work / f"{dataset}-{kind}-{noise}-{seed}"
+    known = cell / "params.yaml"
+    before = yaml.safe_load(known.read_text()) if reuse and known.exists() else {}
+    ws = workspace(cell, common)
+    # --reuse: a cell run before with the same params upstream of detect keeps its base,
+    # embeddings and detect outputs (each written atomically: present means whole);
+    # fine-tuning always reruns
+    upstream = ("base", "ingest", "pretrain", "embed", "detect")
+    reuse = reuse and all(before.get(k) == ws.params.get(k) for k in upstream)
 
     def row(stage, method, metric, value):
         rows.append(
@@ -146,15 +161,18 @@ def one(
             }
         )
 
-    ws.check("ingest")  # data/ingest, results/ingest: dvc.yaml's paths unless renamed
-    ws.check("pretrain")  # the base: models/pretrain
+    if not (reuse and (cell / "data" / "embed").exists()):
+        ws.check("ingest")  # data/ingest, results/ingest: dvc.yaml's paths unless renamed
+        ws.check("pretrain")  # the base: models/pretrain
+        ws.check("embed")
     oracle = "models/pretrain"  # without planted noise the clean pre-training is the same run
     if noise > 0:
         oracle = str(oracle_model(dataset, seed, work))
-    ws.check("embed")
 
     fraction = noise if noise > 0 else 0.1
     for method in detectors:
+        if reuse and (cell / "results" / f"detect-{method}" / "metrics.json").exists():
+            continue  # its rows are already in the results (--append)
         sec = ws.check(
             "detect",
             {"detect": merge(DETECTORS[method], {"fraction": fraction})},
@@ -356,6 +374,11 @@ def main() -> None:
         action="store_true",
         help="keep the rows already in --out/quality.json (a rerun cell replaces its own)",
     )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a cell's base, embeddings and detect outputs when its params are unchanged",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument(
         "--render",
@@ -387,7 +410,7 @@ def main() -> None:
         t0 = time.perf_counter()
         new = one(
             d, k if n > 0 else "shuffle", n, s, args.work, args.steps, args.lr,
-            args.flags_from, args.detectors, args.finetuners,
+            args.flags_from, args.detectors, args.finetuners, args.reuse,
         )  # fmt: skip
         for r in new:
             r["command"] = command("quality")

@@ -184,7 +184,7 @@ def finetune_steps(rows: list, steps: int = 10) -> None:
     """Seconds per fine-tuning step at batch 128 on the tiny model: plain CLIP, `filter`
     (the recipe the pipeline runs: CLIP steps on the unflagged pairs) and NCU's phase B;
     the median over repeats of `steps`-step runs, after one warm-up run."""
-    from otcurate import models, train
+    from otcurate import finetuning, models
     from otcurate.data import builtin
     from otcurate.options import NCUOptions
 
@@ -200,7 +200,7 @@ def finetune_steps(rows: list, steps: int = 10) -> None:
         opts = NCUOptions(phase_a_fraction=0.0) if name == "ncu" else None  # phase B only
 
         def run(n, name=name, clip=clip, x=x, t=t, opts=opts):
-            train.finetune(name, clip.model, x, t, opts, noisy=noisy, steps=n, **kw)
+            finetuning.finetune(name, clip.model, x, t, opts, noisy=noisy, steps=n, **kw)
 
         run(2)  # warm-up: allocators and kernels
         ts, _ = timed(lambda run=run: run(steps))

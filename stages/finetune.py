@@ -55,7 +55,7 @@ def finetune(args) -> None:
     import torch
 
     from otcurate import distill as dist
-    from otcurate import models, parallel, train
+    from otcurate import finetuning, models, parallel
     from otcurate.runtime import make_reproducible, resolve_device
 
     if p.nproc > 1 and not parallel.launched():
@@ -104,7 +104,7 @@ def finetune(args) -> None:
             batch_norm=sl.batch_norm,
         )
     images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
-    res = train.finetune(
+    res = finetuning.finetune(
         p.method,
         clip.model,
         images,
@@ -132,7 +132,7 @@ def finetune(args) -> None:
         alone = torch.arange(data.num_rows) < chosen.num_rows
         res = _check_distilled(
             clip, args, res, metrics,
-            lambda: train.finetune(
+            lambda: finetuning.finetune(
                 p.method, clip.model, images[alone], tokens[alone],
                 p.method_options(), noisy=noisy[alone.numpy()], **p.optim_kwargs(), seed=base.seed,
                 log=None,

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from otcurate import models, parallel
+from otcurate.finetuning import finetune
 from otcurate.ncu import NCUOptions
 from otcurate.runtime import make_reproducible
-from otcurate.train import finetune
 
 
 def main(out: str, method: str, batch_size: int) -> None:

@@ -60,7 +60,7 @@ def test_every_registered_method_is_imported_by_the_module_that_runs_it():
         "otcurate.detect": options.DETECT_METHODS,  # the package: score/detect and the scorers
         "otcurate.coreset": options.CORESET_METHODS,
         "otcurate.distill": options.DISTILL_METHODS,
-        "otcurate.train": options.FINETUNE_METHODS,
+        "otcurate.finetuning": options.FINETUNE_METHODS,
     }
     for dispatcher, registry in dispatchers.items():
         reach = closure(module_file(dispatcher))

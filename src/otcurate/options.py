@@ -164,6 +164,24 @@ class WmddOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FilterOptions:
+    """filter: drop detect's flagged pairs. ``rounds`` > 1: after each equal share of the
+    steps the pairs are scored again by the model being fine-tuned (detect method
+    ``rescore``, its default options) and as many as detect flagged are dropped."""
+
+    rounds: int = 1
+    rescore: str = "clip_score"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1; got {self.rounds}.")
+        if self.rescore not in DETECT_METHODS:
+            raise ValueError(
+                f"rescore must be one of {', '.join(DETECT_METHODS)}; got {self.rescore!r}."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class GradientAscentOptions:
     ascent_weight: float = 0.1  # weight of the (capped) ascent term on flagged pairs
 
@@ -280,11 +298,11 @@ DISTILL_METHODS: dict[str, Method] = {
     "random_real": Method("otcurate.distill:random_real"),
     "wmdd": Method("otcurate.distill:synthesize", WmddOptions),
 }
-# Every method: fn(model, images, tokens, opts, *, noisy, steps, batch_size, lr, warmup,
+# Every method (dispatched by otcurate.finetuning): fn(model, images, tokens, opts, *, noisy, steps, batch_size, lr, warmup,
 # weight_decay, seed, log); `opts` is its options record (None: defaults).
 FINETUNE_METHODS: dict[str, Method] = {
     "clip": Method("otcurate.train:finetune_clip"),
-    "filter": Method("otcurate.train:finetune_filter"),
+    "filter": Method("otcurate.filtering:finetune_filter", FilterOptions),
     "gradient_ascent": Method("otcurate.train:finetune_gradient_ascent", GradientAscentOptions),
     "ncu": Method("otcurate.ncu:finetune_ncu", NCUOptions),
     "rematch": Method("otcurate.train:finetune_rematch", RematchOptions),

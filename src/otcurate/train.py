@@ -2,7 +2,8 @@
 
 Loops are bounded by optimisation steps (never wall-clock), draw batches from
 an explicit `torch.Generator`, and clamp `logit_scale` after every step.
-Fine-tuning methods are registered in `FINETUNE_METHODS`.
+Fine-tuning methods are registered in `FINETUNE_METHODS` and dispatched by
+`otcurate.finetuning`, so that pre-training imports none of the fine-tuning methods' modules.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import torch.nn.functional as F
 from open_clip import ClipLoss
 
 from otcurate import faults
-from otcurate import methods as registry
-from otcurate.ncu import finetune_ncu  # noqa: F401 - FINETUNE_METHODS["ncu"] runs it
 from otcurate.optim import batches, make_optimizer, param_groups, update
-from otcurate.options import FINETUNE_METHODS, GradientAscentOptions, RematchOptions
+from otcurate.options import GradientAscentOptions, RematchOptions
 from otcurate.parallel import shard_map
 from otcurate.progress import track
 from otcurate.rematch import rematch_loss
@@ -46,11 +45,13 @@ def _loop(
     log: Callable[[str, float, int], None] | None,
     description: str,
     replay=None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """``steps`` updates on ``batch_loss`` of random pair batches, plus ``replay.weight *
     replay.loss(model, generator)`` when given (a soft-labelled distilled set,
     `otcurate.distill.SoftReplay`; alone when there are fewer than 2 pairs). The pair
-    batches are the same with or without it: its draws come from their own generator."""
+    batches are the same with or without it: its draws come from their own generator.
+    ``after_step(k)`` runs after the k-th update (k = 1 .. steps), in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     replay_gen = torch.Generator().manual_seed(seed + 2)
     opt, sched = make_optimizer(
@@ -70,6 +71,10 @@ def _loop(
         losses.append(loss.item())
         if log is not None:
             log("loss", losses[-1], step)
+        if after_step is not None:
+            model.eval()
+            after_step(step + 1)
+            model.train()
         faults.point(f"{description}:step:{step + 1}")
     model.eval()
     return TrainResult(losses, lrs)
@@ -105,16 +110,6 @@ def train_contrastive(
 def finetune_clip(model, images, tokens, opts=None, *, noisy=None, **kw) -> TrainResult:
     """Plain fine-tuning with the contrastive loss on every pair: the baseline every method is compared with."""
     return train_contrastive(model, images, tokens, description="finetune (clip)", **kw)
-
-
-def finetune_filter(model, images, tokens, opts=None, *, noisy=None, **kw) -> TrainResult:
-    """Drop the pairs `detect` flagged noisy, then plain contrastive fine-tuning."""
-    if noisy is None:
-        raise ValueError("finetune.method 'filter' needs the detect flags of the training pairs.")
-    keep = torch.as_tensor(~np.asarray(noisy, dtype=bool))
-    return train_contrastive(
-        model, images[keep], tokens[keep], description="finetune (filter)", **kw
-    )
 
 
 def finetune_gradient_ascent(
@@ -188,9 +183,3 @@ def finetune_rematch(
         model, len(images), batch_loss, description="finetune (rematch)",
         log=kw.pop("log", None), **kw,
     )  # fmt: skip
-
-
-def finetune(method: str, model, images, tokens, opts=None, **kw):
-    """Fine-tune by the named method with its options record (None: its defaults)."""
-    opts = registry.checked("finetune", FINETUNE_METHODS, method, opts)
-    return FINETUNE_METHODS[method].fn(model, images, tokens, opts, **kw)

@@ -407,9 +407,9 @@ class Finetune(_Methods, _Optimised):
     # true: also fine-tune without the distilled set (twice the time) and keep whichever
     # scores higher on the val split; a warning says when the distilled set lowered it.
     check_distilled: bool = False
-    # Per-method subsections finetune.gradient_ascent, finetune.ncu, finetune.rematch: the
-    # library's records (otcurate.options: GradientAscentOptions, NCUOptions,
-    # RematchOptions), added by _schema.
+    # Per-method subsections finetune.filter, finetune.gradient_ascent, finetune.ncu,
+    # finetune.rematch: the library's records (otcurate.options: FilterOptions,
+    # GradientAscentOptions, NCUOptions, RematchOptions), added by _schema.
     METHOD_OPTIONS: typing.ClassVar[str] = "otcurate.options:FINETUNE_METHODS"
 
     def check(self) -> None:

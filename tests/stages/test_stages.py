@@ -395,16 +395,24 @@ def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
 
 @pytest.mark.parametrize(
     ("method", "source"),
-    [("ncu", "detect"), ("ncu", "batch"), ("filter", "detect"), ("gradient_ascent", "detect")],
+    [
+        ("ncu", "detect"),
+        ("ncu", "batch"),
+        ("filter", "detect"),
+        ("filter", "rounds"),
+        ("gradient_ascent", "detect"),
+    ],
 )
 def test_finetune_methods_run_through_the_stage(tiny, tmp_path, method, source):
-    """On a coreset that keeps the flagged pairs, so each method sees noisy rows."""
+    """On a coreset that keeps the flagged pairs, so each method sees noisy rows ("rounds":
+    filter rescoring them with the model being fine-tuned, by the ot detector)."""
+    ft = {"method": method, "steps": 5}
+    if method == "ncu":
+        ft["ncu"] = {"nc_source": source}
+    if source == "rounds":
+        ft["filter"] = {"rounds": 2, "rescore": "ot"}
     params = write_params(
-        tmp_path,
-        {
-            "coreset": {"exclude_flagged": False, "fraction": 1.0},
-            "finetune": {"method": method, "steps": 5, "ncu": {"nc_source": source}},
-        },
+        tmp_path, {"coreset": {"exclude_flagged": False, "fraction": 1.0}, "finetune": ft}
     )
     cs = {
         **STAGE_PATHS["coreset"],

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF1
 
 from otcurate import distill as dist
-from otcurate import models, train
+from otcurate import finetuning, models
 from otcurate.data.records import ClassInfo
 from otcurate.evaluate import class_means
 
@@ -134,7 +134,7 @@ def test_soft_label_loss_is_zero_against_itself_and_learns_a_target(tiny):
     rep = _replay(student, target, prompts)
     with torch.no_grad():
         before = float(dist.soft_label_loss(student.model, rep, torch.Generator().manual_seed(0)))
-    res = train.finetune(
+    res = finetuning.finetune(
         "clip", student.model, torch.empty(0, 3, 32, 32), torch.empty(0, 77, dtype=torch.long),
         noisy=np.zeros(0, bool), steps=30, batch_size=8, lr=1e-3, warmup=0, weight_decay=0.0,
         seed=0, log=None, replay=rep,
@@ -157,7 +157,7 @@ def test_replay_does_not_change_the_pair_batches(tiny):
         if weight is not None:
             rep = _replay(student, torch.zeros(3, 2, 2), prompts)
             rep = dist.SoftReplay(**{**rep.__dict__, "weight": weight})
-        res = train.finetune(
+        res = finetuning.finetune(
             "clip", student.model, images, tokens, noisy=np.zeros(8, bool), steps=3,
             batch_size=4, lr=1e-3, warmup=0, weight_decay=0.0, seed=0, log=None, replay=rep,
         )  # fmt: skip

@@ -102,7 +102,7 @@ METHOD_SECTIONS = {  # section -> the library registry its per-method subsection
     "detect": "otcurate.detect:METHODS",
     "coreset": "otcurate.coreset:METHODS",
     "distill": "otcurate.distill:METHODS",
-    "finetune": "otcurate.train:FINETUNE_METHODS",
+    "finetune": "otcurate.finetuning:FINETUNE_METHODS",
 }
 
 

@@ -8,7 +8,7 @@ import ot
 import pytest
 import torch
 
-from otcurate import models, train
+from otcurate import finetuning, models
 from otcurate.rematch import RematchOptions, rematch_loss, rematch_plan, soft_target_loss
 
 
@@ -89,7 +89,7 @@ def test_finetune_rematch_trains_and_uses_the_flags():
     noisy = np.zeros(32, dtype=bool)
     noisy[::4] = True
     kw = dict(steps=6, batch_size=16, lr=1e-3, warmup=0, weight_decay=0.0, seed=0)
-    r = train.finetune("rematch", clip.model, x, tok, None, noisy=noisy, **kw)
+    r = finetuning.finetune("rematch", clip.model, x, tok, None, noisy=noisy, **kw)
     assert len(r.losses) == 6 and all(math.isfinite(v) for v in r.losses)
     with pytest.raises(ValueError, match="needs the detect flags"):
-        train.finetune("rematch", clip.model, x, tok, None, noisy=None, **kw)
+        finetuning.finetune("rematch", clip.model, x, tok, None, noisy=None, **kw)
