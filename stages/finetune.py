@@ -104,6 +104,8 @@ def finetune(args) -> None:
             batch_norm=sl.batch_norm,
         )
     images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
+    # filter in rounds rescores the pairs detect scored, never the distilled ones after them
+    scored = {"scored": np.arange(data.num_rows) < chosen.num_rows} if p.method == "filter" else {}
     res = finetuning.finetune(
         p.method,
         clip.model,
@@ -111,6 +113,7 @@ def finetune(args) -> None:
         tokens,
         p.method_options(),
         noisy=noisy,
+        **scored,
         **p.optim_kwargs(),
         seed=base.seed,
         log=live_logger() if rank == 0 else None,
@@ -126,6 +129,7 @@ def finetune(args) -> None:
         "steps": p.steps,
         "processes": size,
         "final_loss": res.losses[-1],
+        **res.metrics,
     }
     if p.check_distilled and used != "none" and chosen.num_rows >= 2:
         # The same fine-tune without the distilled set; the better on val is kept.

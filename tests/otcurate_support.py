@@ -155,6 +155,18 @@ def make_scratch(dest: Path) -> Path:
     return dest
 
 
+def write_tar(path: Path, members) -> None:
+    """A tar file (a webdataset shard) of (name, bytes) members, in the given order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def outs_md5(root: Path) -> dict[str, str]:
     """Every output's md5 in `root`/dvc.lock."""
     stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]

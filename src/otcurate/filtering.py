@@ -13,6 +13,8 @@ pre-training does not import the detectors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from open_clip import ClipLoss
@@ -23,29 +25,55 @@ from otcurate.parallel import shard_map
 
 
 def finetune_filter(
-    model, images, tokens, opts: FilterOptions | None = None, *, noisy=None, **kw
+    model,
+    images,
+    tokens,
+    opts: FilterOptions | None = None,
+    *,
+    noisy=None,
+    scored=None,
+    **kw,
 ) -> train.TrainResult:
     """Drop the pairs `detect` flagged noisy, then plain contrastive fine-tuning.
 
     With ``opts.rounds`` = R > 1 the steps are cut into R equal rounds under one schedule;
     after each round but the last, every pair is embedded by the model being fine-tuned and
-    scored again by the detect method ``opts.rescore`` (its default options), and the same
-    number of pairs as detect flagged (the lowest scores) is dropped for the next round: a
-    model that has learned from cleaner pairs separates the noisy ones better."""
+    the ``scored`` ones ((n,) bool, the pairs detect scored; None: all, so a distilled set
+    appended after them is never dropped) are scored again by the detect method
+    ``opts.rescore`` (its default options); as many as detect flagged, the lowest, are
+    dropped for the next round. The batch draws go on over the new kept set (of the same
+    size), mid-epoch. ``metrics``: ``filter_flags_changed_round_<r>``, the share of the
+    scored pairs whose flag differs from detect's in round r.
+
+    The rescoring model has trained on round 1's kept pairs (the noisy ones it kept among
+    them too) and never on the dropped ones, which may bias it towards its first choice."""
     if noisy is None:
         raise ValueError("finetune.method 'filter' needs the detect flags of the training pairs.")
     o = opts or FilterOptions()
     flags = np.asarray(noisy, dtype=bool)
-    kept = torch.as_tensor(np.flatnonzero(~flags))
-    if o.rounds == 1 or not flags.any():
+    if o.rounds == 1:  # a mask keeps lazily decoded images lazy
+        keep = torch.as_tensor(~flags)
         return train.train_contrastive(
-            model, images[kept], tokens[kept], description="finetune (filter)", **kw
+            model, images[keep], tokens[keep], description="finetune (filter)", **kw
         )
+    if not flags.any():
+        raise ValueError(
+            f"finetune.filter.rounds is {o.rounds} but none of the {len(flags)} pairs is flagged: "
+            "rescoring needs detect's flagged pairs among them; set coreset.exclude_flagged: "
+            "false (or finetune.filter.rounds: 1)."
+        )
+    steps = kw["steps"]
+    ends = sorted({round(steps * r / o.rounds) for r in range(1, o.rounds)} - {0, steps})
+    if not ends:
+        raise ValueError(
+            f"finetune.filter.rounds ({o.rounds}) needs at least as many steps; got {steps}."
+        )
+    scored = np.ones_like(flags) if scored is None else np.asarray(scored, dtype=bool)
+    kept = torch.as_tensor(np.flatnonzero(~flags))
     device = next(model.parameters()).device
     loss_fn = ClipLoss()
-    steps = kw["steps"]
-    ends = {round(steps * r / o.rounds) for r in range(1, o.rounds)} - {0, steps}
     log = kw.pop("log", None)
+    changed: dict[str, float] = {}
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         rows = kept[idx]
@@ -60,28 +88,33 @@ def finetune_filter(
         from otcurate.detect import score  # here: a one-round filter does not load the detectors
 
         image, text = embed_pairs(model, images, tokens, batch_size=kw["batch_size"])
-        s = score(o.rescore, image, text, seed=kw["seed"] + step)
+        rows = np.flatnonzero(scored)
+        s = score(o.rescore, image[rows], text[rows], seed=kw["seed"] + step)
         new = np.zeros_like(flags)
-        new[np.argsort(s, kind="stable")[: int(flags.sum())]] = True  # as many as detect flagged
+        new[rows[np.argsort(s, kind="stable")[: int(flags.sum())]]] = True  # as many as detect
         kept = torch.as_tensor(np.flatnonzero(~new))
+        r = ends.index(step) + 2  # the round these flags serve
+        changed[f"filter_flags_changed_round_{r}"] = float((new != flags)[rows].mean())
         if log is not None:
-            log("filter_flags_changed", float((new != flags).mean()), step)
+            log("filter_flags_changed", changed[f"filter_flags_changed_round_{r}"], step - 1)
 
-    return train._loop(
+    res = train._loop(
         model, len(kept), batch_loss, description=f"finetune (filter, {o.rounds} rounds)",
         log=log, after_step=rescore, **kw,
     )  # fmt: skip
+    return dataclasses.replace(res, metrics=changed)
 
 
 @torch.no_grad()
 def embed_pairs(
     model: torch.nn.Module, images, tokens: torch.Tensor, *, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (n, d) image and text embeddings of every pair, in batches."""
+    """L2-normalised (n, d) image and text embeddings of every pair, in batches, on the
+    model's device (index batches: lazily decoded images decode one batch at a time)."""
     device = next(model.parameters()).device
     img, txt = [], []
     for i in range(0, len(tokens), batch_size):
         rows = torch.arange(i, min(i + batch_size, len(tokens)))
-        img.append(model.encode_image(images[rows].to(device), normalize=True).float().cpu())
-        txt.append(model.encode_text(tokens[rows].to(device), normalize=True).float().cpu())
+        img.append(model.encode_image(images[rows].to(device), normalize=True).float())
+        txt.append(model.encode_text(tokens[rows].to(device), normalize=True).float())
     return torch.cat(img), torch.cat(txt)

@@ -3,14 +3,15 @@
 Loops are bounded by optimisation steps (never wall-clock), draw batches from
 an explicit `torch.Generator`, and clamp `logit_scale` after every step.
 Fine-tuning methods are registered in `FINETUNE_METHODS` and dispatched by
-`otcurate.finetuning`, so that pre-training imports none of the fine-tuning methods' modules.
+`otcurate.finetuning`, so that pre-training does not import NCU, filtering in rounds or the
+detectors it rescores with.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from otcurate.rematch import rematch_loss
 class TrainResult:
     losses: list[float]  # one per step
     lrs: list[float]
+    metrics: dict[str, float] = field(default_factory=dict)  # a method's own, for metrics.json
 
 
 def _loop(

@@ -12,14 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from otcurate_support import ROOT, STAGE_PATHS, tiny_params
+from otcurate_support import ROOT, STAGE_PATHS, tiny_params, write_tar
 from PIL import Image
 
 from otcurate.data import builtin
@@ -84,22 +83,14 @@ def _parquet(folder: Path, images: list[bytes], captions: list[str]) -> dict:
 
 
 def _webdataset(folder: Path, images: list[bytes], captions: list[str]) -> dict:
-    files, half = [], len(images) // 2
-    for shard, keys in enumerate((range(half), range(half, len(images)))):
-        path = folder / f"shard-{shard:02d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in keys:
-                for name, data in (
-                    (f"{i:06d}.png", images[i]),
-                    (f"{i:06d}.txt", captions[i].encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        files.append(str(path))
+    half = len(images) // 2
+    files = [folder / "shard-00.tar", folder / "shard-01.tar"]
+    for path, keys in zip(files, (range(half), range(half, len(images))), strict=True):
+        write_tar(path, [m for i in keys for m in ((f"{i:06d}.png", images[i]),
+                                                   (f"{i:06d}.txt", captions[i].encode()))])  # fmt: skip
     return {
         "path": "webdataset",
-        "data_files": files,
+        "data_files": [str(f) for f in files],
         "image_column": "png",
         "caption_column": "txt",
     }

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from otcurate_support import ROOT, TinyRun, write_params
+from otcurate_support import ROOT, TinyRun, write_params, write_tar
 from PIL import Image
 
 from otcurate import faults
@@ -97,13 +96,11 @@ def make_webdataset(folder: Path, corrupt: int | None = None) -> dict:
     files = []
     for shard in range(2):
         path = folder / f"shard-{shard}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(shard * N // 2, (shard + 1) * N // 2):
-                img = b"\x89PNG broken" if i == corrupt else _png(i)
-                for name, data in ((f"{i:04d}.png", img), (f"{i:04d}.txt", f"swatch {i}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for i in range(shard * N // 2, (shard + 1) * N // 2):
+            img = b"\x89PNG broken" if i == corrupt else _png(i)
+            members += [(f"{i:04d}.png", img), (f"{i:04d}.txt", f"swatch {i}".encode())]
+        write_tar(path, members)
         files.append(str(path))
     return {
         "path": "webdataset",

@@ -430,9 +430,9 @@ def test_finetune_methods_run_through_the_stage(tiny, tmp_path, method, source):
     m = json.loads((tmp_path / "res" / "metrics.json").read_text())
     assert m["flagged_pairs"] == round(0.3 * m["coreset_pairs"]) > 0
     assert (tmp_path / "model" / "model.safetensors").exists()
-    assert len((tmp_path / "res" / "plots" / "loss.tsv").read_text().splitlines()) == 1 + 5 - (
-        0 if method != "filter" else 0
-    )
+    assert len((tmp_path / "res" / "plots" / "loss.tsv").read_text().splitlines()) == 1 + 5
+    # the second round's flags came from the rescoring
+    assert ("filter_flags_changed_round_2" in m) == (source == "rounds")
 
 
 @pytest.mark.parametrize("grouped", [True, False])

@@ -39,16 +39,59 @@ def test_one_round_is_plain_finetuning_on_the_unflagged_pairs():
     assert a.losses == b.losses
 
 
-def test_rounds_rescore_with_the_model_and_keep_the_flagged_count():
-    clip, x, tok, noisy = _setup()
+class _Drawn:
+    """The images, recording the rows fetched once `recording` is set."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.rows, self.recording = x, [], False
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, rows):
+        if self.recording:
+            self.rows += torch.as_tensor(rows).tolist()
+        return self.x[rows]
+
+
+def test_rounds_drop_the_rescored_lowest_and_never_an_unscored_pair(monkeypatch):
+    import otcurate.detect
+
+    clip, x, tok, noisy = _setup()  # 40 pairs, 10 flagged (every 4th)
+    scored = np.arange(40) < 36  # the last 4 stand for a distilled set: never rescored
+    images = _Drawn(x)
+
+    def rescored(method, image, text, opts=None, *, seed=0):
+        assert method == "ot" and len(image) == 36 and not images.recording
+        images.recording = True  # from here on, only training batches fetch images
+        return np.where(np.arange(36) >= 26, 0.0, 1.0)  # rows 26..35 lowest
+
+    monkeypatch.setattr(otcurate.detect, "score", rescored)
     logged = {}
     r = finetuning.finetune(
-        "filter", clip.model, x, tok, FilterOptions(rounds=3, rescore="clip_score"),
-        noisy=noisy, log=lambda k, v, s: logged.setdefault(k, []).append((s, v)), **KW,
+        "filter", clip.model, images, tok, FilterOptions(rounds=2, rescore="ot"), noisy=noisy,
+        scored=scored, log=lambda k, v, s: logged.setdefault(k, []).append(s), **KW,
     )  # fmt: skip
     assert len(r.losses) == 6 and all(math.isfinite(v) for v in r.losses)
-    assert [s for s, _ in logged["filter_flags_changed"]] == [2, 4]  # after rounds 1 and 2
-    assert all(0.0 <= v <= 1.0 for _, v in logged["filter_flags_changed"])
+    drawn = set(images.rows)
+    assert len(images.rows) == 3 * 16  # steps 4..6 after the rescore at step 3
+    assert not drawn & set(range(26, 36))  # the rescored lowest 10 (as many as flagged) dropped
+    assert drawn <= set(range(26)) | set(range(36, 40))
+    flagged_then = set(np.flatnonzero(noisy)) - set(range(26, 36))
+    assert drawn & flagged_then  # detect's flagged pairs are back: its flags no longer decide
+    want = float(((np.arange(36) >= 26) != noisy[:36]).mean())
+    assert r.metrics == {"filter_flags_changed_round_2": pytest.approx(want)}
+    assert logged["filter_flags_changed"] == [2]  # logged at the last step of round 1
+
+
+def test_rounds_need_flags_and_steps():
+    clip, x, tok, noisy = _setup()
+    with pytest.raises(ValueError, match="coreset.exclude_flagged: false"):
+        finetuning.finetune("filter", clip.model, x, tok, FilterOptions(rounds=2),
+                            noisy=np.zeros(40, dtype=bool), **KW)  # fmt: skip
+    with pytest.raises(ValueError, match="needs at least as many steps"):
+        finetuning.finetune("filter", clip.model, x, tok, FilterOptions(rounds=3),
+                            noisy=noisy, **(KW | {"steps": 1}))  # fmt: skip
 
 
 def test_embed_pairs_matches_the_towers_and_rescore_must_be_a_detect_method():
