@@ -387,6 +387,11 @@ class NCUResult:
     phase_a_steps: int
     noisy_seen: float  # mean fraction of noisy rows per batch
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The method's own metrics, as `otcurate.train.TrainResult.metrics`."""
+        return {}
+
 
 def finetune_ncu(
     model: nn.Module,
