@@ -17,11 +17,9 @@ import dataclasses
 
 import numpy as np
 import torch
-from open_clip import ClipLoss
 
 from otcurate import train
 from otcurate.options import FilterOptions
-from otcurate.parallel import shard_map
 
 
 def finetune_filter(
@@ -70,16 +68,9 @@ def finetune_filter(
         )
     scored = np.ones_like(flags) if scored is None else np.asarray(scored, dtype=bool)
     kept = torch.as_tensor(np.flatnonzero(~flags))
-    device = next(model.parameters()).device
-    loss_fn = ClipLoss()
+    pair_loss = train.contrastive_loss(model, images, tokens)
     log = kw.pop("log", None)
     changed: dict[str, float] = {}
-
-    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        rows = kept[idx]
-        img = shard_map(lambda b: model.encode_image(b, normalize=True), images[rows].to(device))
-        txt = shard_map(lambda b: model.encode_text(b, normalize=True), tokens[rows].to(device))
-        return loss_fn(img, txt, model.logit_scale.exp())
 
     def rescore(step: int) -> None:
         nonlocal kept
@@ -98,9 +89,9 @@ def finetune_filter(
         if log is not None:
             log("filter_flags_changed", changed[f"filter_flags_changed_round_{r}"], step - 1)
 
-    res = train._loop(
-        model, len(kept), batch_loss, description=f"finetune (filter, {o.rounds} rounds)",
-        log=log, after_step=rescore, **kw,
+    res = train.loop(
+        model, len(kept), lambda idx: pair_loss(kept[idx]),
+        description=f"finetune (filter, {o.rounds} rounds)", log=log, after_step=rescore, **kw,
     )  # fmt: skip
     return dataclasses.replace(res, metrics=changed)
 

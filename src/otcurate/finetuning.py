@@ -2,7 +2,8 @@
 
 It imports every module a registered method lives in, so the static import closure of the
 finetune stage (its dvc.yaml deps, tests/test_contract.py) covers the code its methods run,
-while pre-training (`otcurate.train`) imports none of them.
+while pre-training (`otcurate.train`) does not import `ncu` or `filtering` (nor the
+detectors `filtering` rescores with).
 """
 
 from __future__ import annotations

@@ -298,8 +298,9 @@ DISTILL_METHODS: dict[str, Method] = {
     "random_real": Method("otcurate.distill:random_real"),
     "wmdd": Method("otcurate.distill:synthesize", WmddOptions),
 }
-# Every method (dispatched by otcurate.finetuning): fn(model, images, tokens, opts, *, noisy, steps, batch_size, lr, warmup,
-# weight_decay, seed, log); `opts` is its options record (None: defaults).
+# Every method (dispatched by otcurate.finetuning): fn(model, images, tokens, opts, *, noisy,
+# steps, batch_size, lr, warmup, weight_decay, seed, log); `opts` is its options record
+# (None: defaults).
 FINETUNE_METHODS: dict[str, Method] = {
     "clip": Method("otcurate.train:finetune_clip"),
     "filter": Method("otcurate.filtering:finetune_filter", FilterOptions),

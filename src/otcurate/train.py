@@ -33,7 +33,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # a method's own, for metrics.json
 
 
-def _loop(
+def loop(
     model: torch.nn.Module,
     n: int,
     batch_loss: Callable[[torch.Tensor], torch.Tensor],
@@ -95,6 +95,16 @@ def train_contrastive(
     images: (N, 3, H, W) float, tokens: (N, L) long, on any device (batches move to the model's).
     Keywords: steps, batch_size, lr, warmup, weight_decay, seed, log.
     """
+    return loop(
+        model, len(images), contrastive_loss(model, images, tokens), description=description,
+        log=kw.pop("log", None), **kw,
+    )  # fmt: skip
+
+
+def contrastive_loss(
+    model: torch.nn.Module, images, tokens: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batch loss of `train_contrastive`: rows (B,) -> ClipLoss of those pairs."""
     device = next(model.parameters()).device
     loss_fn = ClipLoss()
 
@@ -104,9 +114,7 @@ def train_contrastive(
         txt = shard_map(lambda b: model.encode_text(b, normalize=True), tokens[idx].to(device))
         return loss_fn(img, txt, model.logit_scale.exp())
 
-    return _loop(
-        model, len(images), batch_loss, description=description, log=kw.pop("log", None), **kw
-    )
+    return batch_loss
 
 
 def finetune_clip(model, images, tokens, opts=None, *, noisy=None, **kw) -> TrainResult:
@@ -145,7 +153,7 @@ def finetune_gradient_ascent(
             loss = loss - ascent_weight * per_pair[nz].clamp(max=math.log(len(idx))).mean()
         return loss
 
-    return _loop(
+    return loop(
         model,
         len(images),
         batch_loss,
@@ -181,7 +189,7 @@ def finetune_rematch(
             loss = loss + o.weight * extra
         return loss
 
-    return _loop(
+    return loop(
         model, len(images), batch_loss, description="finetune (rematch)",
         log=kw.pop("log", None), **kw,
     )  # fmt: skip

@@ -35,6 +35,13 @@ def joint(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return torch.cat([image, text], dim=1) / math.sqrt(2.0)
 
 
+def _joints(image, text, ref_image, ref_text) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training pairs' and the reference's joint embeddings; an empty reference is an error."""
+    if len(ref_image) == 0:
+        raise ValueError("the reference set is empty.")
+    return joint(image, text), joint(ref_image, ref_text)
+
+
 @torch.no_grad()
 def reference_knn_score(
     image: torch.Tensor,
@@ -46,10 +53,8 @@ def reference_knn_score(
     chunk: int = 4096,
 ) -> torch.Tensor:
     """Mean joint cosine of each training pair to its ``k`` nearest reference pairs, (n,)."""
-    z, r = joint(image, text), joint(ref_image, ref_text)
+    z, r = _joints(image, text, ref_image, ref_text)
     k = min(k, len(r))
-    if k < 1:
-        raise ValueError("the reference set is empty.")
     out = [
         (z[i : i + chunk] @ r.T).topk(k, dim=1).values.mean(dim=1) for i in range(0, len(z), chunk)
     ]
@@ -79,9 +84,7 @@ def reference_ot_score(
 
     if not reg > 0 or not reg_m > 0:
         raise ValueError(f"reg and reg_m must be > 0; got {reg} and {reg_m}.")
-    z, r = joint(image, text), joint(ref_image, ref_text)
-    if len(r) == 0:
-        raise ValueError("the reference set is empty.")
+    z, r = _joints(image, text, ref_image, ref_text)
     M = 1.0 - z @ r.T
     M = M / M.max().clamp_min(1e-12)
     a = torch.full((len(z),), 1.0 / len(z), dtype=M.dtype, device=M.device)
