@@ -42,6 +42,9 @@ DETECTORS = {  # name -> detect section overrides
     "ncu_batch": {"method": "ncu_batch"},
     "gmm_loss": {"method": "gmm_loss"},
     "infoot": {"method": "infoot"},
+    # not a detect method: the planted truth as flags (truth_flags), the ceiling of every
+    # method that fine-tunes on flags
+    "truth": None,
 }
 NCU_LEGACY = {
     "unlearn_cap": None,
@@ -60,6 +63,7 @@ FINETUNERS = {  # name -> finetune section overrides; "flags": a detector other 
     # rounds: rescore the pairs with the model being fine-tuned (finetune.filter)
     "filter_2r": {"method": "filter", "filter": {"rounds": 2, "rescore": "clip_score"}},
     "filter_ot_row": {"method": "filter", "flags": "ot"},
+    "filter_truth": {"method": "filter", "flags": "truth"},  # perfect detection: the ceiling
     "filter_ot_2r": {"method": "filter", "flags": "ot", "filter": {"rounds": 2, "rescore": "ot"}},
     "rematch": {"method": "rematch"},
     "gradient_ascent": {"method": "gradient_ascent"},
@@ -93,6 +97,20 @@ def evaluate_model(ws: Workspace, model: str, name: str) -> dict[str, float]:
     out = f"results/eval-{name}"
     ws.check("evaluate", base=model, finetuned=model, detect="data/detect-clip_score", results=out)
     return {k[len("base_") :]: v for k, v in ws.metrics(out).items() if k.startswith("base_")}
+
+
+def truth_flags(ws: Workspace, out: str) -> None:
+    """detect's output format with the planted truth as flags (score 1 clean, 0 noisy)."""
+    import pyarrow.parquet as pq
+
+    from otcurate_pipeline import artifacts
+
+    shards = sorted(Path(ws.p("data/ingest")).glob("train-*.parquet"))
+    t = pq.ParquetDataset(shards).read(columns=["uid", "noisy"])
+    noisy = t["noisy"].to_numpy(zero_copy_only=False)
+    folder = Path(ws.p(out))
+    folder.mkdir(parents=True, exist_ok=True)
+    artifacts.write_scores(folder, t["uid"].to_pylist(), 1.0 - noisy, noisy)
 
 
 def oracle_model(dataset: str, seed: int, work: Path) -> Path:
@@ -153,6 +171,7 @@ def one(
                 "noise": noise,
                 "kind": kind if noise > 0 else "none",
                 "pretrain_steps": PRETRAIN[dataset]["steps"],
+                "finetune_steps": steps,
                 "seed": seed,
                 "stage": stage,
                 "method": method,
@@ -171,6 +190,9 @@ def one(
 
     fraction = noise if noise > 0 else 0.1
     for method in detectors:
+        if method == "truth":
+            truth_flags(ws, "data/detect-truth")
+            continue
         if reuse and (cell / "results" / f"detect-{method}" / "metrics.json").exists():
             sec = None  # reused: its seconds row stays as the run that made it wrote it
         else:
@@ -224,8 +246,15 @@ def one(
 
 def _key(r: dict) -> tuple:
     """One measurement: a later run of the same cell, method and metric replaces it."""
-    fields = ("dataset", "pretrain_steps", "kind", "noise", "seed", "stage", "method", "metric")
-    return tuple(r.get(f) for f in fields)
+    fields = ("dataset", "pretrain_steps", "finetune_steps", "kind", "noise", "seed", "stage")
+    return tuple(r.get(f) for f in (*fields, "method", "metric"))
+
+
+def label(r: dict) -> str:
+    """The dataset with the base's pre-training steps and, where recorded, the fine-tuning
+    steps: rows of different budgets are never paired."""
+    ft = f", ft {r['finetune_steps']}" if r.get("finetune_steps") else ""
+    return f"{r['dataset']} ({r.get('pretrain_steps', 400)}{ft})"
 
 
 def table(rows: list[dict]) -> str:
@@ -235,7 +264,7 @@ def table(rows: list[dict]) -> str:
 
     agg: dict = defaultdict(list)
     for r in rows:
-        data = f"{r['dataset']} ({r.get('pretrain_steps', 400)})"  # + the base's pre-training steps
+        data = label(r)
         agg[
             (
                 r["stage"],
@@ -261,7 +290,7 @@ def table(rows: list[dict]) -> str:
         lines += [
             f"## {stage}",
             "",
-            "| dataset (pretrain steps) | kind | noise | method | "
+            "| dataset (pretrain, ft steps) | kind | noise | method | "
             + " | ".join(metrics)
             + " | seeds |",
             "|---|---|---|---|" + "---:|" * (len(metrics) + 1),
@@ -290,7 +319,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     val: dict = {}
     for r in rows:
         cell = (
-            f"{r['dataset']} ({r.get('pretrain_steps', 400)})",
+            label(r),
             r.get("kind", "shuffle"),
             r["noise"],
         )
@@ -314,10 +343,12 @@ def verdicts(rows: list[dict]) -> list[str]:
         "",
         "Detection: AUROC minus `clip_score`'s. Fine-tuning: zero-shot and i2t R@1 minus "
         "`filter`'s, and the share of the base -> oracle zero-shot gap the method recovers "
-        "((method - base) / (oracle - base)).",
+        "((method - base) / (oracle - base)). Where `filter_truth` ran (filter on the planted "
+        "truth: perfect detection at the same budget), `of truth's lead` is the method's "
+        "zero-shot lead over `filter` as a share of filter_truth's (ratio of the means).",
         "",
-        "| dataset (pretrain steps) | kind | noise | method | Δ auroc | Δ zs_acc | Δ i2t_r1 | gap recovered | seeds |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| dataset (pretrain, ft steps) | kind | noise | method | Δ auroc | Δ zs_acc | Δ i2t_r1 | gap recovered | of truth's lead | seeds |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     methods: dict = defaultdict(set)
     for k in val:
@@ -326,16 +357,23 @@ def verdicts(rows: list[dict]) -> list[str]:
         for m in sorted(methods[(cell, "detect")] - {"clip_score"}):
             d = paired(cell, "detect", m, "clip_score", "auroc")
             if d:  # no AUROC without planted noise
-                lines.append(f"| {' | '.join(map(str, cell))} | {m} | {fmt(d)} | | | | {len(d)} |")
+                lines.append(
+                    f"| {' | '.join(map(str, cell))} | {m} | {fmt(d)} | | | | | {len(d)} |"
+                )
         for m in sorted(methods[(cell, "finetune")] - {"base", "oracle"}):
             dz = [] if m == "filter" else paired(cell, "finetune", m, "filter", "zs_acc")
             di = [] if m == "filter" else paired(cell, "finetune", m, "filter", "i2t_r1")
             gain = paired(cell, "finetune", m, "base", "zs_acc")
             gap = paired(cell, "finetune", "oracle", "base", "zs_acc")
             rec = [g / o for g, o in zip(gain, gap, strict=False) if o > 0]
+            lead = paired(cell, "finetune", "filter_truth", "filter", "zs_acc")
+            share = "—"
+            if dz and lead and len(lead) == len(dz) and np.mean(lead) > 0:
+                share = f"{np.mean(dz) / np.mean(lead):.2f}"
             lines.append(
                 f"| {' | '.join(map(str, cell))} | {m} | | {fmt(dz)} | {fmt(di)} | "
-                f"{'—' if not rec else f'{np.mean(rec):.2f} ± {np.std(rec):.2f}'} | {len(gain)} |"
+                f"{'—' if not rec else f'{np.mean(rec):.2f} ± {np.std(rec):.2f}'} | {share} | "
+                f"{len(gain)} |"
             )
     lines += [
         "",
@@ -344,7 +382,7 @@ def verdicts(rows: list[dict]) -> list[str]:
         "Zero-shot and i2t R@1 of the first method minus the second's: the OT flags at the same "
         "rounds, and the rounds at the same flags.",
         "",
-        "| dataset (pretrain steps) | kind | noise | comparison | Δ zs_acc | Δ i2t_r1 | seeds |",
+        "| dataset (pretrain, ft steps) | kind | noise | comparison | Δ zs_acc | Δ i2t_r1 | seeds |",
         "|---|---|---|---|---:|---:|---:|",
     ]
     for cell in cells:
