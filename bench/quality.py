@@ -101,12 +101,10 @@ def evaluate_model(ws: Workspace, model: str, name: str) -> dict[str, float]:
 
 def truth_flags(ws: Workspace, out: str) -> None:
     """detect's output format with the planted truth as flags (score 1 clean, 0 noisy)."""
-    import pyarrow.parquet as pq
-
+    from otcurate.data.shards import read_split
     from otcurate_pipeline import artifacts
 
-    shards = sorted(Path(ws.p("data/ingest")).glob("train-*.parquet"))
-    t = pq.ParquetDataset(shards).read(columns=["uid", "noisy"])
+    t = read_split(ws.p("data/ingest"), "train", columns=["uid", "noisy"])
     noisy = t["noisy"].to_numpy(zero_copy_only=False)
     folder = Path(ws.p(out))
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,8 +244,9 @@ def one(
 
 def _key(r: dict) -> tuple:
     """One measurement: a later run of the same cell, method and metric replaces it."""
-    fields = ("dataset", "pretrain_steps", "finetune_steps", "kind", "noise", "seed", "stage")
-    return tuple(r.get(f) for f in (*fields, "method", "metric"))
+    fields = ("dataset", "pretrain_steps", "finetune_steps", "kind", "noise", "seed", "stage",
+              "method", "metric")  # fmt: skip
+    return tuple(r.get(f) for f in fields)
 
 
 def label(r: dict) -> str:
