@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +34,10 @@ def lock(root: Path) -> dict:
 
 def outs_md5(root: Path) -> dict[str, str]:
     return {o["path"]: o["md5"] for e in lock(root).values() for o in e["outs"]}
+
+
+def outs_of(entry: dict) -> list[str]:
+    return [o["path"] for o in entry["outs"]]
 
 
 def test_first_run_runs_every_stage_and_prints_the_comparison(scratch):
@@ -339,13 +344,38 @@ KILLS = [  # (stage, crash point, the stage's outputs already in place when it i
 ]
 
 
+def check_out_upstream(root: Path, shared: Path, stages: list[str], reference: dict) -> bool:
+    """Lock `stages` in the fresh repo `root` with the shared scratch's dvc.lock entries and
+    check their outputs out of a copy of its cache, as a user's `dvc pull` would, so that
+    only the stage under test runs. Only where those entries still name the reference
+    outputs (the first run's); otherwise nothing is done and `dvc repro` runs them."""
+    theirs = lock(shared)
+    if not stages or any(s not in theirs for s in stages):
+        return False
+    entries = {s: theirs[s] for s in stages}
+    if any(o["md5"] != reference.get(o["path"]) for e in entries.values() for o in e["outs"]):
+        return False
+    # The files only, not the run cache (cache/runs): from it dvc would restore the stage
+    # under test without running it.
+    cache = Path(".dvc", "cache", "files")
+    shutil.copytree(shared / cache, root / cache, dirs_exist_ok=True)
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": entries}))
+    sh(root, str(BIN / "dvc"), "checkout", *stages)
+    return True
+
+
 @pytest.mark.parametrize(("stage", "point", "in_place"), KILLS, ids=[k[1] for k in KILLS])
 def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage, point, in_place):
     """`dvc repro` killed (SIGKILL, whole process group) while a stage stands at a named crash
     point (otcurate.faults), then run again: the stage is not locked, its outputs are whole or
-    absent, and the rerun gives the reference bytes and leaves no temporaries."""
-    _, _, reference = scratch
+    absent, and the rerun gives the reference bytes and leaves no temporaries. The stages
+    before it come checked out from the shared first run (the suite trains them once)."""
+    shared, _, reference = scratch
     root = make_scratch(tmp_path / "repo")
+    before = STAGES[: STAGES.index(stage)]
+    if check_out_upstream(root, shared, before, reference):
+        assert set(lock(root)) == set(before)
+        assert all((root / p).exists() for e in lock(root).values() for p in outs_of(e))
     argv = [str(BIN / "dvc"), "repro", stage]
     proc, stopped = start_stopped(argv, root, scratch_env(tmp_path), point, tmp_path / "stop.pid")
     try:
