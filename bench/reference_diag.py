@@ -21,20 +21,23 @@ from bench.results_io import RESULTS, command, save
 
 KNN = (1, 10, 50)
 REFOT = ((0.02, 0.05), (0.02, 0.2), (0.05, 0.1), (0.01, 0.05))
+TITLE = "Detection against a clean reference (train split, planted truth; val as reference)"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], title: str = TITLE, bench: str = "reference_diag") -> str:
+    """Per group and scorer: mean AUROC, its lead over `clip_score`'s (paired by cell), seconds."""
     import numpy as np
 
     by: dict = defaultdict(list)
     for r in rows:
         by[(r["group"], r["name"], r["metric"])].append(r["value"])
     lines = [
-        "# Detection against a clean reference (train split, planted truth; val as reference)",
+        f"# {title}",
         "",
-        f"`{command('reference_diag')}`",
+        f"`{command(bench)}`",
         "",
-        "Mean ± std over the cells of a group (a group: the cells' name without the seed).",
+        "Mean ± std over the cells of a group (a group: the cells' name without the seed, "
+        "and after a colon the part of the noise scored, where the file says so).",
         "",
         "| group | name | auroc | Δ auroc vs clip_score | seconds | cells |",
         "|---|---|---:|---:|---:|---:|",
@@ -44,7 +47,7 @@ def table(rows: list[dict]) -> str:
         d = np.asarray(a) - np.asarray(by[(g, "clip_score", "auroc")][: len(a)])
         lines.append(
             f"| {g} | {name} | {np.mean(a):.3f} ± {np.std(a):.3f} | {np.mean(d):+.3f} ± "
-            f"{np.std(d):.3f} | {np.mean(s):.1f} | {len(a)} |"
+            f"{np.std(d):.3f} | {f'{np.mean(s):.1f}' if s else '—'} | {len(a)} |"
         )
     return "\n".join(lines) + "\n"
 
