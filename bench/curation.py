@@ -38,7 +38,10 @@ from bench.results_io import save
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CORESETS = ["random", "clip_score", "kcenter", "goracs"]
+CORESETS = ["random", "clip_score", "kcenter", "goracs", "goracs_individual"]
+# Bench-only names for a method with options: goracs_individual is goracs without its
+# group-level budget split (coreset.goracs.grouped: false), one selection over all pairs.
+CORESET_PARAMS = {"goracs_individual": {"method": "goracs", "goracs": {"grouped": False}}}
 DISTILLERS = ["random_real", "wmdd"]
 METRICS = ("zs_acc", "i2t_r1", "t2i_r1")
 
@@ -121,15 +124,16 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
     for budget in args.budgets:
         for method in args.coresets:
             tag = f"coreset-{method}-{budget}"
+            params = CORESET_PARAMS.get(method, {"method": method})
             sec = ws.check(
                 "coreset",
-                {"coreset": {"method": method, "fraction": budget}},
+                {"coreset": {**params, "fraction": budget}},
                 detect=flags,
                 out=f"data/{tag}",
                 results=f"results/{tag}",
             )
             row("coreset", budget, method, "seconds", sec)
-            if method == "goracs":
+            if params["method"] == "goracs":
                 m = ws.metrics(f"results/{tag}")
                 for k in ("objective_greedy", "objective_refined", "swaps"):
                     row("coreset", budget, method, k, m[k])
@@ -490,6 +494,13 @@ def verdicts(rows: list[dict]) -> list[str]:
             f"goracs − random coreset at {b}",
             ("finetune_coreset", b, "goracs"), ("finetune_coreset", b, "random"), "zs_acc", 0.03,
         )  # fmt: skip
+    for b in budgets:
+        for metric in ("zs_acc", "i2t_r1"):
+            paired(
+                f"goracs per group − goracs_individual at {b}",
+                ("finetune_coreset", b, "goracs"), ("finetune_coreset", b, "goracs_individual"),
+                metric, 0.0,
+            )  # fmt: skip
     ref = {r["metric"]: r["value"] for r in rows if r.get("case") == "goracs_reference"}
     if ref:
         cut, sec = ref["refinement_cut"], ref["seconds_refine"]
@@ -522,7 +533,9 @@ def main() -> None:
         "--no-all-clean", dest="all_clean", action="store_false",
         help="skip the all-clean-pairs reference fine-tune",
     )  # fmt: skip
-    ap.add_argument("--ipc", nargs="+", type=int, default=[10])
+    ap.add_argument(
+        "--ipc", nargs="*", type=int, default=[10], help="none: no distilled sets (coresets only)"
+    )
     ap.add_argument(
         "--relabel",
         nargs="+",
