@@ -98,8 +98,10 @@ def test_nothing_imports_through_sys_path_and_bench_uses_no_private_names():
     hack = re.compile(r"sys\.path\.(?:insert|append)\(")
     assert [str(f.relative_to(ROOT)) for f in code if hack.search(f.read_text())] == []
     private = re.compile(r"\b(?:cs|det|dist|ev|ncu|models|stages\.\w+)\._[a-z]\w*")
+    imported = re.compile(r"^\s*from (?:otcurate|stages)\S* import [^\n]*\b_[a-z]\w*", re.M)
     for f in (ROOT / "bench").glob("*.py"):
         assert private.findall(f.read_text()) == [], f.name
+        assert imported.findall(f.read_text()) == [], f.name
 
 
 def test_checking_params_and_starting_a_stage_import_no_torch():

@@ -196,7 +196,7 @@ def ot_objective(cost_rows: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     return float(log["cost"]), np.asarray(log["u"]), np.asarray(log["v"])
 
 
-def _exchange_scores(cost: np.ndarray, chosen: np.ndarray, u: np.ndarray, out: np.ndarray):
+def exchange_scores(cost: np.ndarray, chosen: np.ndarray, u: np.ndarray, out: np.ndarray):
     """GORACS's marginal-importance estimates (its Theorem 4.3, from the semi-dual of OT):
     F(i) = max_y [y/k + mean_j min(C_ij − y − f_ij, 0)], with f_ij = min_{l∈S∖{i}} (C_lj − u_l)
     the best reduced cost column j keeps without row i. A low F marks an outsider worth adding;
@@ -233,7 +233,7 @@ def swap_refine(
     """GORACS stage 2: swap members for outsiders while the exact OT objective drops.
 
     Each round prunes to the ``cut_num`` members with the highest and outsiders with the
-    lowest marginal-importance estimate (`_exchange_scores`, from the current duals) and
+    lowest marginal-importance estimate (`exchange_scores`, from the current duals) and
     orders their pairs by estimated gain. Then, each move checked by an exact solve:
     1. the best disjoint pairs (up to ``cut_num``) swapped together, halving the batch until
        the objective drops; 2. else the pairs one at a time, first improvement (the
@@ -264,7 +264,7 @@ def swap_refine(
 
     while swaps < max_iters and not inside.all():
         outsiders = np.flatnonzero(~inside)
-        inner, outer = _exchange_scores(cost, chosen, u, outsiders)
+        inner, outer = exchange_scores(cost, chosen, u, outsiders)
         members = np.argsort(-inner, kind="stable")[:cut_num]  # positions in `chosen`
         top = np.argsort(outer, kind="stable")[:cut_num]
         pairs = sorted(
