@@ -1,0 +1,97 @@
+"""What the two-round OT recipe costs per fine-tuning step, against a plain CLIP step (#14).
+
+The recipe (`finetune.method: filter`, `finetune.filter.rounds: 2`,
+`finetune.filter.rescore: ot`) runs plain CLIP steps on the unflagged pairs, and between the
+rounds embeds every pair with the model being fine-tuned and scores them by OT detection.
+That rescoring is paid once per run, so its cost per step depends on the pairs and the
+steps: this times whole runs at the benchmark's size (shapes, ``--pairs`` pairs, half of them
+flagged, ``--steps`` steps at batch 128 on otcurate-tiny) and divides by the steps.
+
+    .venv/bin/python -m bench.recipe_cost --pairs 9669 --steps 150 --repeats 3
+
+Writes bench/results/recipe_cost.{json,md}: rows {bench, case, n, metric, value}, each time
+the median of ``--repeats`` runs after a warm-up, with its spread (`spread`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import speed
+from bench.results_io import save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--pairs", type=int, default=9669)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from otcurate import finetuning, models
+    from otcurate.data import builtin
+    from otcurate.options import FilterOptions
+
+    recs = [builtin.shapes_record(0, i) for i in range(args.pairs)]
+    noisy = np.zeros(len(recs), dtype=bool)
+    noisy[::2] = True  # rate 0.5, as the benchmark's cells
+    kw = dict(batch_size=128, lr=1e-4, warmup=0, weight_decay=0.2, seed=0)
+    recipes = {
+        "clip": ("clip", None),
+        "filter": ("filter", None),
+        "filter_ot_2r": ("filter", FilterOptions(rounds=2, rescore="ot")),
+    }
+    case = f"finetune run otcurate-tiny B=128, {args.pairs} pairs, {args.steps} steps"
+    rows, per_step = [], {}
+    for name, (method, opts) in recipes.items():
+        torch.manual_seed(0)
+        clip = models.create("otcurate-tiny")
+        x, t = models.pairs_to_tensors([r.image for r in recs], [r.caption for r in recs], clip)
+
+        def run(n, method=method, opts=opts, clip=clip, x=x, t=t):
+            finetuning.finetune(method, clip.model, x, t, opts, noisy=noisy, steps=n, **kw)
+
+        run(4)  # warm-up: allocators and kernels (two rounds of 2 steps for the recipe)
+        times, _ = speed.timed(lambda run=run: run(args.steps), args.repeats)
+        per_step[name] = [s / args.steps for s in times]
+        rows += speed.spread(case, args.pairs, f"seconds_{name}_step", per_step[name])
+        print(f"[recipe_cost] {name}: {statistics.median(per_step[name]):.4f} s/step", flush=True)
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    for name in ("filter", "filter_ot_2r"):
+        rows.append(
+            {"case": case, "n": args.pairs, "metric": f"{name}_over_clip_step",
+             "value": med[name] / med["clip"]}
+        )  # fmt: skip
+    rows = [{"bench": "recipe_cost", **r} for r in rows]
+    lines = [
+        "# The recipe's cost per fine-tuning step",
+        "",
+        f"`.venv/bin/python -m bench.recipe_cost --pairs {args.pairs} --steps {args.steps} "
+        f"--repeats {args.repeats}`: whole runs divided by the steps (the recipe's rescoring "
+        "between rounds included), median (min-max) of the repeats.",
+        "",
+        "| method | seconds per step | over a plain CLIP step |",
+        "|---|---:|---:|",
+    ]
+    for name, v in per_step.items():
+        lines.append(
+            f"| {name} | {med[name]:.4f} ({min(v):.4f}-{max(v):.4f}) | {med[name] / med['clip']:.2f} |"
+        )
+    save("recipe_cost", rows, "\n".join(lines) + "\n", args.out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
