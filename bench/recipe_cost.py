@@ -5,7 +5,9 @@ The recipe (`finetune.method: filter`, `finetune.filter.rounds: 2`,
 rounds embeds every pair with the model being fine-tuned and scores them by OT detection.
 That rescoring is paid once per run, so its cost per step depends on the pairs and the
 steps: this times whole runs at the benchmark's size (shapes, ``--pairs`` pairs, half of them
-flagged, ``--steps`` steps at batch 128 on otcurate-tiny) and divides by the steps.
+flagged, ``--steps`` steps at batch 128 on otcurate-tiny) and divides by the steps; then
+times the rescoring's parts alone (embedding every pair; OT scoring, and the cosine for
+comparison).
 
     .venv/bin/python -m bench.recipe_cost --pairs 9669 --steps 150 --repeats 3
 
@@ -68,6 +70,22 @@ def main() -> None:
         per_step[name] = [s / args.steps for s in times]
         rows += speed.spread(case, args.pairs, f"seconds_{name}_step", per_step[name])
         print(f"[recipe_cost] {name}: {statistics.median(per_step[name]):.4f} s/step", flush=True)
+    # The rescoring's two parts, on the last model: embedding every pair, then scoring.
+    from otcurate.detect import score
+    from otcurate.filtering import embed_pairs
+
+    parts = {}
+    emb, (image, text) = speed.timed(
+        lambda: embed_pairs(clip.model.eval(), x, t, batch_size=128), args.repeats
+    )
+    parts["embed"] = emb
+    for method in ("ot", "clip_score"):
+        parts[f"score_{method}"], _ = speed.timed(
+            lambda m=method: score(m, image, text, seed=0), args.repeats
+        )
+    for name, times in parts.items():
+        rows += speed.spread(case, args.pairs, f"seconds_rescore_{name}", times)
+        print(f"[recipe_cost] rescore {name}: {statistics.median(times):.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in per_step.items()}
     for name in ("filter", "filter_ot_2r"):
         rows.append(
@@ -89,6 +107,15 @@ def main() -> None:
         lines.append(
             f"| {name} | {med[name]:.4f} ({min(v):.4f}-{max(v):.4f}) | {med[name] / med['clip']:.2f} |"
         )
+    lines += [
+        "",
+        "The rescoring between the rounds, in parts (seconds, once per run):",
+        "",
+        "| part | seconds |",
+        "|---|---:|",
+    ]
+    for name, v in parts.items():
+        lines.append(f"| {name} | {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f}) |")
     save("recipe_cost", rows, "\n".join(lines) + "\n", args.out)
     print("\n".join(lines))
 
