@@ -4,11 +4,11 @@ ALGORITHMS.md's reference problem (`bench.curation.synthetic`: 15k candidates x 
 512-d, lambda 0.5, k = 1000, one group), greedy k-median first (`coreset.greedy_kmedian`),
 then two ways to lower the exact OT objective further:
 
-- `swap`: the reference's swap search (`coreset.exchange_scores` prunes to ``--cut-num``
-  members and outsiders; their disjoint pairs swapped together, the batch halved until the
-  objective drops, else up to ``--tries`` single pairs), with a larger batch than the
-  pipeline's so that more swaps fit in the time; it records the objective after every round
-  and stops when a round finds nothing or after ``--seconds``.
+- `swap`: the pipeline's swap search (`coreset.swap_refine`: ``--cut-num`` members and
+  outsiders pruned by the dual estimate; their disjoint pairs swapped together, the batch
+  halved until the objective drops, else up to ``--tries`` single pairs), with a larger
+  batch than the pipeline's so that more swaps fit in the time; the objective and the
+  seconds after every round, until a round finds nothing (or ``--max-iters`` swaps).
 - `medoid`: alternating exchange (capacitated k-medoids): keep the current OT plan, give
   each member's targets the candidate that serves them cheapest (one assignment problem,
   members x candidates, ``scipy.sparse.csgraph.min_weight_full_bipartite_matching`` over
@@ -34,61 +34,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def problem(seed: int) -> np.ndarray:
-    """The reference problem's (15k, 5k) cost, as bench.curation.reference builds it."""
-    from bench.curation import synthetic
-    from otcurate import coreset as cs
-
-    img, txt, t_img, t_txt = synthetic(15_000, 5_000, seed)
-    grad = cs.contrastive_grad_norms(img, txt, 50.0).double()
-    feat = cs.pair_features(img, txt).double()
-    return cs.goracs_cost(feat, cs.pair_features(t_img, t_txt).double(), grad, 0.5).numpy()
-
-
-def swap_rounds(cost, chosen, *, cut_num: int, tries: int, seconds: float):
-    """Yield (seconds, swaps, solves, objective, chosen) after each round of the swap search."""
-    from otcurate.coreset import exchange_scores, ot_objective
-
-    t0 = time.perf_counter()
-    chosen = np.array(chosen)
-    obj, u, _ = ot_objective(cost[chosen])
-    inside = np.zeros(len(cost), bool)
-    inside[chosen] = True
-    swaps = solves = 0
-    while time.perf_counter() - t0 < seconds:
-        outsiders = np.flatnonzero(~inside)
-        inner, outer = exchange_scores(cost, chosen, u, outsiders)
-        members = np.argsort(-inner, kind="stable")[:cut_num]
-        top = np.argsort(outer, kind="stable")[:cut_num]
-        pairs = sorted(
-            (outer[o] - inner[s], int(s), int(outsiders[o])) for s in members for o in top
-        )
-        batch, seen_s, seen_o = [], set(), set()
-        for _, s, o in pairs:
-            if s not in seen_s and o not in seen_o:
-                seen_s.add(s), seen_o.add(o), batch.append((s, o))
-        moves_list, size = [], len(batch)
-        while size >= 1:
-            moves_list.append(batch[:size])
-            size //= 2
-        moves_list += [[(s, o)] for _, s, o in pairs[1:tries]]
-        improved = False
-        for moves in moves_list:
-            trial = chosen.copy()
-            for pos, new in moves:
-                trial[pos] = new
-            t_obj, t_u, _ = ot_objective(cost[trial])
-            solves += 1
-            if t_obj < obj - 1e-12:
-                for pos, new in moves:
-                    inside[chosen[pos]], inside[new] = False, True
-                chosen, obj, u, swaps, improved = trial, t_obj, t_u, swaps + len(moves), True
-                break
-        yield time.perf_counter() - t0, swaps, solves, obj, chosen
-        if not improved:
-            return
 
 
 def medoid_rounds(cost, chosen, *, top: int, rounds: int = 50):
@@ -166,9 +111,10 @@ def lower_bound(cost, v0, k: int, upper: float, *, iters: int):
 
 
 def run(seed: int, args) -> list[dict]:
+    from bench.curation import reference_cost, synthetic
     from otcurate import coreset as cs
 
-    cost = problem(seed)
+    cost = reference_cost(*synthetic(15_000, 5_000, seed))
     first = cs.greedy_kmedian(cost, 1000)
     greedy = cs.ot_objective(cost[first])[0]
     rows = []
@@ -185,11 +131,11 @@ def run(seed: int, args) -> list[dict]:
               f"{100 * (greedy - obj) / greedy:.2f}% at {sec:.1f} s", flush=True)  # fmt: skip
         for metric, v in (("seconds", sec), ("changed", changed), ("objective", obj)):
             row("medoid", i, metric, v)
-    rounds = swap_rounds(cost, first, cut_num=args.cut_num, tries=args.tries, seconds=args.seconds)
-    chosen, best = first, greedy
-    for i, state in enumerate(rounds):
-        sec, swaps, solves, obj, chosen = state
-        best = obj
+    t0, done = time.perf_counter(), []
+
+    def on_round(swaps, solves, obj, _chosen):
+        sec, i = time.perf_counter() - t0, len(done)
+        done.append(i)
         print(f"[goracs_refine] seed {seed} swap round {i}: {swaps} swaps, {solves} solves, cut "
               f"{100 * (greedy - obj) / greedy:.2f}% at {sec:.1f} s", flush=True)  # fmt: skip
         for metric, v in (
@@ -199,6 +145,11 @@ def run(seed: int, args) -> list[dict]:
             ("objective", obj),
         ):
             row("swap", i, metric, v)
+
+    chosen, best, _, _ = cs.swap_refine(
+        cost, first, max_iters=args.max_iters, cut_num=args.cut_num, tries=args.tries,
+        on_round=on_round,
+    )  # fmt: skip
     _, _, dual_v = cs.ot_objective(cost[chosen])
     sec, bound = list(lower_bound(cost, dual_v, 1000, best, iters=args.bound_iters))[-1]
     print(f"[goracs_refine] seed {seed} lower bound {bound:.5f}: at most "
@@ -265,7 +216,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--cut-num", type=int, default=30)
     ap.add_argument("--tries", type=int, default=10)
-    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--max-iters", type=int, default=2000, help="accepted swaps at most")
     ap.add_argument("--medoid-top", type=int, default=30)
     ap.add_argument("--bound-iters", type=int, default=100, help="subgradient steps")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -276,7 +227,7 @@ def main() -> None:
     rows = [r for s in args.seeds for r in run(s, args)]
     line = ".venv/bin/python -m bench.goracs_refine " + " ".join(
         [f"--seeds {' '.join(map(str, args.seeds))}", f"--cut-num {args.cut_num}",
-         f"--tries {args.tries}", f"--seconds {args.seconds:g}", f"--medoid-top {args.medoid_top}",
+         f"--tries {args.tries}", f"--max-iters {args.max_iters}", f"--medoid-top {args.medoid_top}",
          f"--bound-iters {args.bound_iters}"]
     )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

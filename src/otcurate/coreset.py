@@ -12,6 +12,7 @@ k-median first, then swaps pruned by the OT dual potentials.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +197,7 @@ def ot_objective(cost_rows: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     return float(log["cost"]), np.asarray(log["u"]), np.asarray(log["v"])
 
 
-def exchange_scores(cost: np.ndarray, chosen: np.ndarray, u: np.ndarray, out: np.ndarray):
+def _exchange_scores(cost: np.ndarray, chosen: np.ndarray, u: np.ndarray, out: np.ndarray):
     """GORACS's marginal-importance estimates (its Theorem 4.3, from the semi-dual of OT):
     F(i) = max_y [y/k + mean_j min(C_ij − y − f_ij, 0)], with f_ij = min_{l∈S∖{i}} (C_lj − u_l)
     the best reduced cost column j keeps without row i. A low F marks an outsider worth adding;
@@ -228,18 +229,28 @@ def exchange_scores(cost: np.ndarray, chosen: np.ndarray, u: np.ndarray, out: np
 
 
 def swap_refine(
-    cost: np.ndarray, chosen: np.ndarray, *, max_iters: int, cut_num: int
+    cost: np.ndarray,
+    chosen: np.ndarray,
+    *,
+    max_iters: int,
+    cut_num: int,
+    tries: int | None = None,
+    on_round: Callable[[int, int, float, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, float, int, int]:
     """GORACS stage 2: swap members for outsiders while the exact OT objective drops.
 
     Each round prunes to the ``cut_num`` members with the highest and outsiders with the
-    lowest marginal-importance estimate (`exchange_scores`, from the current duals) and
+    lowest marginal-importance estimate (`_exchange_scores`, from the current duals) and
     orders their pairs by estimated gain. Then, each move checked by an exact solve:
     1. the best disjoint pairs (up to ``cut_num``) swapped together, halving the batch until
        the objective drops; 2. else the pairs one at a time, first improvement (the
-    reference's own step). Stops after ``max_iters`` accepted swaps or when no tried pair
-    improves. Returns (chosen, objective, swaps accepted, exact objectives evaluated).
+    reference's own step; the first ``tries`` pairs only when given, instead of all
+    ``cut_num``² of them). Stops after ``max_iters`` accepted swaps or when no tried pair
+    improves. ``on_round(swaps, evaluated, objective, chosen)`` runs after every round.
+    Returns (chosen, objective, swaps accepted, exact objectives evaluated).
     """
+    if tries is not None and tries < 1:
+        raise ValueError(f"swap_refine: tries must be >= 1 or None; got {tries}.")
     chosen = np.array(chosen, dtype=np.int64)
     obj, u, _ = ot_objective(cost[chosen])
     inside = np.zeros(len(cost), dtype=bool)
@@ -264,7 +275,7 @@ def swap_refine(
 
     while swaps < max_iters and not inside.all():
         outsiders = np.flatnonzero(~inside)
-        inner, outer = exchange_scores(cost, chosen, u, outsiders)
+        inner, outer = _exchange_scores(cost, chosen, u, outsiders)
         members = np.argsort(-inner, kind="stable")[:cut_num]  # positions in `chosen`
         top = np.argsort(outer, kind="stable")[:cut_num]
         pairs = sorted(
@@ -280,10 +291,12 @@ def swap_refine(
         while size > 1 and not improved:
             improved = attempt(batch[:size])
             size //= 2
-        for _, s, o in [] if improved else pairs:
+        for _, s, o in [] if improved else pairs[:tries]:
             if attempt([(s, o)]):
                 improved = True
                 break
+        if on_round is not None:
+            on_round(swaps, evals, obj, chosen)
         if not improved:
             break
     return chosen, obj, swaps, evals

@@ -109,6 +109,28 @@ def test_swap_refinement_respects_max_iters():
     assert swaps == 2
 
 
+def test_swap_refinement_bounds_single_tries_and_reports_every_round():
+    rng = np.random.default_rng(4)
+    cost = rng.random((40, 12))
+    first = cs.greedy_kmedian(cost, 6)
+    full = cs.swap_refine(cost, first, max_iters=100, cut_num=40)
+    rounds = []
+    chosen, obj, swaps, evals = cs.swap_refine(
+        cost, first, max_iters=100, cut_num=40, tries=3,
+        on_round=lambda *r: rounds.append((r[0], r[1], r[2], r[3].copy())),
+    )  # fmt: skip
+    # each round: at most log2(cut_num) batch solves, then at most 3 single pairs
+    assert rounds and evals <= len(rounds) * (int(np.log2(40)) + 3)
+    assert evals < full[3]  # the last round alone tries every pruned pair without the bound
+    assert [r[0] for r in rounds] == sorted(r[0] for r in rounds) and rounds[-1][0] == swaps
+    assert [r[2] for r in rounds] == sorted((r[2] for r in rounds), reverse=True)
+    assert rounds[-1][1] == evals and rounds[-1][2] == obj
+    np.testing.assert_array_equal(rounds[-1][3], chosen)
+    assert obj <= objective(cost, first) + 1e-12
+    with pytest.raises(ValueError, match="tries"):
+        cs.swap_refine(cost, first, max_iters=1, cut_num=5, tries=0)
+
+
 def test_split_budget_is_proportional_and_capped():
     np.testing.assert_array_equal(
         cs.split_budget(10, np.array([1, 1, 2]), np.array([9, 9, 9])), [3, 2, 5]
