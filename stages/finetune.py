@@ -6,6 +6,7 @@ Writes `<out>/` (same format as pretrain) and `<results>/` (metrics.json, plots/
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -104,14 +105,22 @@ def finetune(args) -> None:
             batch_norm=sl.batch_norm,
         )
     images, tokens = models.lazy_pairs(data["image"].to_pylist(), data["caption"].to_pylist(), clip)
-    # filter in rounds rescores the pairs detect scored, never the distilled ones after them
-    scored = {"scored": np.arange(data.num_rows) < chosen.num_rows} if p.method == "filter" else {}
+    opts, scored = p.method_options(), {}
+    if p.method == "filter":
+        # in rounds it rescores the pairs detect scored, never the distilled ones after them
+        scored = {"scored": np.arange(data.num_rows) < chosen.num_rows}
+        if opts.rescore == "detect":  # detect's own method and options, as it saved them
+            from otcurate.detect import detector_from_state
+
+            d = detector_from_state(*artifacts.read_detector(args.detect))
+            opts = dataclasses.replace(opts, rescore=d.method)
+            scored["rescore_options"] = d.opts
     res = finetuning.finetune(
         p.method,
         clip.model,
         images,
         tokens,
-        p.method_options(),
+        opts,
         noisy=noisy,
         **scored,
         **p.optim_kwargs(),

@@ -30,6 +30,7 @@ def finetune_filter(
     *,
     noisy=None,
     scored=None,
+    rescore_options=None,
     **kw,
 ) -> train.TrainResult:
     """Drop the pairs `detect` flagged noisy, then plain contrastive fine-tuning.
@@ -38,7 +39,8 @@ def finetune_filter(
     after each round but the last, every pair is embedded by the model being fine-tuned and
     the ``scored`` ones ((n,) bool, the pairs detect scored; None: all, so a distilled set
     appended after them is never dropped) are scored again by the detect method
-    ``opts.rescore`` (its default options); as many as detect flagged, the lowest, are
+    ``opts.rescore`` with ``rescore_options`` (its options record; None: its defaults;
+    ``rescore`` 'detect' is the caller's to resolve into a method and its options); as many as detect flagged, the lowest, are
     dropped for the next round. The batch draws go on over the new kept set (of the same
     size), mid-epoch. ``metrics``: ``filter_flags_changed_round_<r>``, the share of the
     scored pairs whose flag differs from detect's in round r.
@@ -53,6 +55,11 @@ def finetune_filter(
         keep = torch.as_tensor(~flags)
         return train.train_contrastive(
             model, images[keep], tokens[keep], description="finetune (filter)", **kw
+        )
+    if o.rescore == "detect":
+        raise ValueError(
+            "finetune.filter.rescore 'detect' names detect's own method and options: pass the "
+            "method as opts.rescore and its options as rescore_options."
         )
     if not flags.any():
         raise ValueError(
@@ -80,7 +87,7 @@ def finetune_filter(
 
         image, text = embed_pairs(model, images, tokens, batch_size=kw["batch_size"])
         rows = np.flatnonzero(scored)
-        s = score(o.rescore, image[rows], text[rows], seed=kw["seed"] + step)
+        s = score(o.rescore, image[rows], text[rows], rescore_options, seed=kw["seed"] + step)
         new = np.zeros_like(flags)
         new[rows[np.argsort(s, kind="stable")[: int(flags.sum())]]] = True  # as many as detect
         kept = torch.as_tensor(np.flatnonzero(~new))

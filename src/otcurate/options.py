@@ -166,8 +166,10 @@ class WmddOptions:
 @dataclass(frozen=True, kw_only=True)
 class FilterOptions:
     """filter: drop detect's flagged pairs. ``rounds`` > 1: after each equal share of the
-    steps the pairs are scored again by the model being fine-tuned (detect method
-    ``rescore``, its default options) and as many as detect flagged are dropped."""
+    steps the pairs are scored again by the model being fine-tuned and as many as detect
+    flagged are dropped. ``rescore``: the detect method that scores them (with the options
+    the caller gives, else its defaults), or ``detect``: the method and options detect
+    itself ran with (the pipeline reads them from detect's saved detector)."""
 
     rounds: int = 1
     rescore: str = "clip_score"
@@ -175,9 +177,10 @@ class FilterOptions:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1; got {self.rounds}.")
-        if self.rescore not in DETECT_METHODS:
+        if self.rescore not in (*DETECT_METHODS, "detect"):
             raise ValueError(
-                f"rescore must be one of {', '.join(DETECT_METHODS)}; got {self.rescore!r}."
+                f"rescore must be 'detect' or one of {', '.join(DETECT_METHODS)}; "
+                f"got {self.rescore!r}."
             )
 
 

@@ -405,12 +405,13 @@ def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
 )
 def test_finetune_methods_run_through_the_stage(tiny, tmp_path, method, source):
     """On a coreset that keeps the flagged pairs, so each method sees noisy rows ("rounds":
-    filter rescoring them with the model being fine-tuned, by the ot detector)."""
+    filter rescoring them with the model being fine-tuned, by detect's own detector as
+    data/detect saved it)."""
     ft = {"method": method, "steps": 5}
     if method == "ncu":
         ft["ncu"] = {"nc_source": source}
     if source == "rounds":
-        ft["filter"] = {"rounds": 2, "rescore": "ot"}
+        ft["filter"] = {"rounds": 2, "rescore": "detect"}
     params = write_params(
         tmp_path, {"coreset": {"exclude_flagged": False, "fraction": 1.0}, "finetune": ft}
     )

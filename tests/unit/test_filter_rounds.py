@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from otcurate import filtering, finetuning, models, train
-from otcurate.options import FilterOptions
+from otcurate.options import FilterOptions, OTOptions
 
 
 def _setup(n=40):
@@ -63,6 +63,7 @@ def test_rounds_drop_the_rescored_lowest_and_never_an_unscored_pair(monkeypatch)
 
     def rescored(method, image, text, opts=None, *, seed=0):
         assert method == "ot" and len(image) == 36 and not images.recording
+        assert opts == OTOptions(max_iter=7)  # the options the caller gave, not the defaults
         images.recording = True  # from here on, only training batches fetch images
         return np.where(np.arange(36) >= 26, 0.0, 1.0)  # rows 26..35 lowest
 
@@ -70,7 +71,8 @@ def test_rounds_drop_the_rescored_lowest_and_never_an_unscored_pair(monkeypatch)
     logged = {}
     r = finetuning.finetune(
         "filter", clip.model, images, tok, FilterOptions(rounds=2, rescore="ot"), noisy=noisy,
-        scored=scored, log=lambda k, v, s: logged.setdefault(k, []).append(s), **KW,
+        scored=scored, rescore_options=OTOptions(max_iter=7),
+        log=lambda k, v, s: logged.setdefault(k, []).append(s), **KW,
     )  # fmt: skip
     assert len(r.losses) == 6 and all(math.isfinite(v) for v in r.losses)
     drawn = set(images.rows)
@@ -86,6 +88,9 @@ def test_rounds_drop_the_rescored_lowest_and_never_an_unscored_pair(monkeypatch)
 
 def test_rounds_need_flags_and_steps():
     clip, x, tok, noisy = _setup()
+    with pytest.raises(ValueError, match="pass the method as opts.rescore"):  # the caller's
+        finetuning.finetune("filter", clip.model, x, tok, FilterOptions(rounds=2, rescore="detect"),
+                            noisy=noisy, **KW)  # fmt: skip
     with pytest.raises(ValueError, match="coreset.exclude_flagged: false"):
         finetuning.finetune("filter", clip.model, x, tok, FilterOptions(rounds=2),
                             noisy=np.zeros(40, dtype=bool), **KW)  # fmt: skip
@@ -101,7 +106,7 @@ def test_embed_pairs_matches_the_towers_and_rescore_must_be_a_detect_method():
     with torch.no_grad():
         torch.testing.assert_close(img, clip.model.encode_image(x, normalize=True))
         torch.testing.assert_close(txt, clip.model.encode_text(tok, normalize=True))
-    with pytest.raises(ValueError, match="rescore must be one of"):
+    with pytest.raises(ValueError, match="rescore must be 'detect' or one of"):
         FilterOptions(rescore="cosine")
     with pytest.raises(ValueError, match="rounds must be"):
         FilterOptions(rounds=0)
