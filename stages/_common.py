@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input or params (the message says the fix);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -79,6 +80,71 @@ def exit_process(code: int) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    os._exit(code)
+
+
+STAGE_WORKER = "OTCURATE_STAGE_WORKER"  # otcurate_pipeline.stageworker's socket
+
+
+def main_process(main: Callable[[], int], module: str) -> NoReturn:
+    """`python -m stages.<name>`'s end: run `main` in the stage worker that the environment
+    names (otcurate_pipeline.stageworker: torch and open_clip already imported), else here,
+    and end with its exit code. An unreachable worker is said once; the stage then runs here."""
+    path = os.environ.get(STAGE_WORKER)
+    if path:
+        _delegate(path, module)
+    exit_process(main())
+
+
+def _delegate(path: str, module: str) -> None:
+    """Hand this process's module, arguments, directory, environment, sys.path and streams
+    to the worker at `path`, pass SIGINT/SIGTERM/SIGHUP on to the stage it forks, and end as
+    that stage ends (by its signal, if one killed it). Returns only if nothing was started."""
+    import json
+    import signal
+    import socket
+    import struct
+
+    req = {
+        "module": module,
+        "argv": sys.argv[1:],
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "path": sys.path,
+        "encodings": [s.encoding or "utf-8" for s in (sys.stdin, sys.stdout, sys.stderr)],
+    }
+    data = json.dumps(req).encode()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(path)
+        socket.send_fds(conn, [struct.pack("!I", len(data))], [0, 1, 2])
+        conn.sendall(data)
+        reader = conn.makefile("r")
+        first = reader.readline().split()
+        if first[:1] != ["pid"]:
+            raise OSError("no stage was started")
+    except OSError as exc:
+        print(f"{module}: stage worker {path} unreachable ({exc}); running here", file=sys.stderr)
+        return
+    pid = int(first[1])
+
+    def forward(sig: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        last = reader.readline().split()
+    except OSError:
+        last = []
+    code = int(last[1]) if last[:1] == ["exit"] else 1
+    if code < 0:  # the stage was killed by a signal: so is this process
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
     os._exit(code)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from otcurate.data.shards import read_split
 from otcurate.io import atomic_dir, write_json
 from otcurate_pipeline import artifacts
-from stages._common import StageError, exit_process, model_logit_scale, parser, read_params, run
+from stages._common import StageError, main_process, model_logit_scale, parser, read_params, run
 
 
 def _labels(data_dir: str, split: str, uids: list[str]) -> np.ndarray:
@@ -126,4 +126,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

@@ -15,7 +15,7 @@ import numpy as np
 from otcurate.data.shards import read_split
 from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate_pipeline import artifacts
-from stages._common import exit_process, model_logit_scale, parser, read_params, run
+from stages._common import main_process, model_logit_scale, parser, read_params, run
 
 
 def detect(args) -> None:
@@ -134,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

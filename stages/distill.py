@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from otcurate.data.shards import read_classes, read_selected, read_split
 from otcurate.io import atomic_dir, write_json, write_tsv
 from otcurate_pipeline import artifacts
-from stages._common import exit_process, live_logger, parser, read_params, run
+from stages._common import live_logger, main_process, parser, read_params, run
 
 
 def distill(args) -> None:
@@ -133,4 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from otcurate.data.records import SPLITS
 from otcurate.data.shards import shard_files, write_embedding_shard
 from otcurate.io import atomic_dir
-from stages._common import exit_process, parser, read_params, run
+from stages._common import main_process, parser, read_params, run
 
 
 def embed(args) -> None:
@@ -53,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

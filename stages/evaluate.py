@@ -12,7 +12,7 @@ import numpy as np
 from otcurate.data.shards import read_classes, read_provenance, read_split
 from otcurate.io import atomic_dir, write_json, write_text
 from otcurate_pipeline import artifacts
-from stages._common import StageError, exit_process, parser, read_params, run
+from stages._common import StageError, main_process, parser, read_params, run
 
 
 def _load_sets(sets) -> list:
@@ -121,4 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

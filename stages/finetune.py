@@ -20,8 +20,8 @@ from otcurate.data.shards import read_selected
 from otcurate_pipeline import artifacts
 from stages._common import (
     StageError,
-    exit_process,
     live_logger,
+    main_process,
     parser,
     read_params,
     run,
@@ -256,4 +256,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

@@ -24,7 +24,7 @@ from otcurate.data.shards import write_classes, write_provenance
 from otcurate.data.staging import Stager, finalize, read_column, split_positions
 from otcurate.io import atomic_dir, write_json
 from otcurate.progress import track
-from stages._common import StageError, exit_process, parser, read_params, run
+from stages._common import StageError, main_process, parser, read_params, run
 
 
 def _limit_hint(reason: str) -> str:
@@ -188,4 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from otcurate.data.shards import read_split
 from stages._common import (
     StageError,
-    exit_process,
     live_logger,
+    main_process,
     parser,
     read_params,
     run,
@@ -82,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_process(main, __spec__.name)

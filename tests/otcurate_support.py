@@ -19,6 +19,7 @@ import yaml
 
 from otcurate_pipeline import layout
 from otcurate_pipeline.runner import Workspace, merge
+from otcurate_pipeline.stageworker import ENV as STAGE_WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: otcurate, dvc, prefect
@@ -111,11 +112,57 @@ class SharedPrefect:
             cls.service = None
 
 
-def scratch_env(tmp: Path, shared_prefect: bool = True) -> dict[str, str]:
+class SharedStageWorker:
+    """One stage worker for the session's pipeline runs (otcurate_pipeline.stageworker):
+    their stage processes fork from a process that imported torch and open_clip once,
+    instead of paying 6-9 s of imports each (#18). `scratch_env` hands it to every run but
+    the suite's first `otcurate run` (the `scratch`
+    fixture) and the process-group kills (`start_stopped`) run their stages plainly, as a
+    user's `python -m stages.<name>` does."""
+
+    proc: subprocess.Popen | None = None
+    path: Path | None = None
+
+    @classmethod
+    def start(cls, tmp: Path) -> None:
+        cls.path = tmp / "stages.sock"
+        cls.proc = subprocess.Popen(
+            [str(BIN / "python"), "-m", "otcurate_pipeline.stageworker", str(cls.path)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "stage-worker.log", "ab"),  # noqa: SIM115 - the child keeps it
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @classmethod
+    def socket(cls) -> str | None:
+        """The worker's socket, once it listens; None when none was started."""
+        if cls.proc is None or cls.path is None:
+            return None
+        deadline = time.monotonic() + 120
+        while not cls.path.exists():
+            assert cls.proc.poll() is None, f"the stage worker exited {cls.proc.returncode}"
+            assert time.monotonic() < deadline, "the stage worker did not listen in 120 s"
+            time.sleep(0.1)
+        return str(cls.path)
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.proc is not None:
+            os.killpg(cls.proc.pid, signal.SIGTERM)
+            cls.proc.wait(timeout=30)
+            cls.proc = None
+
+
+def scratch_env(
+    tmp: Path, shared_prefect: bool = True, stage_worker: bool = True
+) -> dict[str, str]:
     """The environment of a command in a scratch repo under `tmp`: its own Prefect home, no
-    MLFLOW_/PREFECT_ settings of the caller's, and, when `shared_prefect` and the session's
-    server is up, PREFECT_API_URL at that server (`SharedPrefect`)."""
+    MLFLOW_/PREFECT_ settings of the caller's, and, when the session's services are up,
+    PREFECT_API_URL at its server if `shared_prefect` (`SharedPrefect`) and its stage worker
+    if `stage_worker` (`SharedStageWorker`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env.pop(STAGE_WORKER, None)
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PREFECT_HOME=str(tmp / "prefect-home"),
@@ -127,6 +174,9 @@ def scratch_env(tmp: Path, shared_prefect: bool = True) -> dict[str, str]:
     api = SharedPrefect.api_url() if shared_prefect else None
     if api:
         env["PREFECT_API_URL"] = api
+    worker = SharedStageWorker.socket() if stage_worker else None
+    if worker:
+        env[STAGE_WORKER] = worker
     return env
 
 
@@ -180,6 +230,7 @@ def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Pat
     from otcurate import faults
 
     env = {**env, faults.STOP_AT: point, faults.STOP_READY: str(ready)}
+    env.pop(STAGE_WORKER, None)  # the stage in the process group the caller kills
     proc = subprocess.Popen(
         argv,
         cwd=root,
@@ -202,12 +253,16 @@ def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Pat
 
 
 def sh(
-    root: Path, *args: str, check: bool = True, shared_prefect: bool = True
+    root: Path,
+    *args: str,
+    check: bool = True,
+    shared_prefect: bool = True,
+    stage_worker: bool = True,
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         list(args),
         cwd=root,
-        env=scratch_env(root.parent, shared_prefect),
+        env=scratch_env(root.parent, shared_prefect, stage_worker),
         capture_output=True,
         text=True,
         timeout=900,

@@ -1,0 +1,171 @@
+"""A stage worker: one process that imports torch and open_clip once, then forks a stage
+process per request, so that `python -m stages.<name>` skips the 6-9 s those imports cost
+each stage process here (#18).
+
+    python -m otcurate_pipeline.stageworker /tmp/stages.sock    # serve until SIGTERM
+
+A stage whose environment has ``OTCURATE_STAGE_WORKER=<socket path>`` hands its module name,
+arguments, working directory, environment, ``sys.path`` and standard streams to the worker
+(`stages._common.main_process`: a stage imports nothing of this module, so the
+worker is no code dependency of any stage). The worker forks a supervisor, which forks the stage: the
+stage module runs as `python -m` runs it (``runpy``, ``__main__``), with none of otcurate's
+modules imported before it, so the code it runs is the code in its working directory. The
+stage's exit status comes back to the waiting client, which ends with it (a stage killed by
+a signal kills the client by the same signal). SIGINT, SIGTERM and SIGHUP sent to the
+client are passed on to the stage; a client that dies (SIGKILL included) takes the stage
+with it: the supervisor sees its socket close and kills the stage.
+
+What differs from a fresh interpreter: the stage is not in its client's process group (a
+test that kills a process group and asserts on it runs stages without the worker), and
+module state set at import time by the preloaded libraries was set under the worker's
+environment. The worker never initialises CUDA, so a stage may.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import os
+import runpy
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from typing import NoReturn
+
+ENV = "OTCURATE_STAGE_WORKER"  # the client: stages._common.main_process (same protocol)
+# what every stage process imports and pays for, none of it otcurate's own
+PRELOAD = ("torch", "open_clip", "numpy", "pyarrow.parquet", "safetensors.torch", "PIL.Image", "ot")
+# the request: a 4-byte length and the stage's streams (SCM_RIGHTS), then that many bytes of
+# JSON; the answers: "pid <n>\n" when the stage is forked, "exit <code>\n" when it ends
+OWN = ("stages", "otcurate", "otcurate_pipeline")  # imported fresh by each stage, from its cwd
+_HEADER = struct.Struct("!I")
+
+
+def preload(modules: tuple[str, ...] = PRELOAD) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # a stage that needs it fails as it would without us
+            print(f"stage worker: not preloaded: {name} ({exc})", file=sys.stderr, flush=True)
+
+
+def serve(path: str, modules: tuple[str, ...] = PRELOAD) -> NoReturn:
+    """Listen on the unix socket `path` and fork a supervised stage per connection."""
+    preload(modules)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(64)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the supervisors
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    print(f"stage worker: serving on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    while True:
+        conn, _ = srv.accept()
+        if os.fork() == 0:
+            srv.close()
+            _supervise(conn)
+        conn.close()
+
+
+def _supervise(conn: socket.socket) -> NoReturn:
+    """Read one request, fork the stage, report its pid and then its exit status."""
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        (size,) = _HEADER.unpack_from(msg)
+        data = msg[_HEADER.size :]
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                os._exit(1)
+            data += chunk
+        req = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            _stage(req, fds)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f"pid {pid}\n".encode())
+        t0 = time.monotonic()
+        pidfd = os.pidfd_open(pid)
+        while True:
+            ready, _, _ = select.select([conn, pidfd], [], [])
+            if pidfd in ready:
+                break
+            if not conn.recv(64):  # the client is gone: so is its stage
+                os.kill(pid, signal.SIGKILL)
+                break
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        print(
+            f"stage worker: {req['module']} in {req['cwd']}: pid {pid}, exit {code}, "
+            f"{time.monotonic() - t0:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        with contextlib.suppress(OSError):  # a client gone has nobody to tell
+            conn.sendall(f"exit {code}\n".encode())
+    finally:
+        os._exit(0)
+
+
+def _stream(fd: int, encoding: str, errors: str, line: bool, through: bool):
+    raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+    buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+    return io.TextIOWrapper(
+        buffered, encoding=encoding, errors=errors, line_buffering=line, write_through=through
+    )
+
+
+def _stage(req: dict, fds: list[int]) -> NoReturn:
+    """In the forked stage: become the client's process image, then run its module."""
+    code = 1
+    try:
+        for target, fd in zip((0, 1, 2), fds, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        os.environ.pop(ENV, None)  # the stage runs here, and what it starts runs plainly
+        through = bool(os.environ.get("PYTHONUNBUFFERED"))
+        enc = req["encodings"]
+        sys.stdin = _stream(0, enc[0], "strict", False, False)
+        sys.stdout = _stream(1, enc[1], "strict", os.isatty(1), through)
+        sys.stderr = _stream(2, enc[2], "backslashreplace", True, through)
+        sys.path[:] = req["path"]
+        for name in [m for m in sys.modules if m.split(".")[0] in OWN]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        sys.argv = [req["module"], *req["argv"]]
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - report as the interpreter would, then exit 1
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m otcurate_pipeline.stageworker SOCKET [MODULE ...]")
+    serve(sys.argv[1], tuple(sys.argv[2:]) or PRELOAD)

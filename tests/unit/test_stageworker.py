@@ -1,0 +1,124 @@
+"""The stage worker (otcurate_pipeline.stageworker) and its client (stages._common.main_process):
+a stage run through it sees its own directory, arguments, environment and streams, ends
+with its own exit status or signal, and dies with its client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from otcurate_pipeline.stageworker import ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = """
+import os, signal, sys, time
+from stages._common import main_process
+
+def main():
+    print("cwd", os.getcwd(), "argv", *sys.argv[1:], flush=True)
+    print("env", os.environ.get("PROBE"), os.environ.get("OTCURATE_STAGE_WORKER"), flush=True)
+    print("pid", os.getpid(), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    mode = sys.argv[1]
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "wait":
+        time.sleep(600)
+    if mode == "raise":
+        raise RuntimeError("boom")
+    return {"exit": 3}.get(mode, 0)
+
+if __name__ == "__main__":
+    main_process(main, __spec__.name)
+"""
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worker")
+    sock = tmp / "w.sock"
+    proc = subprocess.Popen(  # preloading json only: the protocol, not torch's import time
+        [sys.executable, "-m", "otcurate_pipeline.stageworker", str(sock), "json"],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    yield sock
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def probe(tmp: Path, sock: Path | None, *args: str, wait: bool = True):
+    (tmp / "probe.py").write_text(PROBE)
+    env = {**os.environ, "PROBE": "seen", "PYTHONPATH": str(ROOT)}
+    env.pop(ENV, None)
+    if sock is not None:
+        env[ENV] = str(sock)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probe", *args],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err, proc.pid
+
+
+def stage_pid(out: str) -> int:
+    return int(next(line for line in out.splitlines() if line.startswith("pid ")).split()[1])
+
+
+def test_a_stage_runs_in_the_worker_as_in_its_own_process(worker, tmp_path):
+    code, out, err, client = probe(tmp_path, worker, "exit", "--flag", "x y")
+    assert code == 3
+    assert f"cwd {tmp_path} argv exit --flag x y" in out
+    assert "env seen None" in out  # its environment; the worker's variable is not passed on
+    assert stage_pid(out) != client  # a fork of the worker ran it
+    assert "to stderr" in err
+    code, out, err, _ = probe(tmp_path, worker, "raise")
+    assert code == 1 and "RuntimeError: boom" in err
+    assert probe(tmp_path, worker, "ok")[0] == 0
+
+
+def test_a_stage_killed_by_a_signal_kills_its_client_alike(worker, tmp_path):
+    code, out, _, _ = probe(tmp_path, worker, "kill")
+    assert code == -signal.SIGKILL and "pid " in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_the_stage_dies_with_its_client(worker, tmp_path, sig):
+    """SIGTERM is passed on to the stage; a SIGKILLed client's stage is killed by the worker."""
+    proc = probe(tmp_path, worker, "wait", wait=False)
+    line = proc.stdout.readline()
+    while not line.startswith("pid "):
+        line = proc.stdout.readline()
+    pid = int(line.split()[1])
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == -sig
+    deadline = time.monotonic() + 30
+    while True:  # gone (its supervisor reaps it at once)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, f"stage {pid} outlived its client"
+        time.sleep(0.05)
+
+
+def test_an_unreachable_worker_runs_the_stage_here(tmp_path):
+    code, out, err, client = probe(tmp_path, tmp_path / "nobody.sock", "exit")
+    assert code == 3 and stage_pid(out) == client
+    assert "stage worker" in err and "unreachable" in err and "running here" in err
