@@ -8,6 +8,10 @@ commit, params.yaml as committed):
 - `startup_seconds` (case = the stage): `python -m stages.<name>` with its cmd from dvc.yaml,
   from the spawn to its first line of output (params read and checked, its input opened:
   the first unit of work); `--repeats` times each, the process stopped there.
+- `stage_run_seconds` (case = the stage, plain or through a stage worker): a whole stage
+  run, its cmd from dvc.yaml on the default run's outputs (`--whole` stages), as a plain
+  process and forked from a stage worker that imported torch and open_clip once
+  (otcurate_pipeline.stageworker, which the pipeline tests use); `--repeats` times each.
 - `suite_seconds` (`--suite`): the README's test command (`make test`), once.
 
 Each figure is the median; `<metric>_min` / `<metric>_max` rows give the spread. Run it
@@ -20,6 +24,7 @@ and startup.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -34,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from bench.results_io import RESULTS, command, save
+from otcurate_pipeline.stageworker import ENV as STAGE_WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,9 +69,11 @@ def env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def timed(argv: list[str], cwd: Path) -> float:
+def timed(argv: list[str], cwd: Path, extra: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        argv, cwd=cwd, env={**env(), **(extra or {})}, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -89,6 +97,28 @@ def first_line_seconds(argv: list[str], cwd: Path) -> tuple[float, str]:
     if not line:
         raise RuntimeError(f"{' '.join(argv)} printed nothing (exit {proc.returncode}).")
     return seconds, line.strip()
+
+
+@contextlib.contextmanager
+def stage_worker(folder: Path):
+    """A stage worker listening in `folder` for the duration; yields its socket."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sock = folder / "stages.sock"
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "otcurate_pipeline.stageworker", str(sock)],
+        env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=(folder / "stage-worker.log").open("ab"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"the stage worker exited {proc.returncode}")
+            time.sleep(0.05)
+        yield sock
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
 
 
 def stage_commands(root: Path) -> dict[str, list[str]]:
@@ -116,7 +146,8 @@ def table(rows: list[dict], repeats: dict[str, int], notes: list[str]) -> str:
         f"`{command('startup')}` on {platform.machine()}, {os.cpu_count()} CPU cores.",
         "",
         "Median (min-max) seconds. startup: from `python -m stages.<name>` to the stage's "
-        "first line of output.",
+        "first line of output. stage_run: the whole stage on the default run's outputs, as "
+        "a plain process and through a stage worker (otcurate_pipeline.stageworker).",
         "",
         "| case | metric | median | min | max | repeats |",
         "|---|---|---:|---:|---:|---:|",
@@ -141,6 +172,12 @@ def main() -> None:
         "--default-repeats", type=int, default=1, help="default runs from nothing (>= 1)"
     )
     ap.add_argument("--suite", action="store_true", help="also time the test suite (make test)")
+    ap.add_argument(
+        "--whole",
+        nargs="*",
+        default=["detect", "evaluate"],
+        help="stages whose whole run is timed plain and through a stage worker",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "startup")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -167,6 +204,20 @@ def main() -> None:
         rows += summary(name, "startup_seconds", [s for s, _ in got])
         notes.append(f"- {name}'s first line: `{got[0][1][:120]}`")
         print(f"[startup] {name}: {statistics.median(s for s, _ in got):.2f} s", flush=True)
+    if args.whole:
+        repeats["stage_run_seconds"] = args.repeats
+    with stage_worker(args.work / "worker") as sock:
+        for name in args.whole:
+            argv = stage_commands(root)[name]
+            plain = [timed(argv, root) for _ in range(args.repeats)]
+            forked = [timed(argv, root, {STAGE_WORKER: str(sock)}) for _ in range(args.repeats)]
+            rows += summary(f"{name} (plain)", "stage_run_seconds", plain)
+            rows += summary(f"{name} (stage worker)", "stage_run_seconds", forked)
+            print(
+                f"[startup] {name} whole: plain {statistics.median(plain):.2f} s, "
+                f"stage worker {statistics.median(forked):.2f} s",
+                flush=True,
+            )
     if args.suite:  # the suite's own output, with pytest's 30 slowest tests, in suite.log
         save("startup", rows, table(rows, repeats, notes), args.out)  # kept if the suite fails
         log = args.work / "suite.log"
