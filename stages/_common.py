@@ -86,13 +86,15 @@ def exit_process(code: int) -> NoReturn:
 STAGE_WORKER = "OTCURATE_STAGE_WORKER"  # otcurate_pipeline.stageworker's socket
 
 
-def main_process(main: Callable[[], int], module: str) -> NoReturn:
+def main_process(main: Callable[[], int], module: str | None) -> NoReturn:
     """`python -m stages.<name>`'s end: run `main` in the stage worker that the environment
     names (otcurate_pipeline.stageworker: torch and open_clip already imported), else here,
-    and end with its exit code. An unreachable worker is said once; the stage then runs here."""
+    and end with its exit code. An unreachable worker is said once; the stage then runs here.
+    `module`: this module's name under `python -m` (None when run as a file: runs here)."""
     path = os.environ.get(STAGE_WORKER)
-    if path:
+    if path and module:
         _delegate(path, module)
+        os.environ.pop(STAGE_WORKER, None)  # unreachable: what this stage starts runs plainly
     exit_process(main())
 
 
@@ -111,7 +113,9 @@ def _delegate(path: str, module: str) -> None:
         "cwd": os.getcwd(),
         "env": dict(os.environ),
         "path": sys.path,
-        "encodings": [s.encoding or "utf-8" for s in (sys.stdin, sys.stdout, sys.stderr)],
+        "encodings": [
+            getattr(s, "encoding", None) or "utf-8" for s in (sys.stdin, sys.stdout, sys.stderr)
+        ],
     }
     data = json.dumps(req).encode()
     sys.stdout.flush()
@@ -125,14 +129,20 @@ def _delegate(path: str, module: str) -> None:
         first = reader.readline().split()
         if first[:1] != ["pid"]:
             raise OSError("no stage was started")
-    except OSError as exc:
-        print(f"{module}: stage worker {path} unreachable ({exc}); running here", file=sys.stderr)
+    except (OSError, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise SystemExit(130) from None  # nothing was started
+        print(
+            f"{module}: stage worker {path} unreachable ({exc}); running here. Start the worker "
+            f"(python -m otcurate_pipeline.stageworker {path}) or unset {STAGE_WORKER}.",
+            file=sys.stderr,
+        )
         return
     pid = int(first[1])
 
-    def forward(sig: int, _frame: Any) -> None:
+    def forward(sig: int, _frame: Any) -> None:  # to the stage's group: what it started too
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+            os.killpg(pid, sig)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -140,7 +150,14 @@ def _delegate(path: str, module: str) -> None:
         last = reader.readline().split()
     except OSError:
         last = []
-    code = int(last[1]) if last[:1] == ["exit"] else 1
+    if last[:1] != ["exit"]:
+        print(
+            f"{module}: the stage worker {path} ended before the stage (pid {pid}) reported; "
+            f"rerun, or unset {STAGE_WORKER} to run stages in their own processes.",
+            file=sys.stderr,
+        )
+        os._exit(EXIT_TRANSIENT)
+    code = int(last[1])
     if code < 0:  # the stage was killed by a signal: so is this process
         if -code not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(-code, signal.SIG_DFL)

@@ -53,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    main_process(main, __spec__.name)
+    main_process(main, __spec__ and __spec__.name)

@@ -7,6 +7,7 @@ Writes `<out>/` (same format as pretrain) and `<results>/` (metrics.json, plots/
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -109,12 +110,12 @@ def finetune(args) -> None:
     if p.method == "filter":
         # in rounds it rescores the pairs detect scored, never the distilled ones after them
         scored = {"scored": np.arange(data.num_rows) < chosen.num_rows}
-        if opts.rescore == "detect":  # detect's own method and options, as it saved them
-            from otcurate.detect import detector_from_state
+        if opts.rounds > 1 and opts.rescore == "detect":  # detect's method and options
+            from otcurate.detect import options
 
-            d = detector_from_state(*artifacts.read_detector(args.detect))
-            opts = dataclasses.replace(opts, rescore=d.method)
-            scored["rescore_options"] = d.opts
+            meta = json.loads((Path(args.detect) / artifacts.DETECTOR).read_text())
+            opts = dataclasses.replace(opts, rescore=meta["method"])
+            scored["rescore_options"] = options(meta["method"], **meta["options"])
     res = finetuning.finetune(
         p.method,
         clip.model,
@@ -256,4 +257,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    main_process(main, __spec__.name)
+    main_process(main, __spec__ and __spec__.name)

@@ -7,6 +7,7 @@ pytest imported last (tests/unit has its own), so helpers must live under a uniq
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import shutil
 import signal
@@ -126,13 +127,14 @@ class SharedStageWorker:
     @classmethod
     def start(cls, tmp: Path) -> None:
         cls.path = tmp / "stages.sock"
-        cls.proc = subprocess.Popen(
-            [str(BIN / "python"), "-m", "otcurate_pipeline.stageworker", str(cls.path)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "stage-worker.log", "ab"),  # noqa: SIM115 - the child keeps it
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(tmp / "stage-worker.log", "ab") as log:  # the worker keeps its own copy
+            cls.proc = subprocess.Popen(
+                [str(BIN / "python"), "-m", "otcurate_pipeline.stageworker", str(cls.path)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     @classmethod
     def socket(cls) -> str | None:
@@ -149,7 +151,8 @@ class SharedStageWorker:
     @classmethod
     def stop(cls) -> None:
         if cls.proc is not None:
-            os.killpg(cls.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cls.proc.pid, signal.SIGTERM)
             cls.proc.wait(timeout=30)
             cls.proc = None
 

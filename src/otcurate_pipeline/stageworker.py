@@ -15,8 +15,9 @@ a signal kills the client by the same signal). SIGINT, SIGTERM and SIGHUP sent t
 client are passed on to the stage; a client that dies (SIGKILL included) takes the stage
 with it: the supervisor sees its socket close and kills the stage.
 
-What differs from a fresh interpreter: the stage is not in its client's process group (a
-test that kills a process group and asserts on it runs stages without the worker), and
+What differs from a fresh interpreter: the stage leads its own process group, not its
+client's (signals reach what it starts through that group; a test that kills a process
+group and asserts on it runs stages without the worker), and
 module state set at import time by the preloaded libraries was set under the worker's
 environment. The worker never initialises CUDA, so a stage may.
 """
@@ -61,8 +62,12 @@ def serve(path: str, modules: tuple[str, ...] = PRELOAD) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
+    part = f"{path}.part"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part)
+    srv.bind(part)
     srv.listen(64)
+    os.rename(part, path)  # the socket appears when it accepts
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the supervisors
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     print(f"stage worker: serving on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
@@ -92,18 +97,25 @@ def _supervise(conn: socket.socket) -> NoReturn:
         if pid == 0:
             conn.close()
             _stage(req, fds)
+        with contextlib.suppress(OSError):  # as the stage does: no window without its group
+            os.setpgid(pid, pid)
         for fd in fds:
             os.close(fd)
-        conn.sendall(f"pid {pid}\n".encode())
         t0 = time.monotonic()
-        pidfd = os.pidfd_open(pid)
-        while True:
-            ready, _, _ = select.select([conn, pidfd], [], [])
-            if pidfd in ready:
-                break
-            if not conn.recv(64):  # the client is gone: so is its stage
-                os.kill(pid, signal.SIGKILL)
-                break
+        ended = False
+        try:
+            conn.sendall(f"pid {pid}\n".encode())
+            pidfd = os.pidfd_open(pid)
+            while not ended:
+                ready, _, _ = select.select([conn, pidfd], [], [])
+                if pidfd in ready:
+                    ended = True
+                elif not _alive(conn):
+                    break
+        finally:
+            if not ended:  # the client is gone: so is its stage, with what it started
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
         print(
@@ -118,18 +130,36 @@ def _supervise(conn: socket.socket) -> NoReturn:
         os._exit(0)
 
 
+def _alive(conn: socket.socket) -> bool:
+    """False once the client has closed its end (or it was reset)."""
+    try:
+        return bool(conn.recv(64))
+    except OSError:
+        return False
+
+
 def _stream(fd: int, encoding: str, errors: str, line: bool, through: bool):
     raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-    buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+    buffered = io.BufferedReader(raw) if fd == 0 else raw if through else io.BufferedWriter(raw)
     return io.TextIOWrapper(
         buffered, encoding=encoding, errors=errors, line_buffering=line, write_through=through
     )
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when its supervisor dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _stage(req: dict, fds: list[int]) -> NoReturn:
     """In the forked stage: become the client's process image, then run its module."""
     code = 1
     try:
+        os.setpgid(0, 0)  # its own group: the supervisor and the client signal it whole
+        _die_with_parent()
         for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
             os.close(fd)
@@ -142,6 +172,7 @@ def _stage(req: dict, fds: list[int]) -> NoReturn:
         sys.stdin = _stream(0, enc[0], "strict", False, False)
         sys.stdout = _stream(1, enc[1], "strict", os.isatty(1), through)
         sys.stderr = _stream(2, enc[2], "backslashreplace", True, through)
+        sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
         sys.path[:] = req["path"]
         for name in [m for m in sys.modules if m.split(".")[0] in OWN]:
             del sys.modules[name]
@@ -154,6 +185,11 @@ def _stage(req: dict, fds: list[int]) -> NoReturn:
             code = exc.code or 0
         else:
             print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:  # as the interpreter: the traceback, then death by SIGINT
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BaseException:  # noqa: BLE001 - report as the interpreter would, then exit 1
         traceback.print_exc()
     finally:

@@ -13,9 +13,13 @@ def shared_prefect(tmp_path_factory):
     `SharedStageWorker`), stopped at the end."""
     SharedPrefect.start(tmp_path_factory.mktemp("prefect-server"))
     SharedStageWorker.start(tmp_path_factory.mktemp("stage-worker"))
-    yield
-    SharedStageWorker.stop()
-    SharedPrefect.stop()
+    try:
+        yield
+    finally:
+        try:
+            SharedStageWorker.stop()
+        finally:
+            SharedPrefect.stop()
 
 
 @pytest.fixture(scope="session")

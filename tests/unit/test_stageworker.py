@@ -45,7 +45,7 @@ def worker(tmp_path_factory):
     sock = tmp / "w.sock"
     proc = subprocess.Popen(  # preloading json only: the protocol, not torch's import time
         [sys.executable, "-m", "otcurate_pipeline.stageworker", str(sock), "json"],
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
