@@ -129,9 +129,9 @@ def _delegate(path: str, module: str) -> None:
         first = reader.readline().split()
         if first[:1] != ["pid"]:
             raise OSError("no stage was started")
-    except (OSError, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise SystemExit(130) from None  # nothing was started
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # nothing was started
+    except OSError as exc:
         print(
             f"{module}: stage worker {path} unreachable ({exc}); running here. Start the worker "
             f"(python -m otcurate_pipeline.stageworker {path}) or unset {STAGE_WORKER}.",

@@ -7,7 +7,6 @@ Writes `<out>/` (same format as pretrain) and `<results>/` (metrics.json, plots/
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -113,7 +112,7 @@ def finetune(args) -> None:
         if opts.rounds > 1 and opts.rescore == "detect":  # detect's method and options
             from otcurate.detect import options
 
-            meta = json.loads((Path(args.detect) / artifacts.DETECTOR).read_text())
+            meta, _ = artifacts.read_detector(args.detect, with_tensors=False)
             opts = dataclasses.replace(opts, rescore=meta["method"])
             scored["rescore_options"] = options(meta["method"], **meta["options"])
     res = finetuning.finetune(

@@ -131,14 +131,17 @@ def write_detector(folder: Path, meta: dict[str, Any], tensors: dict[str, Any]) 
         save_file(tensors, str(Path(folder) / DETECTOR_TENSORS))
 
 
-def read_detector(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(meta, tensors) for `otcurate.detect.detector_from_state`; FileNotFoundError if absent."""
+def read_detector(
+    folder: str | Path, with_tensors: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, tensors) for `otcurate.detect.detector_from_state`; FileNotFoundError if absent.
+    ``with_tensors`` False: the meta alone (its method and options), tensors {}."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     meta = read_json(folder / DETECTOR)
     tensors = folder / DETECTOR_TENSORS
-    return meta, load_file(str(tensors)) if tensors.exists() else {}
+    return meta, load_file(str(tensors)) if with_tensors and tensors.exists() else {}
 
 
 def distilled_table(uids, images, captions, labels) -> pa.Table:
