@@ -42,13 +42,16 @@ CORESETS = ["random", "clip_score", "kcenter", "goracs", "goracs_individual"]
 # Bench-only names for a method with options: goracs_individual is goracs without its
 # group-level budget split (coreset.goracs.grouped: false), one selection over all pairs.
 CORESET_PARAMS = {"goracs_individual": {"method": "goracs", "goracs": {"grouped": False}}}
-DISTILLERS = ["random_real", "wmdd", "wmdd_stat01", "wmdd_stat01_1k"]
+DISTILLERS = ["random_real", "wmdd", "wmdd_stat01", "wmdd_stat01_1k", "wmdd_bn", "wmdd_1k"]
 # Bench-only names for wmdd with options (distill.wmdd): the activation-statistics weight at
 # the reference's r_bn for its 10-class sets (Liu-Hy/WMDD run.sh: 0.01; 1.0 is its
 # Tiny-ImageNet value), and that with the reference's 1000 synthesis iterations.
 DISTILL_PARAMS = {
     "wmdd_stat01": {"method": "wmdd", "wmdd": {"w_stat": 0.01}},
     "wmdd_stat01_1k": {"method": "wmdd", "wmdd": {"w_stat": 0.01, "steps": 1000}},
+    # the statistics where the reference takes them: every BatchNorm's input, the stem's x10
+    "wmdd_bn": {"method": "wmdd", "wmdd": {"stat_layers": "batchnorm", "first_stat_weight": 10.0}},
+    "wmdd_1k": {"method": "wmdd", "wmdd": {"steps": 1000}},
 }
 METRICS = ("zs_acc", "i2t_r1", "t2i_r1")
 

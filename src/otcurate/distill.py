@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from otcurate.data.records import ClassInfo
 from otcurate.evaluate import class_means
 from otcurate.options import DISTILL_METHODS as METHODS  # noqa: F401 - the registry, by name
-from otcurate.options import WmddOptions
+from otcurate.options import STAT_LAYERS, WmddOptions
 from otcurate.progress import track
 
 
@@ -101,10 +101,20 @@ def barycenters(
     )
 
 
-def stat_modules(visual: torch.nn.Module) -> list[torch.nn.Module]:
-    """Intermediate blocks whose activation statistics WMDD matches: the residual stages of a
-    ResNet tower (BatchNorm's place), else the transformer blocks of a ViT tower."""
-    if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
+def stat_modules(visual: torch.nn.Module, where: str = "stages") -> list[torch.nn.Module]:
+    """Modules whose activation statistics WMDD matches. ``stages``: the outputs of a ResNet
+    tower's residual stages; ``batchnorm``: the input of every BatchNorm layer, stem first (the
+    reference's `BNFeatureHook`, Liu-Hy/WMDD recover/utils.py). A ViT tower (no BatchNorm):
+    its transformer blocks' outputs either way."""
+    if where not in STAT_LAYERS:
+        raise ValueError(f"where must be one of {', '.join(STAT_LAYERS)}; got {where!r}.")
+    if where == "batchnorm":
+        norms = [
+            m for m in visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        if norms:
+            return norms
+    elif all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
         return [getattr(visual, f"layer{i}") for i in range(1, 5)]
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     return list(blocks) if blocks is not None else []
@@ -117,12 +127,18 @@ def _moments(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Recorder:
+    """Each forward's activations of ``modules``, in call order: a BatchNorm layer's input,
+    any other module's output."""
+
     def __init__(self, modules: list[torch.nn.Module]):
         self.out: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in modules]
 
-    def _hook(self, _m, _inp, output):
-        self.out.append(output[0] if isinstance(output, tuple) else output)
+    def _hook(self, m, inp, output):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            self.out.append(inp[0])
+        else:
+            self.out.append(output[0] if isinstance(output, tuple) else output)
 
     def close(self) -> None:
         for h in self.handles:
@@ -131,11 +147,14 @@ class _Recorder:
 
 @torch.no_grad()
 def class_statistics(
-    model: torch.nn.Module, images: dict[int, torch.Tensor], batch_size: int = 256
+    model: torch.nn.Module,
+    images: dict[int, torch.Tensor],
+    batch_size: int = 256,
+    where: str = "stages",
 ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per class, (mean, var) of each `stat_modules` activation over that class's real images
-    (normalised model inputs)."""
-    rec = _Recorder(stat_modules(model.visual))
+    """Per class, (mean, var) of each `stat_modules` (``where``) activation over that class's
+    real images (normalised model inputs)."""
+    rec = _Recorder(stat_modules(model.visual, where))
     was_training = model.training
     model.eval()  # the frozen model: BatchNorm with its running statistics
     out = {}
@@ -200,9 +219,10 @@ def synthesize(
     """WMDD image synthesis: one image per barycenter point, optimised from noise.
 
     Loss per step (batch means): w_feat·‖f(x̃_i) − point_i‖² + w_ce·CE(scale·f(x̃)·Wᵀ, y)
-    + w_stat·Σ_classes Σ_layers (‖μ̃ − μ‖ + ‖σ̃² − σ²‖)/classes, with f the L2-normalised image
+    + w_stat·Σ_classes Σ_layers w_l (‖μ̃ − μ‖ + ‖σ̃² − σ²‖)/classes, with f the L2-normalised image
     embedding, W the zero-shot class embeddings (``classifier``, rows indexed through
-    ``class_index``), and (μ, σ²) the class's real activation statistics. One random view of
+    ``class_index``), (μ, σ²) the class's real activation statistics at ``opts.stat_layers``
+    (`stat_modules`), w_l = ``opts.first_stat_weight`` for the first and 1 after. One random view of
     the batch each step (``opts.crop``); Adam betas (0.5, 0.9), cosine lr; pixels clipped to
     [0, 1] after each step.
     The model's weights are not changed.
@@ -228,7 +248,7 @@ def synthesize(
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    rec = _Recorder(stat_modules(model.visual))
+    rec = _Recorder(stat_modules(model.visual, o.stat_layers))
     losses, terms = [], {}
     pad = max(1, size[0] // 8)
     boxes = sample_views(steps, 1, size, o.min_scale, seed=seed)[:, 0]  # one per step
@@ -243,13 +263,12 @@ def synthesize(
             for c, rows in groups.items():
                 if c not in real_stats:
                     continue
-                for a, (rm, rv) in zip(rec.out, real_stats[c], strict=True):
+                for layer, (a, (rm, rv)) in enumerate(zip(rec.out, real_stats[c], strict=True)):
                     sm, sv = _moments(a[rows] if a.shape[0] == m else a[:, rows])
-                    stat = (
-                        stat
-                        + torch.linalg.vector_norm(sm - rm.to(dev))
-                        + torch.linalg.vector_norm(sv - rv.to(dev))
+                    gap = torch.linalg.vector_norm(sm - rm.to(dev)) + torch.linalg.vector_norm(
+                        sv - rv.to(dev)
                     )
+                    stat = stat + (o.first_stat_weight if layer == 0 else 1.0) * gap
             stat = stat / max(1, len(groups))
             loss = o.w_feat * feat + o.w_ce * ce + o.w_stat * stat
             opt.zero_grad(set_to_none=True)
@@ -471,7 +490,7 @@ def wmdd(
         bary,
         classifier,
         index,
-        class_statistics(clip.model, real),
+        class_statistics(clip.model, real, where=o.stat_layers),
         size=models.input_size(cfg) or (32, 32),
         mean=tuple(cfg.get("mean")),
         std=tuple(cfg.get("std")),

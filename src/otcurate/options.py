@@ -128,6 +128,9 @@ class GoracsOptions:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
 
 
+STAT_LAYERS = ("stages", "batchnorm")  # where wmdd matches activation statistics
+
+
 @dataclass(frozen=True, kw_only=True)
 class WmddOptions:
     """wmdd: per-class Wasserstein barycenter (``barycenter_iter`` iterations), then
@@ -146,8 +149,20 @@ class WmddOptions:
     # shift and flip, as this stage had before relabel).
     crop: str = "resized"
     min_scale: float = 0.08
+    # Where the statistics are matched: "stages" (the outputs of the ResNet's residual
+    # stages) or "batchnorm" (the input of every BatchNorm layer, as the reference's
+    # BNFeatureHook), the first layer's term weighted by first_stat_weight (the reference's
+    # first_bn_multiplier is 10).
+    stat_layers: str = "stages"
+    first_stat_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.stat_layers not in STAT_LAYERS:
+            raise ValueError(
+                f"stat_layers must be one of {', '.join(STAT_LAYERS)}; got {self.stat_layers!r}."
+            )
+        if self.first_stat_weight < 0:
+            raise ValueError(f"first_stat_weight must be >= 0; got {self.first_stat_weight}.")
         for name in ("barycenter_iter", "steps", "lr", "stat_samples"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")

@@ -47,8 +47,33 @@ def tiny_clip():
 
 def test_stat_modules_of_resnet_and_vit(tiny_clip):
     assert len(dist.stat_modules(tiny_clip.model.visual)) == 4
+    norms = dist.stat_modules(tiny_clip.model.visual, "batchnorm")
+    assert norms[0] is tiny_clip.model.visual.bn1  # the stem first, as the reference
+    assert norms == [
+        m for m in tiny_clip.model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     vit = models.create("ViT-B-32").model.visual  # random weights; no download
     assert len(dist.stat_modules(vit)) == len(vit.transformer.resblocks)
+    assert len(dist.stat_modules(vit, "batchnorm")) == len(vit.transformer.resblocks)
+    with pytest.raises(ValueError, match="where must be one of stages, batchnorm"):
+        dist.stat_modules(vit, "layers")
+
+
+def test_batchnorm_statistics_are_each_layers_input(tiny_clip):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    stats = dist.class_statistics(tiny_clip.model, {0: x}, where="batchnorm")[0]
+    norms = dist.stat_modules(tiny_clip.model.visual, "batchnorm")
+    inputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0])) for m in norms]
+    with torch.no_grad():
+        tiny_clip.model.encode_image(x)
+    for h in hooks:
+        h.remove()
+    assert len(stats) == len(norms) == len(inputs)
+    for (mean, var), a in zip(stats, inputs, strict=True):
+        torch.testing.assert_close(mean, a.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var, a.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
 
 
 def test_class_statistics_stream_equals_one_batch(tiny_clip):
@@ -72,7 +97,7 @@ def test_class_statistics_stream_equals_one_batch(tiny_clip):
     )
 
 
-def run_synthesis(clip, steps, seed=0):
+def run_synthesis(clip, steps, seed=0, **options):
     g = torch.Generator().manual_seed(0)
     real = {
         0: torch.randn(8, 3, 32, 32, generator=g),
@@ -82,7 +107,8 @@ def run_synthesis(clip, steps, seed=0):
         feats = torch.cat([F.normalize(clip.model.encode_image(v), dim=-1) for v in real.values()])
     classes = np.repeat([0, 1], 8)
     bary = dist.barycenters(feats, classes, np.arange(16), ipc=2, seed=0)
-    stats = dist.class_statistics(clip.model, real)
+    opts = dist.WmddOptions(steps=steps, lr=0.05, **options)
+    stats = dist.class_statistics(clip.model, real, where=opts.stat_layers)
     classifier = F.normalize(torch.randn(2, feats.shape[1], generator=g), dim=-1)
     cfg = clip.preprocess_cfg
     return dist.synthesize(
@@ -95,15 +121,18 @@ def run_synthesis(clip, steps, seed=0):
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         scale=10.0,
-        opts=dist.WmddOptions(steps=steps, lr=0.05),
+        opts=opts,
         seed=seed,
     )
 
 
-def test_synthesis_lowers_its_loss_and_leaves_the_model_alone(tiny_clip):
+@pytest.mark.parametrize(
+    "options", [{}, {"stat_layers": "batchnorm", "first_stat_weight": 10.0}], ids=["stages", "bn"]
+)
+def test_synthesis_lowers_its_loss_and_leaves_the_model_alone(tiny_clip, options):
     before = {k: v.clone() for k, v in tiny_clip.model.state_dict().items()}
     flags = [p.requires_grad for p in tiny_clip.model.parameters()]
-    syn = run_synthesis(tiny_clip, steps=30)
+    syn = run_synthesis(tiny_clip, steps=30, **options)
     assert syn.pixels.shape == (4, 3, 32, 32)
     assert 0.0 <= float(syn.pixels.min()) and float(syn.pixels.max()) <= 1.0
     assert np.mean(syn.losses[-5:]) < np.mean(syn.losses[:5])
