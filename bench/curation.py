@@ -5,8 +5,9 @@ For each dataset x seed (noise 0.2), in a scratch folder:
 - ingest -> pretrain (the base) -> embed -> detect (clip_score, flagging the planted rate);
 - coreset at each budget with random / clip_score / kcenter / goracs (unflagged candidates),
   then `finetune` (clip) on the coreset alone; plus `all_clean` (every truly clean train pair);
-- distill at each ipc with random_real / wmdd, each relabelled (the base's soft labels on
-  `--relabel` views per image; finetune learns them by KL) or not (`:hard`, pairs);
+- distill at each ipc with random_real / wmdd (and wmdd's variants, `DISTILL_PARAMS`), each
+  relabelled (the base's soft labels on `--relabel` views per image; finetune learns them by
+  KL) or not (`:hard`, pairs);
   then each set alone fine-tuned from the base (`finetune_distill`), a student trained on it
   from a random init by the finetune stage, same steps/lr/batch for every set
   (`scratch_distill`), and the goracs coreset at the middle budget plus the set
@@ -24,6 +25,9 @@ Writes bench/results/curation.json (flat rows) and curation.md. One command:
                                       # redo one cell, keeping the other rows of curation.json
     .venv/bin/python -m bench.curation --budgets 0.1 --coresets random goracs --no-all-clean \
         --scale --no-reference --merge     # the relabel grid (#15), keeping the goracs rows
+    .venv/bin/python -m bench.curation --datasets shapes glyphs --budgets 0.1 --coresets goracs \
+        --no-all-clean --relabel 16 --distillers random_real wmdd wmdd_real --scale \
+        --no-reference --reuse             # distillers only, on the bases an earlier run made
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import yaml
 
 from bench.quality import DATASETS, PRETRAIN, evaluate_model, workspace
 from bench.results_io import save
@@ -42,7 +48,6 @@ CORESETS = ["random", "clip_score", "kcenter", "goracs", "goracs_individual"]
 # Bench-only names for a method with options: goracs_individual is goracs without its
 # group-level budget split (coreset.goracs.grouped: false), one selection over all pairs.
 CORESET_PARAMS = {"goracs_individual": {"method": "goracs", "goracs": {"grouped": False}}}
-DISTILLERS = ["random_real", "wmdd", "wmdd_stat01", "wmdd_stat01_1k", "wmdd_bn", "wmdd_1k"]
 # Bench-only names for wmdd with options (distill.wmdd): the activation-statistics weight at
 # the reference's r_bn for its 10-class sets (Liu-Hy/WMDD run.sh: 0.01; 1.0 is its
 # Tiny-ImageNet value), and that with the reference's 1000 synthesis iterations.
@@ -52,7 +57,13 @@ DISTILL_PARAMS = {
     # the statistics where the reference takes them: every BatchNorm's input, the stem's x10
     "wmdd_bn": {"method": "wmdd", "wmdd": {"stat_layers": "batchnorm", "first_stat_weight": 10.0}},
     "wmdd_1k": {"method": "wmdd", "wmdd": {"steps": 1000}},
+    # a stronger pull to the barycenter point, and more weight on the statistics
+    "wmdd_feat10": {"method": "wmdd", "wmdd": {"w_feat": 10.0}},
+    "wmdd_stat10": {"method": "wmdd", "wmdd": {"w_stat": 10.0}},
+    # from the real pair nearest each barycenter point instead of noise
+    "wmdd_real": {"method": "wmdd", "wmdd": {"init": "real"}},
 }
+DISTILLERS = ["random_real", "wmdd", *DISTILL_PARAMS]
 METRICS = ("zs_acc", "i2t_r1", "t2i_r1")
 
 
@@ -84,12 +95,21 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
         "detect": {"method": "clip_score", "fraction": args.noise},
         "finetune": {"method": "clip", "steps": args.steps, "lr": args.lr},
     }
-    ws = workspace(work / f"{dataset}-{seed}", common)
-    ws.check("ingest")  # dvc.yaml's paths (data/ingest, models/pretrain, ...) unless renamed
-    ws.check("pretrain")
-    ws.check("embed")
+    cell = work / f"{dataset}-{seed}"
+    known = cell / "params.yaml"
+    before = yaml.safe_load(known.read_text()) if args.reuse and known.exists() else {}
+    ws = workspace(cell, common)
+    # --reuse: a cell run before with the same params up to the coreset keeps its base,
+    # embeddings, flags, coresets and the models fine-tuned on them (each written
+    # atomically: present means whole); every distilled set and its models are made again
+    upstream = ("base", "ingest", "pretrain", "embed", "detect", "coreset", "finetune")
+    reuse = args.reuse and all(before.get(k) == ws.params.get(k) for k in upstream)
     flags = "data/detect-clip_score"
-    ws.check("detect", out=flags)
+    if not (reuse and (cell / flags).exists()):
+        ws.check("ingest")  # dvc.yaml's paths (data/ingest, models/pretrain, ...) unless renamed
+        ws.check("pretrain")
+        ws.check("embed")
+        ws.check("detect", out=flags)
 
     def evaluate(stage: str, setting, method: str, model: str) -> None:
         for k, v in evaluate_model(ws, model, Path(model).name).items():
@@ -135,20 +155,21 @@ def one(dataset: str, seed: int, work: Path, args) -> list[dict]:
         for method in args.coresets:
             tag = f"coreset-{method}-{budget}"
             params = CORESET_PARAMS.get(method, {"method": method})
-            sec = ws.check(
-                "coreset",
-                {"coreset": {**params, "fraction": budget}},
-                detect=flags,
-                out=f"data/{tag}",
-                results=f"results/{tag}",
-            )
-            row("coreset", budget, method, "seconds", sec)
+            if not (reuse and (cell / "models" / f"ft-{tag}" / "model.safetensors").exists()):
+                sec = ws.check(
+                    "coreset",
+                    {"coreset": {**params, "fraction": budget}},
+                    detect=flags,
+                    out=f"data/{tag}",
+                    results=f"results/{tag}",
+                )
+                row("coreset", budget, method, "seconds", sec)
+                finetune(f"data/{tag}", "data/distill-none", f"ft-{tag}")
             if params["method"] == "goracs":
                 m = ws.metrics(f"results/{tag}")
                 for k in ("objective_greedy", "objective_refined", "swaps"):
                     row("coreset", budget, method, k, m[k])
-            model = finetune(f"data/{tag}", "data/distill-none", f"ft-{tag}")
-            evaluate("finetune_coreset", budget, method, model)
+            evaluate("finetune_coreset", budget, method, f"models/ft-{tag}")
     if args.all_clean:
         truth = read_split(ws.p("data/ingest"), "train", columns=["uid", "noisy"])
         pairs = zip(truth["uid"].to_pylist(), truth["noisy"].to_pylist(), strict=True)
@@ -587,6 +608,12 @@ def main() -> None:
         "--merge",
         action="store_true",
         help="keep the rows of the existing curation.json that this run does not redo",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a cell's base, flags, coresets and their fine-tuned models from an earlier "
+        "run with the same params up to the coreset (coreset seconds rows are then left out)",
     )
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "curation")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -215,8 +215,11 @@ def synthesize(
     opts: WmddOptions | None = None,
     seed: int = 0,
     log: Callable[[str, float, int], None] | None = None,
+    init: torch.Tensor | None = None,
 ) -> Synthetic:
-    """WMDD image synthesis: one image per barycenter point, optimised from noise.
+    """WMDD image synthesis: one image per barycenter point, optimised from noise (the
+    reference) or from ``init`` (m, 3, H, W) in [0, 1] (e.g. the real image nearest each
+    point, ``opts.init`` real).
 
     Loss per step (batch means): w_feat·‖f(x̃_i) − point_i‖² + w_ce·CE(scale·f(x̃)·Wᵀ, y)
     + w_stat·Σ_classes Σ_layers w_l (‖μ̃ − μ‖ + ‖σ̃² − σ²‖)/classes, with f the L2-normalised image
@@ -232,7 +235,12 @@ def synthesize(
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     m = len(bary.points)
-    pix = torch.rand(m, 3, *size, generator=gen).mul_(0.2).add_(0.4).to(dev).requires_grad_(True)
+    pix = torch.rand(m, 3, *size, generator=gen).mul_(0.2).add_(0.4)  # drawn either way
+    if init is not None:
+        if tuple(init.shape) != (m, 3, *size):
+            raise ValueError(f"init has shape {tuple(init.shape)}; expected {(m, 3, *size)}.")
+        pix = init.detach().clone().float()
+    pix = pix.to(dev).requires_grad_(True)
     mu = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     sd = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     target = bary.points.to(dev)
@@ -485,6 +493,9 @@ def wmdd(
         )
         real[c] = x.to(device)
     cfg = clip.preprocess_cfg
+    start = None
+    if o.init == "real":  # the real candidate nearest each barycenter point
+        start = models.decode_pixels([image_bytes(int(i)) for i in bary.nearest], clip)
     syn = synthesize(
         clip.model,
         bary,
@@ -498,6 +509,7 @@ def wmdd(
         opts=o,
         seed=seed,
         log=log,
+        init=start,
     )
     uid, cap, lab, png = [], [], [], []
     count: dict[int, int] = {}

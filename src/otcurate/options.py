@@ -155,8 +155,13 @@ class WmddOptions:
     # first_bn_multiplier is 10).
     stat_layers: str = "stages"
     first_stat_weight: float = 1.0
+    # The pixels' start: "noise" (the reference, SRe2L's) or "real" (the real candidate
+    # nearest each barycenter point, as DM/MTT-style distillation starts from real images).
+    init: str = "noise"
 
     def __post_init__(self) -> None:
+        if self.init not in ("noise", "real"):
+            raise ValueError(f"init must be 'noise' or 'real'; got {self.init!r}.")
         if self.stat_layers not in STAT_LAYERS:
             raise ValueError(
                 f"stat_layers must be one of {', '.join(STAT_LAYERS)}; got {self.stat_layers!r}."

@@ -97,7 +97,7 @@ def test_class_statistics_stream_equals_one_batch(tiny_clip):
     )
 
 
-def run_synthesis(clip, steps, seed=0, **options):
+def run_synthesis(clip, steps, seed=0, init=None, **options):
     g = torch.Generator().manual_seed(0)
     real = {
         0: torch.randn(8, 3, 32, 32, generator=g),
@@ -107,7 +107,7 @@ def run_synthesis(clip, steps, seed=0, **options):
         feats = torch.cat([F.normalize(clip.model.encode_image(v), dim=-1) for v in real.values()])
     classes = np.repeat([0, 1], 8)
     bary = dist.barycenters(feats, classes, np.arange(16), ipc=2, seed=0)
-    opts = dist.WmddOptions(steps=steps, lr=0.05, **options)
+    opts = dist.WmddOptions(steps=steps, **({"lr": 0.05} | options))
     stats = dist.class_statistics(clip.model, real, where=opts.stat_layers)
     classifier = F.normalize(torch.randn(2, feats.shape[1], generator=g), dim=-1)
     cfg = clip.preprocess_cfg
@@ -123,6 +123,7 @@ def run_synthesis(clip, steps, seed=0, **options):
         scale=10.0,
         opts=opts,
         seed=seed,
+        init=init,
     )
 
 
@@ -151,3 +152,14 @@ def test_synthesis_is_seeded(tiny_clip):
 def test_only_pickers_go_through_distill():
     with pytest.raises(ValueError, match="does not pick real examples"):
         dist.distill("wmdd", np.zeros(3, int), np.arange(3), 1, seed=0)
+
+
+def test_synthesis_starts_from_the_given_images(tiny_clip):
+    start = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    syn = run_synthesis(tiny_clip, 1, init=start, lr=1e-9)
+    torch.testing.assert_close(syn.pixels, start, rtol=0, atol=1e-6)
+    assert not torch.allclose(run_synthesis(tiny_clip, 1, lr=1e-9).pixels, start, atol=0.1)
+    with pytest.raises(ValueError, match=r"init has shape \(2, 3, 32, 32\)"):
+        run_synthesis(tiny_clip, 1, init=start[:2])
+    with pytest.raises(ValueError, match="init must be 'noise' or 'real'"):
+        dist.WmddOptions(init="zeros")
