@@ -1,7 +1,7 @@
 """Operations against real local servers, started and stopped by the tests:
 `otcurate ui` (Prefect server + MLflow UI on 127.0.0.1, Ctrl-C stops both) and
-`otcurate schedule` (a Prefect deployment, on the session's server, whose runs are no-ops without new data and rerun
-from ingest when a shard arrives)."""
+`otcurate schedule` (a Prefect deployment, on the session's server, whose runs are no-ops
+without new data and rerun from ingest when a shard arrives)."""
 
 from __future__ import annotations
 
