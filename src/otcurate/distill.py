@@ -101,6 +101,9 @@ def barycenters(
     )
 
 
+_NORM = torch.nn.modules.batchnorm._BatchNorm  # every BatchNorm layer's base class
+
+
 def stat_modules(visual: torch.nn.Module, where: str = "stages") -> list[torch.nn.Module]:
     """Modules whose activation statistics WMDD matches. ``stages``: the outputs of a ResNet
     tower's residual stages; ``batchnorm``: the input of every BatchNorm layer, stem first (the
@@ -109,9 +112,7 @@ def stat_modules(visual: torch.nn.Module, where: str = "stages") -> list[torch.n
     if where not in STAT_LAYERS:
         raise ValueError(f"where must be one of {', '.join(STAT_LAYERS)}; got {where!r}.")
     if where == "batchnorm":
-        norms = [
-            m for m in visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        ]
+        norms = [m for m in visual.modules() if isinstance(m, _NORM)]
         if norms:
             return norms
     elif all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
@@ -135,7 +136,7 @@ class _Recorder:
         self.handles = [m.register_forward_hook(self._hook) for m in modules]
 
     def _hook(self, m, inp, output):
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, _NORM):
             self.out.append(inp[0])
         else:
             self.out.append(output[0] if isinstance(output, tuple) else output)
@@ -656,7 +657,7 @@ def soft_label_loss(
     sd = torch.tensor(r.std, device=device).view(1, 3, 1, 1)
     norms = [] if batch_stats else [
         layer for layer in model.modules()
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.training
+        if isinstance(layer, _NORM) and layer.training
     ]  # fmt: skip
     for layer in norms:
         layer.eval()

@@ -41,8 +41,8 @@ def finetune_filter(
     appended after them is never dropped) are scored again by the detect method
     ``opts.rescore`` with ``rescore_options`` (its options record; None: its defaults;
     ``rescore`` 'detect' is the caller's to resolve into a method and its options); as
-    many as detect flagged, the lowest, are dropped for the next round. The batch draws go on over the new kept set (of the same
-    size), mid-epoch. ``metrics``: ``filter_flags_changed_round_<r>``, the share of the
+    many as detect flagged, the lowest, are dropped for the next round. The batch draws go
+    on over the new kept set (of the same size), mid-epoch. ``metrics``: ``filter_flags_changed_round_<r>``, the share of the
     scored pairs whose flag differs from detect's in round r.
 
     The rescoring model has trained on round 1's kept pairs (the noisy ones it kept among
