@@ -222,7 +222,7 @@ def write_tar(path: Path, members) -> None:
 
 def outs_md5(root: Path) -> dict[str, str]:
     """Every output's md5 in `root`/dvc.lock."""
-    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    stages = layout.load_yaml((root / "dvc.lock").read_text())["stages"]
     return {o["path"]: o["md5"] for e in stages.values() for o in e["outs"]}
 
 

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from otcurate_pipeline import layout
 
 NO_SPACE = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
@@ -45,7 +43,7 @@ def cache_dir(root: Path) -> Path:
 def _lock_entry(text: str | None, stage: str) -> dict | None:
     if not text:
         return None
-    return ((yaml.safe_load(text) or {}).get("stages") or {}).get(stage)
+    return ((layout.load_yaml(text) or {}).get("stages") or {}).get(stage)
 
 
 def uncached(cache: Path, entry: dict) -> list[str]:

@@ -41,7 +41,16 @@ from typing import NoReturn
 
 ENV = "OTCURATE_STAGE_WORKER"  # the client: stages._common.main_process (same protocol)
 # what every stage process imports and pays for, none of it otcurate's own
-PRELOAD = ("torch", "open_clip", "numpy", "pyarrow.parquet", "safetensors.torch", "PIL.Image", "ot")
+PRELOAD = (
+    "torch",
+    "open_clip",
+    "numpy",
+    "pyarrow.parquet",
+    "safetensors.torch",
+    "PIL.Image",
+    "ot",
+    "mlflow.tracking",
+)
 # the request: a 4-byte length and the stage's streams (SCM_RIGHTS), then that many bytes of
 # JSON; the answers: "pid <n>\n" when the stage is forked, "exit <code>\n" when it ends
 OWN = ("stages", "otcurate", "otcurate_pipeline")  # imported fresh by each stage, from its cwd

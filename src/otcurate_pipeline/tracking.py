@@ -17,8 +17,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from otcurate_pipeline import layout
 
 EXPERIMENT = "otcurate"
@@ -55,16 +53,11 @@ def git_state(root: Path) -> tuple[str, bool]:
     return commit, dirty
 
 
-# libyaml's loader when PyYAML has it: dvc.lock holds every output file's md5 (a second per
-# read in pure Python on a few thousand lines)
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def read_lock(root: Path) -> dict[str, Any]:
     path = root / "dvc.lock"
     if not path.exists():
         return {}
-    return (yaml.load(path.read_text(), Loader=_LOADER) or {}).get("stages", {})
+    return (layout.load_yaml(path.read_text()) or {}).get("stages", {})
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from otcurate_support import BIN, make_scratch, scratch_env, sh, start_stopped
 
-from otcurate_pipeline import services
+from otcurate_pipeline import layout, services
 
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
 pytestmark = pytest.mark.e2e
@@ -29,7 +29,7 @@ def outcomes(stdout: str) -> dict[str, str]:
 
 
 def lock(root: Path) -> dict:
-    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return layout.load_yaml((root / "dvc.lock").read_text())["stages"]
 
 
 def outs_md5(root: Path) -> dict[str, str]:

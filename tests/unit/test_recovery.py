@@ -140,3 +140,13 @@ def test_a_failure_inside_recovery_never_hides_the_stage_failure(repo, monkeypat
     r = recover(repo, "embed", _lock(repo), "ValueError: boom", dvc)
     assert not r.restored and "could not check or restore the outputs of 'embed'" in r.message
     assert (repo / "data" / "embed" / "a.bin").exists()
+
+
+def test_the_lock_reader_parses_dvc_lock_as_safe_load_does(repo):
+    from otcurate_pipeline import layout
+
+    text = _lock(repo)
+    assert layout.load_yaml(text) == yaml.safe_load(text)
+    assert layout.load_yaml(text)["stages"]["embed"]["outs"][0]["path"] == "data/embed"
+    with pytest.raises(yaml.constructor.ConstructorError):  # safe: no Python objects
+        layout.load_yaml("!!python/object/apply:os.getcwd []")
