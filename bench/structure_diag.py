@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench.combine_diag import noise_parts, part_rows
 from bench.reference_diag import table
 from bench.results_io import RESULTS, save
 
@@ -108,34 +109,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
-
-    from otcurate.data.shards import read_split
     from otcurate_pipeline import artifacts
 
     rows = []
     for w in args.work:
-        t = read_split(w / "data" / "ingest", "train", columns=["uid", "noisy", "caption_from"])
-        uids = t["uid"].to_pylist()
-        noisy = np.asarray(t["noisy"].to_pylist(), dtype=bool)
-        generic = noisy & (np.asarray(t["caption_from"].to_pylist(), dtype=object) == "")
-        parts = {"all": noisy, "borrowed": noisy & ~generic, "generic": generic}
+        uids, noisy, parts = noise_parts(w)
         _, image, text = artifacts.read_embeddings(w / "data" / "embed", "train", uids)
         scorers, seconds = score_cell(w.name, image, text)
-        for part, positive in parts.items():
-            if not positive.any():
-                continue  # a kind without that part of the noise
-            keep = positive | ~noisy  # the clean pairs and this part of the noise
-            group = w.name.rsplit("-", 1)[0] + ("" if part == "all" else f": {part}")
-            for name, s in scorers.items():
-                auroc = float(roc_auc_score(positive[keep], -s[keep]))
-                rows.append({"bench": "structure_diag", "cell": w.name, "group": group,
-                             "name": name, "metric": "auroc", "value": auroc})  # fmt: skip
-                if part == "all" and name in seconds:
-                    rows.append({"bench": "structure_diag", "cell": w.name, "group": group,
-                                 "name": name, "metric": "seconds", "value": seconds[name]})  # fmt: skip
-                print(f"[structure_diag] {w.name} {part} {name}: auroc {auroc:.4f}", flush=True)
+        rows += part_rows("structure_diag", w.name, noisy, parts, scorers)
+        for name, sec in seconds.items():
+            rows.append({"bench": "structure_diag", "cell": w.name, "group": w.name.rsplit("-", 1)[0],
+                         "name": name, "metric": "seconds", "value": sec})  # fmt: skip
         md = table(rows, TITLE, "structure_diag")
         save("structure_diag", rows, md, args.out)
     print(md)
