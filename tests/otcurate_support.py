@@ -21,6 +21,7 @@ import yaml
 from otcurate_pipeline import layout
 from otcurate_pipeline.runner import Workspace, merge
 from otcurate_pipeline.stageworker import ENV as STAGE_WORKER
+from otcurate_pipeline.tracking import read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: otcurate, dvc, prefect
@@ -222,8 +223,7 @@ def write_tar(path: Path, members) -> None:
 
 def outs_md5(root: Path) -> dict[str, str]:
     """Every output's md5 in `root`/dvc.lock."""
-    stages = layout.load_yaml((root / "dvc.lock").read_text())["stages"]
-    return {o["path"]: o["md5"] for e in stages.values() for o in e["outs"]}
+    return {o["path"]: o["md5"] for e in read_lock(root).values() for o in e["outs"]}
 
 
 def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Path):

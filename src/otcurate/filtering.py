@@ -42,8 +42,9 @@ def finetune_filter(
     ``opts.rescore`` with ``rescore_options`` (its options record; None: its defaults;
     ``rescore`` 'detect' is the caller's to resolve into a method and its options); as
     many as detect flagged, the lowest, are dropped for the next round. The batch draws go
-    on over the new kept set (of the same size), mid-epoch. ``metrics``: ``filter_flags_changed_round_<r>``, the share of the
-    scored pairs whose flag differs from detect's in round r.
+    on over the new kept set (of the same size), mid-epoch. ``metrics``:
+    ``filter_flags_changed_round_<r>``, the share of the scored pairs whose flag differs
+    from detect's in round r.
 
     The rescoring model has trained on round 1's kept pairs (the noisy ones it kept among
     them too) and never on the dropped ones, which may bias it towards its first choice."""

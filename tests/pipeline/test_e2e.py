@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from otcurate_support import BIN, make_scratch, scratch_env, sh, start_stopped
+from otcurate_support import BIN, make_scratch, outs_md5, scratch_env, sh, start_stopped
 
-from otcurate_pipeline import layout, services
+from otcurate_pipeline import services
+from otcurate_pipeline.tracking import read_lock
 
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
 pytestmark = pytest.mark.e2e
@@ -26,14 +27,6 @@ pytestmark = pytest.mark.e2e
 
 def outcomes(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"│ (\w+)\s+│ (ran|skipped|restored)\s+│", stdout))
-
-
-def lock(root: Path) -> dict:
-    return layout.load_yaml((root / "dvc.lock").read_text())["stages"]
-
-
-def outs_md5(root: Path) -> dict[str, str]:
-    return {o["path"]: o["md5"] for e in lock(root).values() for o in e["outs"]}
 
 
 def test_first_run_runs_every_stage_and_prints_the_comparison(scratch):
@@ -134,7 +127,7 @@ def test_a_changed_clean_eval_set_reruns_only_evaluate(scratch):
     assert outcomes(again.stdout) == {**{s: "skipped" for s in STAGES[:7]}, "evaluate": "ran"}
     relisted = json.loads((root / "data" / "sources.evaluate.json").read_text())["sets"][0]
     assert relisted["files"] != listed["files"]
-    stages_lock = lock(root)
+    stages_lock = read_lock(root)
     assert any(d["path"] == "data/sources.evaluate.json" for d in stages_lock["evaluate"]["deps"])
 
     back = sh(root, otc, "run", "--set", "evaluate.sets=[]")
@@ -246,7 +239,7 @@ def test_lineage_reaches_the_ingest_source(scratch):
         seen.add(node["stage"])
         stack.extend(node["upstream"])
     assert seen == set(STAGES) - {"evaluate"}
-    assert chain["outs"]["models/finetune"] == lock(root)["finetune"]["outs"][0]["md5"]
+    assert chain["outs"]["models/finetune"] == read_lock(root)["finetune"]["outs"][0]["md5"]
     assert chain["mlflow_runs"], "the model's MLflow run is found by its md5"
     missing = sh(root, str(BIN / "otcurate"), "lineage", "models/nothing", check=False)
     assert missing.returncode == 2 and "is not an output of any stage" in missing.stderr
@@ -280,8 +273,8 @@ def test_lineage_of_a_run_id_and_a_model_version_walks_the_mlflow_history(scratc
     # version 1 of the registered model is the first run's model, even though dvc.lock moved on
     v1 = json.loads(sh(root, otc, "lineage", "otcurate-clip/1", "--json").stdout)
     assert v1["stage"] == "finetune" and v1["run_id"] == stages["finetune"]["run_id"]
-    assert v1["outs"]["models/finetune"] != lock(root)["finetune"]["outs"][0]["md5"]
-    locked_lr = lock(root)["finetune"]["params"]["params.yaml"]["finetune"]["lr"]
+    assert v1["outs"]["models/finetune"] != read_lock(root)["finetune"]["outs"][0]["md5"]
+    locked_lr = read_lock(root)["finetune"]["params"]["params.yaml"]["finetune"]["lr"]
     assert v1["params"]["finetune.lr"] != json.dumps(locked_lr)  # v1 had the first lr
     graph = sh(root, otc, "lineage", "models/finetune", "--mermaid").stdout
     assert graph.startswith("flowchart LR") and graph.count("-->") >= 6
@@ -345,7 +338,7 @@ def check_out_upstream(root: Path, shared: Path, stages: list[str], reference: d
     check their outputs out of a copy of its cache, as a user's `dvc pull` would, so that
     only the stage under test runs. Only where those entries still name the reference
     outputs (the first run's); otherwise nothing is done and `dvc repro` runs them."""
-    theirs = lock(shared)
+    theirs = read_lock(shared)
     if not stages or any(s not in theirs for s in stages):
         return False
     entries = {s: theirs[s] for s in stages}
@@ -370,7 +363,7 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage
     root = make_scratch(tmp_path / "repo")
     before = STAGES[: STAGES.index(stage)]
     if check_out_upstream(root, shared, before, reference):
-        assert set(lock(root)) == set(before)
+        assert set(read_lock(root)) == set(before)
         assert all((root / p).exists() for p in outs_md5(root))
     argv = [str(BIN / "dvc"), "repro", stage]
     proc, stopped = start_stopped(argv, root, scratch_env(tmp_path), point, tmp_path / "stop.pid")
@@ -381,7 +374,7 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage
         proc.wait()
 
     upstream = STAGES[: STAGES.index(stage) + 1]
-    locked = lock(root) if (root / "dvc.lock").exists() else {}
+    locked = read_lock(root) if (root / "dvc.lock").exists() else {}
     assert stage not in locked  # it never completed
     assert set(locked) == set(upstream[:-1])  # the stages before it did, and stay locked
     outs = [p for p in reference if p.startswith(("data/", "models/", "results/"))]
@@ -392,5 +385,5 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(scratch, tmp_path, stage
         assert "resuming after 256 source records (2 finished shards" in again.stderr
     got = outs_md5(root)
     assert got == {p: reference[p] for p in got}
-    assert set(lock(root)) == set(upstream)
+    assert set(read_lock(root)) == set(upstream)
     assert not list(root.glob("**/*.tmp-*")) and not list(root.glob("data/*.partial"))
