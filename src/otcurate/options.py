@@ -54,14 +54,19 @@ class OTOptions(SinkhornOptions):
     """ot: minibatch entropic OT (see `ot_score`). ``relative_to``: a pair's own-cell plan
     mass relative to its image's best cell (``row``), or also to its caption's best cell
     (``both``: the geometric mean of the two ratios; a caption that another image of the
-    batch explains better scores lower)."""
+    batch explains better scores lower). ``trim``: ``mixture`` first sets aside the pairs
+    a two-component mixture on the cosine calls noisy (they score below every other pair,
+    in the cosine's order) and solves OT among the rest only; ``none`` solves it on all."""
 
     relative_to: Literal["row", "both"] = "row"
+    trim: Literal["none", "mixture"] = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.relative_to not in ("row", "both"):
             raise ValueError(f"relative_to must be 'row' or 'both'; got {self.relative_to!r}.")
+        if self.trim not in ("none", "mixture"):
+            raise ValueError(f"trim must be 'none' or 'mixture'; got {self.trim!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)

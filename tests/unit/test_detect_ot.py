@@ -231,6 +231,37 @@ def test_ot_score_relative_to_both_is_the_geometric_mean_of_row_and_column_ratio
         det.OTOptions(relative_to="col")
 
 
+def test_ot_score_trim_mixture_sets_aside_the_cosines_noisy_mode_and_solves_ot_on_the_rest():
+    img, txt, noisy = planted(n=200, rate=0.3)
+    generic = F.normalize(torch.ones(1, img.shape[1]), dim=1)
+    txt[:20] = generic  # one uninformative caption on 20 pairs: the cosine's easy noise
+    from otcurate.detect.flags import bimodality, mixture_flags
+
+    cos = det.clip_score(img, txt)
+    assert bimodality(cos.double().numpy(), seed=3)[1]
+    trimmed = mixture_flags(cos.double().numpy(), seed=3)
+    assert 20 <= trimmed.sum() < 150  # the generic captions and the worst of the rest
+    o = det.OTOptions(batch_size=64, passes=2, reg=0.1, max_iter=200)
+    got = det.ot_score(img, txt, dataclasses.replace(o, trim="mixture"), seed=3)
+    # set-aside pairs: the cosine shifted below every kept pair, so its order among them
+    torch.testing.assert_close(got[trimmed], cos[trimmed] - 2.0)
+    assert float(got[trimmed].max()) < -0.9 < 0 < float(got[~trimmed].min())
+    # kept pairs: plain OT among themselves (their own batches, the same seed)
+    keep = torch.as_tensor(np.flatnonzero(~trimmed))
+    torch.testing.assert_close(got[keep], det.ot_score(img[keep], txt[keep], o, seed=3))
+    with pytest.raises(ValueError, match="trim must be"):
+        det.OTOptions(trim="cosine")
+
+
+def test_ot_score_trim_mixture_without_a_noisy_mode_is_plain_ot():
+    img, txt, _ = planted(n=80, rate=0.0)
+    txt = img.clone()  # every cosine is 1 (up to rounding): no noisy mode to set aside
+    o = det.OTOptions(batch_size=32, passes=1, reg=0.1, max_iter=200)
+    torch.testing.assert_close(
+        det.ot_score(img, txt, dataclasses.replace(o, trim="mixture")), det.ot_score(img, txt, o)
+    )
+
+
 def test_ncu_batch_is_the_own_caption_softmax_with_clamped_scale():
     img, txt, _ = planted(n=40, rate=0.2)
     expected = torch.softmax(100.0 * img @ txt.T, dim=1).diagonal()

@@ -130,6 +130,23 @@ class Separation:
         }
 
 
+def bimodality(scores: np.ndarray, *, seed: int = 0) -> tuple[float, bool]:
+    """Ashman's D of a two-component mixture on the standardised scores, and whether they
+    are bimodal: the mixture beats one Gaussian (BIC by more than 10) and D > 2. Fewer
+    than 10 scores, or constant ones, are not bimodal (D 0)."""
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(scores, dtype=np.float64)
+    if len(x) < 10 or not x.std() > 0:
+        return 0.0, False
+    z = ((x - x.mean()) / x.std()).reshape(-1, 1)
+    g1 = GaussianMixture(1, random_state=seed).fit(z)
+    g2 = GaussianMixture(2, random_state=seed, reg_covar=1e-6).fit(z)
+    mu, var = g2.means_.ravel(), g2.covariances_.ravel()
+    d = float(np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(var.sum()))
+    return d, bool(g2.bic(z) < g1.bic(z) - 10 and d > 2)
+
+
 def separation(
     scores: np.ndarray,
     flags: np.ndarray,
@@ -154,14 +171,7 @@ def separation(
     # pairs harmlessly; only ties that decide flags are a failure.
     if tied > 0.01:
         warnings.append(f"{tied:.1%} of the flags were decided between equal scores (at random)")
-    d, bimodal = 0.0, False
-    if n >= 10 and x.max() > x.min():
-        z = ((x - x.mean()) / x.std()).reshape(-1, 1)
-        g1 = GaussianMixture(1, random_state=seed).fit(z)
-        g2 = GaussianMixture(2, random_state=seed, reg_covar=1e-6).fit(z)
-        mu, var = g2.means_.ravel(), g2.covariances_.ravel()
-        d = float(np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(var.sum()))
-        bimodal = bool(g2.bic(z) < g1.bic(z) - 10 and d > 2)
+    d, bimodal = bimodality(x, seed=seed)
     auroc = None
     truth = None if truth is None else np.asarray(truth, dtype=bool)
     if truth is not None and truth.any() and not truth.all():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -42,10 +43,19 @@ def ot_score(
     Scores are averaged over ``passes`` random partitions, so the cost is
     O(passes * n * B * iterations): linear in n.
 
+    ``trim='mixture'``: when the cosines are bimodal (`bimodality`), the pairs that a
+    two-component mixture on them calls noisy (`mixture_flags`, seeded with ``seed``) are
+    set aside first and score ``cosine - 2``, below every kept pair and in the cosine's
+    order; the kept pairs are scored by OT among themselves. Without a noisy mode the
+    scores are plain OT's. Uninformative captions, which the cosine finds almost perfectly, then no
+    longer take a share of the plan's mass in the batches of the pairs left to separate.
+
     image, text : (n, d) L2-normalised embeddings. Returns (n,) on their device.
     """
     opts = opts or OTOptions()
     check_pairs(image, text)
+    if opts.trim == "mixture":
+        return _trimmed(image, text, opts, seed)
     solve = Sinkhorn("ot", opts)
 
     def own_mass(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -59,6 +69,21 @@ def ot_score(
     with torch.no_grad():  # a block, not a decorator, so the warning points at the caller
         out = over_batches(image, text, opts, seed, own_mass)
     solve.report()
+    return out
+
+
+def _trimmed(image: torch.Tensor, text: torch.Tensor, opts: OTOptions, seed: int) -> torch.Tensor:
+    from otcurate.detect.flags import bimodality, mixture_flags
+
+    plain = dataclasses.replace(opts, trim="none")
+    cos = clip_score(image, text)
+    x = cos.double().cpu().numpy()
+    keep = ~mixture_flags(x, seed=seed)
+    if not bimodality(x, seed=seed)[1] or keep.sum() < 2:
+        return ot_score(image, text, plain, seed=seed)  # no noisy mode to set aside
+    out = cos - 2.0  # in [-3, -1]: below every kept pair's OT score in (0, 1]
+    rows = torch.as_tensor(keep).nonzero().squeeze(1).to(image.device)
+    out[rows] = ot_score(image[rows], text[rows], plain, seed=seed).to(out.dtype)
     return out
 
 
