@@ -191,10 +191,6 @@ def one(
         ws.check("ingest")  # data/ingest, results/ingest: dvc.yaml's paths unless renamed
         ws.check("pretrain")  # the base: models/pretrain
         ws.check("embed")
-    oracle = "models/pretrain"  # without planted noise the clean pre-training is the same run
-    if noise > 0:
-        oracle = str(oracle_model(dataset, seed, work))
-
     fraction = noise if noise > 0 else 0.1
     for method in detectors:
         if method == "truth":
@@ -217,6 +213,11 @@ def one(
             row("detect", method, "auroc", m["auroc"])
             row("detect", method, "f1", m["f1"])
 
+    if not finetuners:  # a detection cell (the detection diags read its embeddings)
+        return rows
+    oracle = "models/pretrain"  # without planted noise the clean pre-training is the same run
+    if noise > 0:
+        oracle = str(oracle_model(dataset, seed, work))
     for name, model in (("base", "models/pretrain"), ("oracle", oracle)):
         for k, v in evaluate_model(ws, model, name).items():
             if k in ("zs_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
@@ -423,7 +424,12 @@ def main() -> None:
         "--kinds", nargs="+", default=["shuffle", "near", "mixed"], help="ingest.noise.kind values"
     )
     ap.add_argument("--detectors", nargs="+", default=list(DETECTORS))
-    ap.add_argument("--finetuners", nargs="+", default=list(FINETUNERS))
+    ap.add_argument(
+        "--finetuners",
+        nargs="*",
+        default=list(FINETUNERS),
+        help="none (the flag alone): stop after detect; no base, oracle or fine-tuning rows",
+    )
     ap.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2, 0.5])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument(

@@ -1,6 +1,7 @@
 """Detection beyond the balanced plan, on `bench/quality.py` cells: does OT among the pairs
 the cosine does not already reject, unbalanced OT, or the agreement of a pair's
-neighbourhoods in the two modalities, separate the noise the cosine cannot? AUROC against the planted noise on the cell's own train embeddings (no training).
+neighbourhoods in the two modalities, separate the noise the cosine cannot? AUROC against
+the planted noise on the cell's own train embeddings (no training).
 
     .venv/bin/python -m bench.structure_diag --work /tmp/qwork/shapes-mixed-0.5-0 ...
 

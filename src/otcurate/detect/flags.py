@@ -157,7 +157,6 @@ def separation(
 ) -> Separation:
     """Checks that a detector's scores separate anything: ties that decide flags, an AUROC
     below ``min_auroc`` against planted truth, or, without truth, no bimodality."""
-    from sklearn.mixture import GaussianMixture
 
     x = np.asarray(scores, dtype=np.float64)
     flags = np.asarray(flags, dtype=bool)
