@@ -42,6 +42,11 @@ DETECTORS = {  # name -> detect section overrides
     # 50 Sinkhorn iterations instead of 1000: the same AUROC in 1/20 of the time on the
     # shapes rate-0.5 cells (bench/results/ot_budget.md)
     "ot50": {"method": "ot", "ot": {"max_iter": 50}},
+    # ot_both among the pairs the cosine's mixture does not set aside (bench/structure_diag)
+    "ot_trim": {
+        "method": "ot",
+        "ot": {"relative_to": "both", "batch_size": 1024, "trim": "mixture"},
+    },
     "ncu_batch": {"method": "ncu_batch"},
     "gmm_loss": {"method": "gmm_loss"},
     "infoot": {"method": "infoot"},
@@ -66,6 +71,7 @@ FINETUNERS = {  # name -> finetune section overrides; "flags": a detector other 
     # rounds: rescore the pairs with the model being fine-tuned (finetune.filter)
     "filter_2r": {"method": "filter", "filter": {"rounds": 2, "rescore": "clip_score"}},
     "filter_ot_row": {"method": "filter", "flags": "ot"},
+    "filter_ot_trim": {"method": "filter", "flags": "ot_trim"},
     "filter_truth": {"method": "filter", "flags": "truth"},  # perfect detection: the ceiling
     "filter_ot_2r": {"method": "filter", "flags": "ot", "filter": {"rounds": 2, "rescore": "ot"}},
     # the same recipe at 50 Sinkhorn iterations, flags and rescoring (detect's own detector)

@@ -11,7 +11,8 @@ Scorers (higher = cleaner):
   iterations (`otcurate.detect.ot_score`).
 - `trim_ot_both`: `ot_both` with `trim: mixture`: when the cosines are bimodal, the pairs a
   two-component mixture on them calls noisy are set aside (below every other pair, in the
-  cosine's order) and OT is solved among the rest only.
+  cosine's order) and OT is solved among the rest only. `trim99_ot_both`: only the pairs
+  whose noisy posterior is above 0.99 are set aside.
 - `uot_<reg_m>`: a pair's own-cell mass in the entropic *unbalanced* plan of its batch
   (POT's `sinkhorn_unbalanced`, KL-relaxed marginals of weight reg_m, reg 0.02 on the
   max-normalised 1 - cosine cost, same batches and passes as `ot_both`). Balanced OT must give
@@ -90,6 +91,9 @@ def score_cell(cell: str, image, text) -> tuple[dict, dict]:
         "clip_score": lambda: det.score("clip_score", image, text),
         "ot_both": lambda: det.score("ot", image, text, opts, seed=0),
         "trim_ot_both": lambda: det.score("ot", image, text, replace(opts, trim="mixture")),
+        "trim99_ot_both": lambda: det.score(
+            "ot", image, text, replace(opts, trim="mixture", trim_posterior=0.99)
+        ),
         **{f"uot_{m}": (lambda m=m: uot_own_mass(image, text, m)) for m in REG_M},
         **{f"knn_{k}": (lambda k=k: knn_consensus(image, text, k)) for k in KNN},
     }

@@ -72,6 +72,9 @@ def detect(args) -> None:
         "flagged": int(result.noisy.sum()),
         "logit_scale": getattr(opts, "logit_scale", None) or scale,
     }
+    if getattr(opts, "trim", "none") == "mixture":
+        # set-aside pairs score cosine - 2 (< -1), the kept ones OT's (0, 1] (`ot_score`)
+        metrics["trimmed"] = int((result.scores < -0.5).sum())
     has_truth = bool(truth.any())
     if has_truth:
         metrics.update(det.quality(result.scores, result.noisy, truth))

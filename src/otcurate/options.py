@@ -55,11 +55,13 @@ class OTOptions(SinkhornOptions):
     mass relative to its image's best cell (``row``), or also to its caption's best cell
     (``both``: the geometric mean of the two ratios; a caption that another image of the
     batch explains better scores lower). ``trim``: ``mixture`` first sets aside the pairs
-    a two-component mixture on the cosine calls noisy (they score below every other pair,
-    in the cosine's order) and solves OT among the rest only; ``none`` solves it on all."""
+    a two-component mixture on the cosine calls noisy with a posterior above
+    ``trim_posterior`` (they score below every other pair, in the cosine's order) and
+    solves OT among the rest only; ``none`` solves it on all."""
 
     relative_to: Literal["row", "both"] = "row"
     trim: Literal["none", "mixture"] = "none"
+    trim_posterior: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +69,8 @@ class OTOptions(SinkhornOptions):
             raise ValueError(f"relative_to must be 'row' or 'both'; got {self.relative_to!r}.")
         if self.trim not in ("none", "mixture"):
             raise ValueError(f"trim must be 'none' or 'mixture'; got {self.trim!r}.")
+        if not 0.0 < self.trim_posterior < 1.0:
+            raise ValueError(f"trim_posterior must be in (0, 1); got {self.trim_posterior}.")
 
 
 @dataclass(frozen=True, kw_only=True)

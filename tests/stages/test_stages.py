@@ -374,9 +374,13 @@ def test_crashed_write_leaves_previous_output(tiny, tmp_path):
     assert tree_digest(out) == before
 
 
-@pytest.mark.parametrize("method", ["ot", "ncu_batch", "gmm_loss", "infoot"])
-def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
-    over = {"method": method, method: {"passes": 2, "batch_size": 64}, "raise_fraction": False}
+@pytest.mark.parametrize(
+    "method, extra",
+    [("ot", {}), ("ot", {"trim": "mixture"}), ("ncu_batch", {}), ("gmm_loss", {}), ("infoot", {})],
+)
+def test_detect_methods_run_through_the_stage(tiny, tmp_path, method, extra):
+    opts = {"passes": 2, "batch_size": 64, **extra}
+    over = {"method": method, method: opts, "raise_fraction": False}
     params = write_params(tmp_path, {"detect": over})
     paths = {
         **STAGE_PATHS["detect"],
@@ -388,6 +392,8 @@ def test_detect_methods_run_through_the_stage(tiny, tmp_path, method):
     # quality is tested on planted embeddings (unit tests); a 12-step model barely separates pairs
     assert 0.0 <= m["auroc"] <= 1.0 and m["flagged"] == round(0.3 * m["pairs"])
     assert 0 < m["logit_scale"] <= 100  # the pretrained model's temperature
+    # detect.ot.trim: how many pairs the cosine's mixture set aside (none if not bimodal)
+    assert ("trimmed" in m) == bool(extra) and 0 <= m.get("trimmed", 0) < m["pairs"]
     meta = json.loads((tmp_path / "out" / "detector.json").read_text())
     assert meta["method"] == method and np.isfinite(meta["cutoff"])
     assert (tmp_path / "out" / "detector.safetensors").exists() == (method == "infoot")

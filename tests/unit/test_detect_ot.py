@@ -251,6 +251,15 @@ def test_ot_score_trim_mixture_sets_aside_the_cosines_noisy_mode_and_solves_ot_o
     torch.testing.assert_close(got[keep], det.ot_score(img[keep], txt[keep], o, seed=3))
     with pytest.raises(ValueError, match="trim must be"):
         det.OTOptions(trim="cosine")
+    # a higher posterior sets aside only the pairs the mixture is surer of
+    sure = mixture_flags(cos.double().numpy(), seed=3, posterior=0.99)
+    assert sure.sum() < trimmed.sum() and not (sure & ~trimmed).any()
+    got = det.ot_score(
+        img, txt, dataclasses.replace(o, trim="mixture", trim_posterior=0.99), seed=3
+    )
+    assert float(got[sure].max()) < -0.9 < 0 < float(got[~sure].min())
+    with pytest.raises(ValueError, match="trim_posterior must be"):
+        det.OTOptions(trim_posterior=1.0)
 
 
 def test_ot_score_trim_mixture_without_a_noisy_mode_is_plain_ot():

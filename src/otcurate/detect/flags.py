@@ -14,11 +14,12 @@ class Detection:
     noisy: np.ndarray  # (n,) bool flags
 
 
-def mixture_flags(scores: np.ndarray, *, seed: int = 0) -> np.ndarray:
+def mixture_flags(scores: np.ndarray, *, seed: int = 0, posterior: float = 0.5) -> np.ndarray:
     """Noisy flags from a two-component Gaussian mixture on the scores themselves.
 
-    The pair is flagged when the posterior of the lower-mean component exceeds 1/2; the
-    flagged share is then an estimate of the noise rate. Constant scores flag nothing.
+    The pair is flagged when the posterior of the lower-mean component exceeds
+    ``posterior`` (1/2: the flagged share is then an estimate of the noise rate; higher:
+    only the pairs the mixture is that sure of). Constant scores flag nothing.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -27,7 +28,7 @@ def mixture_flags(scores: np.ndarray, *, seed: int = 0) -> np.ndarray:
         return np.zeros(len(x), dtype=bool)
     gmm = GaussianMixture(n_components=2, random_state=int(seed), reg_covar=1e-6).fit(x)
     low = int(np.argmin(gmm.means_.ravel()))
-    return gmm.predict_proba(x)[:, low] > 0.5
+    return gmm.predict_proba(x)[:, low] > posterior
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def ot_score(
     O(passes * n * B * iterations): linear in n.
 
     ``trim='mixture'``: when the cosines are bimodal (`bimodality`), the pairs that a
-    two-component mixture on them calls noisy (`mixture_flags`, seeded with ``seed``) are
+    two-component mixture on them calls noisy with a posterior above ``trim_posterior``
+    (`mixture_flags`, seeded with ``seed``) are
     set aside first and score ``cosine - 2``, below every kept pair and in the cosine's
     order; the kept pairs are scored by OT among themselves. Without a noisy mode the
     scores are plain OT's. Uninformative captions, which the cosine finds almost perfectly, then no
@@ -78,7 +79,7 @@ def _trimmed(image: torch.Tensor, text: torch.Tensor, opts: OTOptions, seed: int
     plain = dataclasses.replace(opts, trim="none")
     cos = clip_score(image, text)
     x = cos.double().cpu().numpy()
-    keep = ~mixture_flags(x, seed=seed)
+    keep = ~mixture_flags(x, seed=seed, posterior=opts.trim_posterior)
     if not bimodality(x, seed=seed)[1] or keep.sum() < 2:
         return ot_score(image, text, plain, seed=seed)  # no noisy mode to set aside
     out = cos - 2.0  # in [-3, -1]: below every kept pair's OT score in (0, 1]
