@@ -45,11 +45,11 @@ def ot_score(
 
     ``trim='mixture'``: when the cosines are bimodal (`bimodality`), the pairs that a
     two-component mixture on them calls noisy with a posterior above ``trim_posterior``
-    (`mixture_flags`, seeded with ``seed``) are
-    set aside first and score ``cosine - 2``, below every kept pair and in the cosine's
-    order; the kept pairs are scored by OT among themselves. Without a noisy mode the
-    scores are plain OT's. Uninformative captions, which the cosine finds almost perfectly, then no
-    longer take a share of the plan's mass in the batches of the pairs left to separate.
+    (`mixture_flags`, seeded with ``seed``) are set aside first and score ``cosine - 2``,
+    below every kept pair and in the cosine's order; the kept pairs are scored by OT among
+    themselves. Without a noisy mode the scores are plain OT's. Uninformative captions,
+    which the cosine finds almost perfectly, then no longer take a share of the plan's
+    mass in the batches of the pairs left to separate.
 
     image, text : (n, d) L2-normalised embeddings. Returns (n,) on their device.
     """
@@ -79,9 +79,11 @@ def _trimmed(image: torch.Tensor, text: torch.Tensor, opts: OTOptions, seed: int
     plain = dataclasses.replace(opts, trim="none")
     cos = clip_score(image, text)
     x = cos.double().cpu().numpy()
-    keep = ~mixture_flags(x, seed=seed, posterior=opts.trim_posterior)
-    if not bimodality(x, seed=seed)[1] or keep.sum() < 2:
-        return ot_score(image, text, plain, seed=seed)  # no noisy mode to set aside
+    keep = None
+    if bimodality(x, seed=seed)[1]:  # only then is there a noisy mode to set aside
+        keep = ~mixture_flags(x, seed=seed, posterior=opts.trim_posterior)
+    if keep is None or keep.sum() < 2:
+        return ot_score(image, text, plain, seed=seed)
     out = cos - 2.0  # in [-3, -1]: below every kept pair's OT score in (0, 1]
     rows = torch.as_tensor(keep).nonzero().squeeze(1).to(image.device)
     out[rows] = ot_score(image[rows], text[rows], plain, seed=seed).to(out.dtype)
