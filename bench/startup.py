@@ -5,6 +5,11 @@ commit, params.yaml as committed):
 - `default_run_seconds`: `otcurate run` from nothing (the built-in default; the venv is
   installed), wall clock; `--default-repeats` fresh copies.
 - `noop_run_seconds`: `otcurate run` again with nothing changed; `--repeats` times.
+- `changed_run_seconds`: `otcurate run --set evaluate.batch_size=<a new value>`, a change
+  that reruns one stage (evaluate) through the Prefect flow, MLflow records and all;
+  `--repeats` times, each with a value not run before (no run-cache restore), with the
+  run's MLflow records written by the recorder's process (the default) and, interleaved,
+  by the flow itself (OTCURATE_TRACKING_PROCESS=0, as before that process existed).
 - `startup_seconds` (case = the stage): `python -m stages.<name>` with its cmd from dvc.yaml,
   from the spawn to its first line of output (params read and checked, its input opened:
   the first unit of work); `--repeats` times each, the process stopped there.
@@ -40,6 +45,7 @@ import yaml
 
 from bench.results_io import RESULTS, command, save
 from otcurate_pipeline.stageworker import ENV as STAGE_WORKER
+from otcurate_pipeline.uptodate import TRACKING_PROCESS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -198,6 +204,16 @@ def main() -> None:
         noop.append(timed([otc, "run"], root))
     print(f"[startup] no-op runs: {', '.join(f'{s:.2f}' for s in noop)} s", flush=True)
     rows += summary("otcurate run (nothing changed)", "noop_run_seconds", noop)
+    changed: dict[str, list[float]] = {"1": [], "0": []}
+    for k in range(args.repeats):  # interleaved: the recorder's process tracks, or the flow
+        for how, values in changed.items():
+            batch = f"evaluate.batch_size={500 - 10 * k - (5 if how == '0' else 0)}"  # new
+            values.append(timed([otc, "run", "--set", batch], root, {TRACKING_PROCESS: how}))
+    for how, values in changed.items():
+        case = "tracking process" if how == "1" else f"in-process tracker, {TRACKING_PROCESS}=0"
+        print(f"[startup] changed runs ({case}): {values} s", flush=True)
+        rows += summary(f"otcurate run (evaluate reruns; {case})", "changed_run_seconds", values)
+    repeats["changed_run_seconds"] = args.repeats
     notes = []
     for name, argv in stage_commands(root).items():
         got = [first_line_seconds(argv, root) for _ in range(args.repeats)]

@@ -168,7 +168,8 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             # ran yet; if it is one, the server stops unused), else once DVC finds work.
             early = bool(changed) or not (root / "dvc.lock").exists()
             api = stack.enter_context(temporary_prefect(log)) if early else None
-            results, state = noop_run(root, name, allow_rewrite)  # nothing changed: no flow
+            # nothing changed: no flow; else the recorder tracks the flow run
+            results, state = noop_run(root, name, allow_rewrite, stack)
             noop = results is not None
             if not noop:
                 if not early:

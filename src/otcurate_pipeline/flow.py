@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from otcurate_pipeline.manifests import ALL_MANIFESTS
 from otcurate_pipeline.recovery import Recovery, recover, uncached_outs
 from otcurate_pipeline.runlock import RunLocked, run_lock
-from otcurate_pipeline.tracking import Tracker
+from otcurate_pipeline.tracking import open_tracker
 from otcurate_pipeline.uptodate import dvc_state, sweep_leftovers, sync_sources
 
 EXIT_TRANSIENT = 75
@@ -195,7 +195,7 @@ def pipeline(
         sync_sources(rootp, allow_rewrite)
     order = order or stage_order(rootp)
     untouched = set(untouched or ())
-    tracker = Tracker(rootp, run_name=run_name)
+    tracker = open_tracker(rootp, run_name)  # the recorder's process after noop_run
     results: list[StageResult] = []
     try:
         for name in order:

@@ -9,6 +9,7 @@ A tracking failure is reported and never loses computed results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -136,8 +137,14 @@ class Tracker:
     """Parent/child MLflow runs for one flow run. Every call swallows and reports tracking errors."""
 
     def __init__(
-        self, root: Path, run_name: str | None = None, tags: Mapping[str, str] | None = None
+        self,
+        root: Path,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        owner_pid: int | None = None,
     ):
+        """``owner_pid``: the process whose death means the run died (`reap`); this one by
+        default, the flow's when a `TrackerProcess` serves it."""
         self.root = Path(root).resolve()
         self.uri = tracking_uri(self.root)
         self.stages = layout.stages(self.root)
@@ -166,7 +173,10 @@ class Tracker:
                 )
             commit, dirty = git_state(self.root)
             self.git = {"git.commit": commit, "git.dirty": str(dirty).lower()}
-            self.owner = {"otcurate.pid": str(os.getpid()), "otcurate.host": socket.gethostname()}
+            self.owner = {
+                "otcurate.pid": str(owner_pid or os.getpid()),
+                "otcurate.host": socket.gethostname(),
+            }
             run = self.client.create_run(
                 exp_id,
                 run_name=run_name,
@@ -284,3 +294,155 @@ class Tracker:
             self.client.set_terminated(self.parent_id, status)
         except Exception as exc:  # noqa: BLE001
             self._warn("could not close the parent run", exc)
+
+
+# A Tracker in another process. Importing MLflow and opening its store take ~5 s here,
+# which a flow run paid before its first stage: `uptodate.Recorder` starts a process that
+# does both while DVC decides whether anything changed; when something did, the flow's
+# records are written by that process through `TrackerProcess` instead of by a Tracker of
+# its own. One JSON line per call and one per answer, in order; same records, same
+# owner (the flow's pid, so that `reap` marks the run KILLED if the flow dies).
+
+_CALLS = ("start_stage", "end_stage", "finish")
+_SERVED: list = []  # the process handed over for the next flow run (`served_by`)
+
+
+def serve(root: Path, first: Mapping[str, Any], requests, replies) -> None:
+    """The tracking process's loop: ``first`` opens the parent run ({"open": {run_name,
+    tags, owner_pid}}), then each line of ``requests`` ({"call": name, "args": [...]}) is
+    answered on ``replies`` ({"result": ...}) until `finish` is answered or the flow goes
+    away (end of input: its runs stay RUNNING for `reap`)."""
+    opened = first["open"]
+    tracker = Tracker(
+        root, opened.get("run_name"), opened.get("tags"), owner_pid=opened.get("owner_pid")
+    )
+
+    def answer(result: Any) -> None:
+        replies.write(json.dumps({"result": result}) + "\n")
+        replies.flush()
+
+    answer({"parent_id": tracker.parent_id, "live": tracker.client is not None})
+    for line in requests:
+        request = json.loads(line)
+        if request["call"] not in _CALLS:
+            answer(None)
+            continue
+        answer(getattr(tracker, request["call"])(*request["args"]))
+        if request["call"] == "finish":
+            return
+
+
+class TrackerProcess:
+    """`Tracker`'s interface, its calls made by a tracking process (``proc``: stdin and stdout
+    pipes, text; see `serve`). Like Tracker, it never raises: a process that fails, dies or
+    stops answering is reported once, and the rest of the run goes unrecorded."""
+
+    TIMEOUT = 600.0  # seconds for one answer: a model version's artifacts are copied in one
+
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        root: Path,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ):
+        self.proc = proc
+        self.root = Path(root).resolve()
+        self.uri = tracking_uri(self.root)
+        opened = self._ask(
+            {"open": {"run_name": run_name, "tags": dict(tags or {}), "owner_pid": os.getpid()}},
+            "could not start the MLflow parent run",
+        )
+        self.parent_id = opened.get("parent_id") if isinstance(opened, dict) else None
+        if not (isinstance(opened, dict) and opened.get("live")):
+            self._close()  # the process reported why (a Tracker without a client)
+
+    def _ask(self, request: Mapping[str, Any], what: str) -> Any:
+        import select
+
+        if self.proc is None:
+            return None
+        try:
+            try:
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                line = ""  # it has gone: say how, below
+            else:
+                ready, _, _ = select.select([self.proc.stdout], [], [], self.TIMEOUT)
+                line = self.proc.stdout.readline() if ready else ""
+            if not line:
+                try:
+                    gone = f"exited {self.proc.wait(timeout=5)}"
+                except subprocess.TimeoutExpired:
+                    gone = f"gave no answer in {self.TIMEOUT:.0f} s"
+                raise RuntimeError(f"the tracking process {gone}")
+            return json.loads(line)["result"]
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            Tracker._warn(what, exc)
+            self._close()
+            return None
+
+    def _close(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.uri}
+
+    def start_stage(self, name: str) -> str | None:
+        return self._ask({"call": "start_stage", "args": [name]}, f"could not start {name}")
+
+    def end_stage(
+        self,
+        run_id: str | None,
+        name: str,
+        outcome: str,
+        seconds: float,
+        lock: dict[str, Any] | None = None,
+    ) -> None:
+        if run_id is not None:
+            args = [run_id, name, outcome, seconds, lock]
+            self._ask({"call": "end_stage", "args": args}, f"could not record stage {name}")
+
+    def finish(self, status: str, summary: Mapping[str, Any] | None = None) -> None:
+        args = [status, dict(summary or {})]
+        self._ask({"call": "finish", "args": args}, "could not close the parent run")
+        self._close()
+
+
+@contextlib.contextmanager
+def served_by(proc: subprocess.Popen) -> Iterator[None]:
+    """Hand ``proc`` (a tracking process that has not been sent anything) to the next
+    `open_tracker` in this process; killed afterwards if nothing took it (it has written
+    nothing: it opens only a store that exists, which reads)."""
+    _SERVED.append(proc)
+    try:
+        yield
+    finally:
+        if proc in _SERVED:
+            _SERVED.remove(proc)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def open_tracker(
+    root: Path, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Tracker | TrackerProcess:
+    """The flow run's tracker: the handed-over tracking process's if there is one alive,
+    else a Tracker in this process."""
+    while _SERVED:
+        proc = _SERVED.pop()
+        if proc.poll() is None:
+            return TrackerProcess(proc, root, run_name, tags)
+        proc.wait()
+    return Tracker(root, run_name, tags)

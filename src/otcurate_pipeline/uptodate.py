@@ -7,13 +7,16 @@ no Prefect flow, no `dvc repro` per stage, no model loaded. (A run whose --set c
 param starts its temporary Prefect server before asking, and stops it unused if nothing
 was found to run.)
 
-Importing MLflow costs about 3 s, more than DVC takes to answer, so a recorder process
-imports it on the second core while DVC decides (`Recorder`); it writes the record only
-when told that nothing changed, and is killed otherwise.
+Importing MLflow and opening its store cost about 5 s, more than DVC takes to answer, so
+a recorder process does both on the second core while DVC decides (`Recorder`); it writes
+the no-op record when told that nothing changed. Otherwise it becomes the flow run's
+tracker (otcurate_pipeline.tracking.TrackerProcess), so that the flow does not wait for
+MLflow before its first stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WHY_SKIPPED = "deps, params and outs match dvc.lock (dvc status)"
+# "0": the flow run records itself in its own process, as before the handover (bench.startup)
+TRACKING_PROCESS = "OTCURATE_TRACKING_PROCESS"
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,24 @@ def record_noop(root: Path, order: list[str], run_name: str | None = None) -> No
 
 class Recorder:
     """A process that imports MLflow now and writes a no-op record (`record_noop`) once it
-    is given the stage order; `cancel` kills it unused. Its warnings go to our stderr."""
+    is given the stage order, or serves the flow run's records (`hand_over`); `cancel`
+    kills it unused. Its warnings go to our stderr."""
 
     def __init__(self, root: Path, run_name: str | None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "otcurate_pipeline.uptodate", str(root), run_name or ""],
             stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             text=True,
         )
+
+    def hand_over(self, stack: contextlib.ExitStack) -> None:
+        """Make this process the tracker of the next flow run in this process
+        (tracking.served_by) until ``stack`` closes."""
+        from otcurate_pipeline.tracking import served_by
+
+        stack.enter_context(served_by(self.proc))
+        self.proc = None
 
     def record(self, order: list[str]) -> list[dict]:
         """Have the record written; the no-op's stage rows, whether or not it was."""
@@ -121,42 +136,52 @@ class Recorder:
         return [{"stage": s, "outcome": "skipped", "seconds": 0.0} for s in order]
 
     def cancel(self) -> None:
+        if self.proc is None:  # handed over
+            return
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
 
 
 def noop_run(
-    root: Path, run_name: str | None, allow_rewrite: bool
+    root: Path,
+    run_name: str | None,
+    allow_rewrite: bool,
+    stack: contextlib.ExitStack | None = None,
 ) -> tuple[list[dict] | None, State | None]:
     """(the no-op's stage rows, DVC's state) when nothing changed: the run is recorded in
     MLflow. Otherwise (None, the state, or None when DVC could not answer), and the caller
     runs the flow with ``prepared=True`` and the state's order and untouched stages: the
     leftovers of a failed run are swept and the source manifests synced here first, as the
-    flow does."""
+    flow does. With ``stack``, the recorder, MLflow imported by now, records that flow run
+    (`Recorder.hand_over`) until the stack closes, unless OTCURATE_TRACKING_PROCESS=0."""
     recorder = Recorder(root, run_name)  # imports MLflow while DVC answers
     try:
         sweep_leftovers(root)
         report = sync_sources(root, allow_rewrite)
-        if report["added"] or report["clean_changed"]:  # every stage goes to dvc repro
-            return None, None
-        from dvc.exceptions import DvcException
+        state = None
+        if not (report["added"] or report["clean_changed"]):  # else every stage reruns
+            from dvc.exceptions import DvcException
 
-        try:
-            state = dvc_state(root)
-        except DvcException:  # e.g. DVC's lock held by a `dvc` command: the flow retries it
-            return None, None
-        if state.stale:
-            return None, state
-        return recorder.record(state.order), state
+            try:
+                state = dvc_state(root)
+            except DvcException:  # e.g. DVC's lock held by a `dvc` command: the flow retries
+                pass
+            else:
+                if not state.stale:
+                    return recorder.record(state.order), state
+        if stack is not None and os.environ.get(TRACKING_PROCESS, "1") != "0":
+            recorder.hand_over(stack)
+        return None, state
     finally:
         recorder.cancel()
 
 
 def _recorder_main(root: str, run_name: str) -> int:
     """`Recorder`'s process: import MLflow's client and open an existing store (its engine
-    and schema check, which MLflow caches per URI), then wait for the order. A store that
-    does not exist yet is left for the run that creates it: opening it would write."""
+    and schema check, which MLflow caches per URI), then wait for the order (a no-op) or
+    for a flow run's tracker to open (tracking.serve). A store that does not exist yet is
+    left for the run that creates it: opening it would write."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the slow import, done early
     from mlflow.tracking import MlflowClient
 
@@ -169,7 +194,15 @@ def _recorder_main(root: str, run_name: str) -> int:
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # cancelled: the flow runs and records itself
-    record_noop(Path(root), json.loads(line), run_name or None)
+    request = json.loads(line)
+    if isinstance(request, list):
+        record_noop(Path(root), request, run_name or None)
+        return 0
+    from otcurate_pipeline.tracking import serve
+
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints stay off the replies
+    serve(Path(root), request, sys.stdin, replies)
     return 0
 
 

@@ -1,12 +1,19 @@
 """The no-op record: `Recorder` imports MLflow beside DVC's answer, writes the parent run and
-one `skipped` child per stage when told the order, and writes nothing when cancelled."""
+one `skipped` child per stage when told the order, and writes nothing when cancelled; handed
+over, it writes a flow run's records (tracking.TrackerProcess)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
+from otcurate_pipeline.tracking import TrackerProcess, open_tracker
 from otcurate_pipeline.uptodate import Recorder, State
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,3 +64,68 @@ def test_untouched_stages_are_up_to_date_with_nothing_stale_upstream():
     assert State(order, {"b": ["changed outs"]}, up).untouched() == ["a", "c"]
     assert State(order, {"a": ["changed params"]}, up).untouched() == []
     assert State(order, {}, up).untouched() == order
+
+
+def test_a_handed_over_recorder_tracks_the_flow_run_as_its_owner(tmp_path, monkeypatch):
+    root = _project(tmp_path, monkeypatch)
+    with contextlib.ExitStack() as stack:
+        Recorder(root, None).hand_over(stack)
+        tracker = open_tracker(root, "changed")
+        assert isinstance(tracker, TrackerProcess)
+        child = tracker.start_stage("ingest")
+        assert child and tracker.env() == {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+        tracker.end_stage(child, "ingest", "ran", 1.5)
+        tracker.finish("FINISHED", {"ingest": "ran"})
+        assert tracker.proc is None  # the process ended with the run
+    db = sqlite3.connect(root / "mlflow.db")
+    assert db.execute("select status from runs where run_uuid = ?", (child,)).fetchone() == (
+        "FINISHED",
+    )
+    (parent,) = db.execute(
+        "select value from tags where run_uuid = ? and key = 'mlflow.parentRunId'", (child,)
+    ).fetchone()
+    assert db.execute("select name, status from runs where run_uuid = ?", (parent,)).fetchone() == (
+        "changed",
+        "FINISHED",
+    )
+    owner = db.execute(
+        "select value from tags where run_uuid = ? and key = 'otcurate.pid'", (parent,)
+    ).fetchone()
+    assert owner == (str(os.getpid()),)  # the flow's pid, not the tracking process's: `reap`
+    outcome = db.execute(
+        "select value from tags where run_uuid = ? and key = 'dvc.outcome'", (child,)
+    ).fetchone()
+    assert outcome == ("ran",)
+    assert db.execute(
+        "select value from metrics where run_uuid = ? and key = 'stage_seconds'", (child,)
+    ).fetchone() == (1.5,)
+
+
+def test_a_tracking_process_that_dies_is_reported_once_and_never_raises(tmp_path, capsys):
+    # a stand-in that opens the parent run, then exits
+    answer = json.dumps({"result": {"parent_id": "p1", "live": True}})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.stdin.readline(); print({answer!r})"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    tracker = TrackerProcess(proc, tmp_path)
+    assert tracker.parent_id == "p1"
+    assert tracker.start_stage("ingest") is None
+    tracker.end_stage(None, "ingest", "ran", 1.0)
+    tracker.finish("FINISHED")
+    err = capsys.readouterr().err
+    assert "could not start ingest" in err and "the tracking process exited 0" in err
+    assert err.count("otcurate: tracking:") == 1  # reported once, then the run goes unrecorded
+    assert tracker.proc is None and proc.returncode == 0
+
+
+def test_a_recorder_nobody_took_is_stopped_unused(tmp_path, monkeypatch):
+    root = _project(tmp_path, monkeypatch)
+    with contextlib.ExitStack() as stack:
+        recorder = Recorder(root, None)
+        proc = recorder.proc
+        recorder.hand_over(stack)
+    assert proc.returncode is not None
+    assert not (root / "mlflow.db").exists()
