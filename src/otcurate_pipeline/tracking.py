@@ -351,13 +351,15 @@ class TrackerProcess:
         self.uri = tracking_uri(self.root)
         opened = self._ask(
             {"open": {"run_name": run_name, "tags": dict(tags or {}), "owner_pid": os.getpid()}},
-            "could not start the MLflow parent run",
+            None,  # not answered: `open_tracker` falls back to a Tracker here
         )
-        self.parent_id = opened.get("parent_id") if isinstance(opened, dict) else None
-        if not (isinstance(opened, dict) and opened.get("live")):
+        self.answered = isinstance(opened, dict)
+        self.parent_id = opened.get("parent_id") if self.answered else None
+        if self.answered and not opened.get("live"):
             self._close()  # the process reported why (a Tracker without a client)
 
-    def _ask(self, request: Mapping[str, Any], what: str) -> Any:
+    def _ask(self, request: Mapping[str, Any], what: str | None) -> Any:
+        """The answer to ``request``; None, said once (``what``), if none comes."""
         import select
 
         if self.proc is None:
@@ -379,7 +381,8 @@ class TrackerProcess:
                 raise RuntimeError(f"the tracking process {gone}")
             return json.loads(line)["result"]
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            Tracker._warn(what, exc)
+            if what is not None:
+                Tracker._warn(what, exc)
             self._close()
             return None
 
@@ -443,6 +446,8 @@ def open_tracker(
     while _SERVED:
         proc = _SERVED.pop()
         if proc.poll() is None:
-            return TrackerProcess(proc, root, run_name, tags)
+            tracker = TrackerProcess(proc, root, run_name, tags)
+            if tracker.answered:
+                return tracker
         proc.wait()
     return Tracker(root, run_name, tags)

@@ -181,7 +181,18 @@ def _recorder_main(root: str, run_name: str) -> int:
     """`Recorder`'s process: import MLflow's client and open an existing store (its engine
     and schema check, which MLflow caches per URI), then wait for the order (a no-op) or
     for a flow run's tracker to open (tracking.serve). A store that does not exist yet is
-    left for the run that creates it: opening it would write."""
+    left for the run that creates it: opening it would write.
+
+    Our stdout carries only the answers to a flow run's tracker: whatever else prints
+    goes to stderr. Ctrl-C and SIGTERM, which reach the whole process group, are left to
+    the flow: it closes its runs through this process (FAILED) before it ends; this
+    process ends at the end of its input, or when the run kills it."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the slow import, done early
     from mlflow.tracking import MlflowClient
 
@@ -200,8 +211,6 @@ def _recorder_main(root: str, run_name: str) -> int:
         return 0
     from otcurate_pipeline.tracking import serve
 
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints stay off the replies
     serve(Path(root), request, sys.stdin, replies)
     return 0
 

@@ -8,12 +8,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-from otcurate_pipeline.tracking import TrackerProcess, open_tracker
+from otcurate_pipeline.tracking import TrackerProcess, open_tracker, served_by
 from otcurate_pipeline.uptodate import Recorder, State
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,8 @@ def test_a_handed_over_recorder_tracks_the_flow_run_as_its_owner(tmp_path, monke
         Recorder(root, None).hand_over(stack)
         tracker = open_tracker(root, "changed")
         assert isinstance(tracker, TrackerProcess)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the
+            tracker.proc.send_signal(sig)  # flow, not this process, decides how runs close
         child = tracker.start_stage("ingest")
         assert child and tracker.env() == {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         tracker.end_stage(child, "ingest", "ran", 1.5)
@@ -129,3 +132,22 @@ def test_a_recorder_nobody_took_is_stopped_unused(tmp_path, monkeypatch):
         recorder.hand_over(stack)
     assert proc.returncode is not None
     assert not (root / "mlflow.db").exists()
+
+
+def test_a_tracking_process_that_never_answers_leaves_the_run_to_a_tracker_here(
+    tmp_path, monkeypatch
+):
+    root = _project(tmp_path, monkeypatch)
+    mute = subprocess.Popen(  # reads its request, then exits without an answer
+        [sys.executable, "-c", "import sys; sys.stdin.readline()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(served_by(mute))
+        tracker = open_tracker(root, "fallback")
+    assert type(tracker).__name__ == "Tracker" and tracker.parent_id
+    tracker.finish("FINISHED")
+    db = sqlite3.connect(root / "mlflow.db")
+    assert db.execute("select status from runs where name = 'fallback'").fetchone() == ("FINISHED",)
