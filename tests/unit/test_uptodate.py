@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from otcurate_pipeline.tracking import TrackerProcess, open_tracker, served_by
+from otcurate_pipeline.tracking import Tracker, TrackerProcess, open_tracker, served_by
 from otcurate_pipeline.uptodate import Recorder, State
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +147,7 @@ def test_a_tracking_process_that_never_answers_leaves_the_run_to_a_tracker_here(
     with contextlib.ExitStack() as stack:
         stack.enter_context(served_by(mute))
         tracker = open_tracker(root, "fallback")
-    assert type(tracker).__name__ == "Tracker" and tracker.parent_id
+    assert isinstance(tracker, Tracker) and tracker.parent_id
     tracker.finish("FINISHED")
     db = sqlite3.connect(root / "mlflow.db")
     assert db.execute("select status from runs where name = 'fallback'").fetchone() == ("FINISHED",)
