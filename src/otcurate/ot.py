@@ -26,6 +26,9 @@ from typing import Any
 # float64, and -1e6 stays finite, so a forbidden row or column never yields -inf - -inf.
 MASK_LOGIT = -1e6
 CHECK_EVERY = 10  # sinkhorn_log tests convergence every 10th iteration after the first 10
+# sinkhorn_log's scaling iterations absorb a scaling into the log-potentials once its log
+# exceeds this: e^20 ~ 5e8 leaves float32 ample room for the sums over a row or column.
+ABSORB = 20.0
 
 Array = Any  # numpy.ndarray or torch.Tensor; POT's backend dispatches on the type
 
@@ -69,6 +72,10 @@ def _log_weights(nx, w):
     return nx.where(positive, nx.log(nx.where(positive, w, 1.0)), -math.inf)
 
 
+def _all_positive(nx, w) -> bool:
+    return float(nx.min(nx.detach(w))) > 0
+
+
 def _amax2(nx, M):
     """Max over the last two axes, kept as (..., 1, 1)."""
     return nx.max(nx.max(M, axis=-1, keepdims=True), axis=-2, keepdims=True)
@@ -84,6 +91,80 @@ def _uniform(nx, w, shape, like):
     return nx.full(shape, 1.0 / shape[-1], type_as=like) if w is None else w
 
 
+def _converged(nx, col_sum, b, tol) -> bool:
+    """Whether every problem's L1 column-marginal error is below ``tol`` (a host sync)."""
+    return float(nx.max(nx.detach(nx.sum(nx.abs(col_sum - b), axis=-1)))) < tol
+
+
+def _checks(it: int) -> bool:
+    return 0 < it and (it < CHECK_EVERY or it % CHECK_EVERY == 0)
+
+
+def _log_iterations(nx, log_k, log_a, log_b, b, f, g, start, max_iter, tol):
+    """Log-domain Sinkhorn iterations ``start..max_iter``: (f, g, n_iter, converged)."""
+    n_iter = start
+    for it in range(start, max_iter):
+        lse_col = nx.logsumexp(log_k + f[..., :, None], axis=-2)  # (..., m)
+        # Rows are exact after the row update, so only the columns can be off.
+        if _checks(it) and _converged(nx, nx.exp(lse_col + g), b, tol):
+            return f, g, n_iter, True
+        g = log_b - lse_col
+        f = log_a - nx.logsumexp(log_k + g[..., None, :], axis=-1)
+        n_iter = it + 1
+    return f, g, n_iter, False
+
+
+def _magnitude(nx, log_u, log_v) -> float:
+    """The largest |log scaling| (inf when a scaling overflowed or vanished; a host sync)."""
+    return max(float(nx.max(nx.abs(nx.detach(x)))) for x in (log_u, log_v))
+
+
+def _scaling_iterations(nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol):
+    """Sinkhorn on the kernel with absorption, the same iterations as `_log_iterations`.
+
+    The log-scalings are split as ``f + log u`` and ``g + log v``, with the stabilised kernel
+    ``K = exp(log_k + f_i + g_j)`` (Schmitzer 2019; POT's ``sinkhorn_stabilized``): each
+    update is then a vector-matrix product instead of a log-sum-exp, 3-10x faster on the
+    CPU (``bench/speed.py``). At each convergence test, scalings beyond ``ABSORB`` (in log) are absorbed
+    into ``f, g`` and ``K`` recomputed, so nothing overflows. The first iteration runs in the
+    log domain, so that every row and column of ``K`` carries mass. Should a scaling still
+    come out non-finite or zero, it returns the last tested ``f, g`` unconverged and
+    `sinkhorn_log` goes on in the log domain from there.
+
+    Returns (f, g, n_iter, converged).
+    """
+    if max_iter < 1:
+        return f, g, 0, False
+    f, g, n_iter, _ = _log_iterations(nx, log_k, log_a, log_b, b, f, g, 0, 1, tol)
+    good = (f, g, n_iter)
+    K = nx.exp(log_k + f[..., :, None] + g[..., None, :])
+    Kt = K.swapaxes(-1, -2)  # a view: both products below are row vector @ matrix, BLAS's fast case
+    u, v = nx.ones(f.shape, type_as=f), nx.ones(g.shape, type_as=g)
+    for it in range(1, max_iter):
+        col = (u[..., None, :] @ K)[..., 0, :]  # (..., m): K^T u
+        if _checks(it):
+            log_u, log_v = nx.log(u), nx.log(v)
+            worst = _magnitude(nx, log_u, log_v)
+            if not math.isfinite(worst):  # a scaling overflowed or vanished
+                return (*good, False)
+            if _converged(nx, v * col, b, tol):
+                return f + log_u, g + log_v, n_iter, True
+            good = (f + log_u, g + log_v, n_iter)
+            if worst > ABSORB:
+                f, g = good[0], good[1]
+                K = nx.exp(log_k + f[..., :, None] + g[..., None, :])
+                Kt = K.swapaxes(-1, -2)
+                u, v = nx.ones(f.shape, type_as=f), nx.ones(g.shape, type_as=g)
+                col = nx.sum(K, axis=-2)
+        v = b / col
+        u = a / (v[..., None, :] @ Kt)[..., 0, :]
+        n_iter = it + 1
+    log_u, log_v = nx.log(u), nx.log(v)
+    if not math.isfinite(_magnitude(nx, log_u, log_v)):
+        return (*good, False)
+    return f + log_u, g + log_v, n_iter, False
+
+
 def sinkhorn_log(
     a: Array | None,
     b: Array | None,
@@ -94,6 +175,7 @@ def sinkhorn_log(
     max_iter: int = 100,
     tol: float = 1e-6,
     warmstart: tuple[Array, Array] | None = None,
+    domain: str = "auto",
 ) -> OTResult:
     r"""Entropic OT in the log domain, batched and with forbidden cells.
 
@@ -120,6 +202,12 @@ def sinkhorn_log(
     made a B = 256 solve about 8% slower on CPU (``bench/speed.py``).
     A :class:`ConvergenceWarning` is raised when ``max_iter`` is reached first.
 
+    With ``domain="auto"``, no ``mask`` and positive marginals, the same iterations run on
+    the stabilised kernel (products and sums instead of log-sum-exps; see
+    `_scaling_iterations`), several times faster on the CPU, and fall back to the log
+    domain should a scaling ever overflow; the result agrees with the log domain to
+    rounding. ``domain="log"`` always iterates in the log domain, as POT's ``sinkhorn_log``.
+
     Parameters
     ----------
     a : (..., n) or None
@@ -142,6 +230,8 @@ def sinkhorn_log(
     warmstart : ((..., n), (..., m)), optional
         Initial log-scalings ``(log_u, log_v)``, e.g. those of a previous
         :class:`OTResult` on a nearby cost (as POT's ``warmstart``); zeros by default.
+    domain : {"auto", "log"}
+        ``auto``: scaling iterations where they apply (above), else log; ``log``: always log.
 
     Returns
     -------
@@ -182,18 +272,17 @@ def sinkhorn_log(
     else:
         f, g = warmstart
 
+    if domain not in ("auto", "log"):
+        raise ValueError(f"domain must be 'auto' or 'log'; got {domain!r}.")
     n_iter, converged = 0, False
-    for it in range(max_iter):
-        lse_col = nx.logsumexp(log_k + f[..., :, None], axis=-2)  # (..., m)
-        if 0 < it and (it < CHECK_EVERY or it % CHECK_EVERY == 0):
-            # Rows are exact after the row update, so only the columns can be off.
-            col_err = nx.sum(nx.abs(nx.exp(lse_col + g) - b), axis=-1)
-            if float(nx.max(nx.detach(col_err))) < tol:
-                converged = True
-                break
-        g = log_b - lse_col
-        f = log_a - nx.logsumexp(log_k + g[..., None, :], axis=-1)
-        n_iter = it + 1
+    if domain == "auto" and mask is None and _all_positive(nx, a) and _all_positive(nx, b):
+        f, g, n_iter, converged = _scaling_iterations(
+            nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol
+        )
+    if not converged and n_iter < max_iter:
+        f, g, n_iter, converged = _log_iterations(
+            nx, log_k, log_a, log_b, b, f, g, n_iter, max_iter, tol
+        )
 
     plan = nx.exp(f[..., :, None] + log_k + g[..., None, :])
     err = _marginal_error(nx, plan, a, b)

@@ -171,6 +171,73 @@ def test_agrees_with_pot_sinkhorn_log_in_numpy_and_torch(reg):
     assert ours_np.n_iter == ours_t.n_iter
 
 
+@pytest.mark.parametrize(
+    "dtype, reg, tol, atol",
+    [
+        (torch.float64, 0.1, 1e-11, 1e-12),
+        (torch.float64, 0.02, 1e-11, 1e-12),
+        (torch.float64, 3e-3, 1e-9, 1e-10),  # scalings far beyond e^ABSORB: absorbed
+        (torch.float32, 0.02, 1e-5, 2e-6),
+    ],
+)
+def test_scaling_iterations_agree_with_the_log_domain(dtype, reg, tol, atol):
+    items = [problem(17, 29, seed=s) for s in range(3)]
+    a, b, M = (torch.stack(x).to(dtype) for x in zip(*items, strict=True))
+    auto = sinkhorn_log(a, b, M, reg, max_iter=20000, tol=tol)
+    log = sinkhorn_log(a, b, M, reg, max_iter=20000, tol=tol, domain="log")
+    torch.testing.assert_close(auto.plan, log.plan, atol=atol, rtol=0)
+    assert float(auto.err.max()) < tol and float(log.err.max()) < tol
+    # The potentials are the solution's, so they warm-start the log domain at its fixed point.
+    warm = sinkhorn_log(a, b, M, reg, max_iter=20000, tol=tol, domain="log",
+                        warmstart=(auto.log_u, auto.log_v))  # fmt: skip
+    assert warm.n_iter <= 1
+
+
+def test_scaling_iterations_agree_with_pot_stabilized_sinkhorn():
+    a, b, M = problem(17, 29, seed=6)
+    ref = pot.sinkhorn(a, b, M, 0.02, method="sinkhorn_stabilized", numItermax=10000, stopThr=1e-13)
+    ours = sinkhorn_log(a, b, M, 0.02, max_iter=10000, tol=1e-11)
+    torch.testing.assert_close(ours.plan, ref, atol=1e-10, rtol=0)
+
+
+def test_scaling_overflow_falls_back_to_the_log_domain(monkeypatch):
+    """Never absorbing, float32 scalings overflow on a hard problem; the solve carries on in
+    the log domain from the last finite potentials and reaches the log domain's plan."""
+    import otcurate.ot as otl
+
+    a, b, M = problem(17, 29, seed=0, dtype=torch.float32)
+    M = M * 30.0  # cost up to 30 at reg 0.05: the log-kernel spans 600, float32's exp 88
+    ref = sinkhorn_log(a, b, M, 0.05, max_iter=5000, tol=2e-5, domain="log")
+    starts = []
+    log_iterations = otl._log_iterations
+
+    def spy(nx, log_k, log_a, log_b, b, f, g, start, *rest):
+        starts.append(start)
+        return log_iterations(nx, log_k, log_a, log_b, b, f, g, start, *rest)
+
+    monkeypatch.setattr(otl, "ABSORB", float("inf"))
+    monkeypatch.setattr(otl, "_log_iterations", spy)
+    r = sinkhorn_log(a, b, M, 0.05, max_iter=5000, tol=2e-5)
+    assert any(s > 1 for s in starts), starts  # the log domain took over mid-solve
+    assert torch.isfinite(r.plan).all() and float(r.err) < 4e-5
+    torch.testing.assert_close(r.plan, ref.plan, atol=1e-5, rtol=0)
+
+
+def test_masks_zero_weights_and_domain_log_take_the_log_domain(monkeypatch):
+    import otcurate.ot as otl
+
+    called = []
+    monkeypatch.setattr(otl, "_scaling_iterations", lambda *x: called.append(1) or 1 / 0)
+    a, b, M = problem(7, 9, zeros_a=(2,))
+    sinkhorn_log(a, b, M, 0.05, max_iter=300, tol=1e-9)
+    a, b, M = problem(7, 9)
+    sinkhorn_log(a, b, M, 0.05, mask=M > 0.9, max_iter=300, tol=1e-9)
+    sinkhorn_log(a, b, M, 0.05, max_iter=300, tol=1e-9, domain="log")
+    assert not called
+    with pytest.raises(ValueError, match="domain must be"):
+        sinkhorn_log(a, b, M, 0.05, domain="kernel")
+
+
 def test_batched_result_equals_per_item_results():
     items = [problem(17, 29, seed=s) for s in range(3)]
     a, b, M = (torch.stack(x) for x in zip(*items, strict=True))

@@ -11,9 +11,12 @@ import torch
 from otcurate.options import MinibatchOptions, SinkhornOptions
 from otcurate.ot import ConvergenceWarning, OTResult, sinkhorn_log
 
-# Minibatch OT problems solved in one batched call: bounds each (chunk, B, B)
-# temporary at 128 * 256**2 float32 = 32 MiB while keeping the device busy.
-CHUNK = 128
+# Minibatch problems solved in one batched call. On the CPU a small chunk keeps each
+# (chunk, B, B) temporary in cache (16 * 256**2 float32 = 4 MiB): OT detection on 100k
+# pairs took 0.88 s at 16 and 1.37 s at 128 here. On a GPU a large chunk keeps the device
+# busy while bounding the temporaries at 128 * 256**2 float32 = 32 MiB.
+CHUNK_CPU = 16
+CHUNK_DEVICE = 128
 
 
 def check_pairs(image: torch.Tensor, text: torch.Tensor) -> None:
@@ -65,7 +68,8 @@ def batch_mean(
     n = image.shape[0]
     passes, k, b = idx.shape
     idx = idx.to(image.device).reshape(passes * k, b)
-    values = torch.cat([per_batch(image[rows], text[rows]) for rows in idx.split(CHUNK)])
+    chunk = CHUNK_CPU if image.device.type == "cpu" else CHUNK_DEVICE
+    values = torch.cat([per_batch(image[rows], text[rows]) for rows in idx.split(chunk)])
     own = idx.reshape(passes, k * b)[:, :n]
     out = values.new_empty(passes, n).scatter_(1, own, values.reshape(passes, k * b)[:, :n])
     return out.mean(dim=0)
