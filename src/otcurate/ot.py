@@ -7,8 +7,10 @@ on the caller's device and keeps autograd: wrap a call in ``torch.no_grad()`` wh
 plan is only a target.
 
 POT's ``ot.sinkhorn(..., method="sinkhorn_log")`` has neither masks (forbidden cells)
-nor a batch dimension; NCU's unlearning step and the minibatch detectors need both,
-hence :func:`sinkhorn_log`. It agrees with POT on unmasked, unbatched problems.
+nor a batch dimension, and its batched solvers (``ot.batch``, 0.9.6) have no masks and
+stop on another criterion; NCU's unlearning step needs masks and the minibatch detectors
+batches, hence :func:`sinkhorn_log`. It agrees with POT's ``sinkhorn_log`` and
+``sinkhorn_stabilized`` on unmasked, unbatched problems (tests/unit/test_ot.py).
 
 POT is imported on first use, not with this module: ``import ot`` takes about 2.4 s here
 (it loads scikit-learn), which a stage that imports the library but runs no OT (finetune's
