@@ -204,8 +204,8 @@ def sinkhorn_log(
     made a B = 256 solve about 8% slower on CPU (``bench/speed.py``).
     A :class:`ConvergenceWarning` is raised when ``max_iter`` is reached first.
 
-    With ``domain="auto"``, no ``mask`` and positive marginals, the same iterations run on
-    the stabilised kernel (products and sums instead of log-sum-exps; see
+    With ``domain="auto"`` and positive marginals, the same iterations run on
+    the stabilised kernel (a forbidden cell's entry is exactly 0) (products and sums instead of log-sum-exps; see
     `_scaling_iterations`), several times faster on the CPU, and fall back to the log
     domain should a scaling ever overflow; the result agrees with the log domain to
     rounding. ``domain="log"`` always iterates in the log domain, as POT's ``sinkhorn_log``.
@@ -277,7 +277,7 @@ def sinkhorn_log(
     if domain not in ("auto", "log"):
         raise ValueError(f"domain must be 'auto' or 'log'; got {domain!r}.")
     n_iter, converged = 0, False
-    if domain == "auto" and mask is None and _all_positive(nx, a) and _all_positive(nx, b):
+    if domain == "auto" and _all_positive(nx, a) and _all_positive(nx, b):
         f, g, n_iter, converged = _scaling_iterations(
             nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol
         )

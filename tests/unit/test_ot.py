@@ -223,7 +223,7 @@ def test_scaling_overflow_falls_back_to_the_log_domain(monkeypatch):
     torch.testing.assert_close(r.plan, ref.plan, atol=1e-5, rtol=0)
 
 
-def test_masks_zero_weights_and_domain_log_take_the_log_domain(monkeypatch):
+def test_zero_weights_and_domain_log_take_the_log_domain(monkeypatch):
     import otcurate.ot as otl
 
     called = []
@@ -231,11 +231,26 @@ def test_masks_zero_weights_and_domain_log_take_the_log_domain(monkeypatch):
     a, b, M = problem(7, 9, zeros_a=(2,))
     sinkhorn_log(a, b, M, 0.05, max_iter=300, tol=1e-9)
     a, b, M = problem(7, 9)
-    sinkhorn_log(a, b, M, 0.05, mask=M > 0.9, max_iter=300, tol=1e-9)
     sinkhorn_log(a, b, M, 0.05, max_iter=300, tol=1e-9, domain="log")
     assert not called
     with pytest.raises(ValueError, match="domain must be"):
         sinkhorn_log(a, b, M, 0.05, domain="kernel")
+
+
+@pytest.mark.parametrize(
+    "dtype, tol, atol", [(torch.float64, 1e-11, 1e-12), (torch.float32, 1e-5, 2e-6)]
+)
+def test_masked_scaling_iterations_agree_with_the_log_domain(dtype, tol, atol):
+    """NCU's shape: an extra column only the flagged rows may reach, their own cell forbidden."""
+    a, b, M = problem(12, 13, seed=4, dtype=dtype)
+    mask = torch.zeros(12, 13, dtype=torch.bool)
+    mask[:, -1] = True
+    for i in (1, 5, 8):
+        mask[i, i], mask[i, -1] = True, False
+    auto = sinkhorn_log(a, b, M, 0.03, mask=mask, max_iter=5000, tol=tol)
+    log = sinkhorn_log(a, b, M, 0.03, mask=mask, max_iter=5000, tol=tol, domain="log")
+    torch.testing.assert_close(auto.plan, log.plan, atol=atol, rtol=0)
+    assert float(auto.plan[mask].abs().max()) == 0.0
 
 
 def test_batched_result_equals_per_item_results():
