@@ -28,6 +28,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, nargs="+", required=True, help="bench/quality cells")
     ap.add_argument("--max-iter", type=int, nargs="+", default=[50, 200, 1000])
     ap.add_argument("--passes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="detect.ot.batch_size (default: its default)"
+    )
+    ap.add_argument("--relative-to", choices=["row", "both"], default=None)
+    ap.add_argument("--trim", choices=["none", "mixture"], default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -47,9 +52,13 @@ def main() -> None:
         noisy = np.asarray(t["noisy"].to_pylist(), dtype=bool)
         _, image, text = artifacts.read_embeddings(w / "data" / "embed", "train", uids)
         runs = {"clip_score": ("clip_score", None)}
+        fixed = {k: v for k, v in (("batch_size", args.batch_size),
+                 ("relative_to", args.relative_to), ("trim", args.trim)) if v is not None}  # fmt: skip
+        label = "".join(f" {k}={v}" for k, v in fixed.items())
         for p in args.passes:
             for it in args.max_iter:
-                runs[f"ot p={p} it={it}"] = ("ot", det.options("ot", passes=p, max_iter=it))
+                opts = det.options("ot", passes=p, max_iter=it, **fixed)
+                runs[f"ot{label} p={p} it={it}"] = ("ot", opts)
         for name, (method, opts) in runs.items():
             t0 = time.perf_counter()
             s = det.score(method, image, text, opts, seed=0)
