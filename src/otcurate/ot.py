@@ -127,11 +127,11 @@ def _scaling_iterations(nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol):
     The log-scalings are split as ``f + log u`` and ``g + log v``, with the stabilised kernel
     ``K = exp(log_k + f_i + g_j)`` (Schmitzer 2019; POT's ``sinkhorn_stabilized``): each
     update is then a vector-matrix product instead of a log-sum-exp, 3-10x faster on the
-    CPU (``bench/speed.py``). At each convergence test, scalings beyond ``ABSORB`` (in log) are absorbed
-    into ``f, g`` and ``K`` recomputed, so nothing overflows. The first iteration runs in the
-    log domain, so that every row and column of ``K`` carries mass. Should a scaling still
-    come out non-finite or zero, it returns the last tested ``f, g`` unconverged and
-    `sinkhorn_log` goes on in the log domain from there.
+    CPU (``bench/speed.py``). At each convergence test, scalings beyond ``ABSORB`` (in log)
+    are absorbed into ``f, g`` and ``K`` recomputed, so nothing overflows. The first
+    iteration runs in the log domain, so that every row and column of ``K`` carries mass.
+    Should a scaling still come out non-finite or zero, it returns the last tested ``f, g``
+    unconverged and `sinkhorn_log` goes on in the log domain from there.
 
     Returns (f, g, n_iter, converged).
     """
@@ -140,7 +140,7 @@ def _scaling_iterations(nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol):
     f, g, n_iter, _ = _log_iterations(nx, log_k, log_a, log_b, b, f, g, 0, 1, tol)
     good = (f, g, n_iter)
     K = nx.exp(log_k + f[..., :, None] + g[..., None, :])
-    Kt = K.swapaxes(-1, -2)  # a view: both products below are row vector @ matrix, BLAS's fast case
+    Kt = K.swapaxes(-1, -2)  # a view: both products are row vector @ matrix (BLAS's fast case)
     u, v = nx.ones(f.shape, type_as=f), nx.ones(g.shape, type_as=g)
     for it in range(1, max_iter):
         col = (u[..., None, :] @ K)[..., 0, :]  # (..., m): K^T u
