@@ -117,8 +117,9 @@ def _log_iterations(nx, log_k, log_a, log_b, b, f, g, start, max_iter, tol):
 
 
 def _magnitude(nx, log_u, log_v) -> float:
-    """The largest |log scaling| (inf when a scaling overflowed or vanished; a host sync)."""
-    return max(float(nx.max(nx.abs(nx.detach(x)))) for x in (log_u, log_v))
+    """The largest |log scaling|; inf when a scaling overflowed, vanished or is NaN (a sync)."""
+    values = [float(nx.max(nx.abs(nx.detach(x)))) for x in (log_u, log_v)]
+    return max(values) if all(math.isfinite(x) for x in values) else math.inf
 
 
 def _scaling_iterations(nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol):
@@ -205,7 +206,8 @@ def sinkhorn_log(
     A :class:`ConvergenceWarning` is raised when ``max_iter`` is reached first.
 
     With ``domain="auto"`` and positive marginals, the same iterations run on
-    the stabilised kernel (a forbidden cell's entry is exactly 0) (products and sums instead of log-sum-exps; see
+    the stabilised kernel (a forbidden cell's entry is 0 where the mask leaves the
+    marginals feasible) (products and sums instead of log-sum-exps; see
     `_scaling_iterations`), several times faster on the CPU, and fall back to the log
     domain should a scaling ever overflow; the result agrees with the log domain to
     rounding. ``domain="log"`` always iterates in the log domain, as POT's ``sinkhorn_log``.
@@ -281,6 +283,12 @@ def sinkhorn_log(
         f, g, n_iter, converged = _scaling_iterations(
             nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol
         )
+        # Its test ran in the stabilised frame; repeat it on the plan exp(f + log_k + g) that
+        # is returned, which float32 rounds where the potentials are large (an infeasible
+        # mask drives them to ~1e6). Failing it, the log domain carries on from here.
+        if converged:
+            lse_col = nx.logsumexp(log_k + f[..., :, None], axis=-2)
+            converged = _converged(nx, nx.exp(lse_col + g), b, tol)
     if not converged and n_iter < max_iter:
         f, g, n_iter, converged = _log_iterations(
             nx, log_k, log_a, log_b, b, f, g, n_iter, max_iter, tol

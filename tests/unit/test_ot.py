@@ -253,6 +253,19 @@ def test_masked_scaling_iterations_agree_with_the_log_domain(dtype, tol, atol):
     assert float(auto.plan[mask].abs().max()) == 0.0
 
 
+def test_an_infeasible_float32_mask_warns_in_both_domains():
+    """A fully forbidden column drives the potentials to ~1e6, where float32 rounds the plan
+    rebuilt from them: the scaling iterations' own test passes, the returned plan's fails, so
+    the solve goes on in the log domain and warns as the log domain does."""
+    a, b, M = problem(6, 7, dtype=torch.float32)
+    mask = torch.zeros(6, 7, dtype=torch.bool)
+    mask[:, 3] = True
+    for domain in ("auto", "log"):
+        with pytest.warns(ConvergenceWarning, match="did not converge"):
+            r = sinkhorn_log(a, b, M, 0.05, mask=mask, max_iter=300, tol=1e-5, domain=domain)
+        assert r.n_iter == 300 and float(r.err) > 1e-5
+
+
 def test_batched_result_equals_per_item_results():
     items = [problem(17, 29, seed=s) for s in range(3)]
     a, b, M = (torch.stack(x) for x in zip(*items, strict=True))
