@@ -278,23 +278,23 @@ def sinkhorn_log(
 
     if domain not in ("auto", "log"):
         raise ValueError(f"domain must be 'auto' or 'log'; got {domain!r}.")
-    n_iter, converged = 0, False
+    n_iter, converged, plan = 0, False, None
     if domain == "auto" and _all_positive(nx, a) and _all_positive(nx, b):
         f, g, n_iter, converged = _scaling_iterations(
             nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol
         )
-        # Its test ran in the stabilised frame; repeat it on the plan exp(f + log_k + g) that
-        # is returned, which float32 rounds where the potentials are large (an infeasible
-        # mask drives them to ~1e6). Failing it, the log domain carries on from here.
-        if converged:
-            lse_col = nx.logsumexp(log_k + f[..., :, None], axis=-2)
-            converged = _converged(nx, nx.exp(lse_col + g), b, tol)
+        # Its test ran in the stabilised frame; repeat it on the plan that is returned, which
+        # float32 rounds where the potentials are large (an infeasible mask drives them to
+        # ~1e6). Failing it, the log domain carries on from here.
+        plan = nx.exp(f[..., :, None] + log_k + g[..., None, :])
+        converged = converged and _converged(nx, nx.sum(plan, axis=-2), b, tol)
     if not converged and n_iter < max_iter:
         f, g, n_iter, converged = _log_iterations(
             nx, log_k, log_a, log_b, b, f, g, n_iter, max_iter, tol
         )
-
-    plan = nx.exp(f[..., :, None] + log_k + g[..., None, :])
+        plan = None
+    if plan is None:
+        plan = nx.exp(f[..., :, None] + log_k + g[..., None, :])
     err = _marginal_error(nx, plan, a, b)
     worst = float(nx.max(nx.detach(err)))
     if not converged and worst >= tol:
