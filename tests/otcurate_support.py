@@ -117,10 +117,10 @@ class SharedPrefect:
 class SharedStageWorker:
     """One stage worker for the session's pipeline runs (otcurate_pipeline.stageworker):
     their stage processes fork from a process that imported torch and open_clip once,
-    instead of paying 6-9 s of imports each (#18). `scratch_env` hands it to every run but
-    the suite's first `otcurate run` (the `scratch`
-    fixture) and the process-group kills (`start_stopped`) run their stages plainly, as a
-    user's `python -m stages.<name>` does."""
+    instead of paying 6-9 s of imports each (#18), or booting a worker of each run's own.
+    `scratch_env` hands it to every run but the suite's first `otcurate run` (the `scratch`
+    fixture), which starts its own worker as a user's run does; the process-group kills
+    (`start_stopped`) run their stages as plain processes (OTCURATE_STAGE_WORKER=0)."""
 
     proc: subprocess.Popen | None = None
     path: Path | None = None
@@ -164,7 +164,7 @@ def scratch_env(
     """The environment of a command in a scratch repo under `tmp`: its own Prefect home, no
     MLFLOW_/PREFECT_ settings of the caller's, and, when the session's services are up,
     PREFECT_API_URL at its server if `shared_prefect` (`SharedPrefect`) and its stage worker
-    if `stage_worker` (`SharedStageWorker`)."""
+    if `stage_worker` (`SharedStageWorker`; else a run starts a worker of its own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env.pop(STAGE_WORKER, None)
     env.update(
@@ -232,8 +232,8 @@ def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Pat
     pid). The caller kills the group."""
     from otcurate import faults
 
-    env = {**env, faults.STOP_AT: point, faults.STOP_READY: str(ready)}
-    env.pop(STAGE_WORKER, None)  # the stage in the process group the caller kills
+    # the stage in the process group the caller kills: its own process, no worker's fork
+    env = {**env, faults.STOP_AT: point, faults.STOP_READY: str(ready), STAGE_WORKER: "0"}
     proc = subprocess.Popen(
         argv,
         cwd=root,

@@ -23,7 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from rich.console import Console
 from rich.table import Table
 
-from otcurate_pipeline import layout
+from otcurate_pipeline import layout, stageworker
 from otcurate_pipeline.params import (
     PARAMS_FILE,
     ParamsError,
@@ -166,12 +166,21 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             # Without PREFECT_API_URL the run starts its own server; it boots while the run
             # goes on: from here when a no-op is unlikely (--set changed a param, or nothing
             # ran yet; if it is one, the server stops unused), else once DVC finds work.
-            early = bool(changed) or not (root / "dvc.lock").exists()
+            first = not (root / "dvc.lock").exists()
+            early = bool(changed) or first
             api = stack.enter_context(temporary_prefect(log)) if early else None
+            # the run's stage worker (stageworker.for_run) boots beside the server: now for
+            # a first run, else once DVC says how many stages may run
+            worker_log, stages = root / stageworker.LOG, len(layout.stages(root))
+            if first:
+                stack.enter_context(stageworker.for_run(stages, worker_log))
             # nothing changed: no flow; else the recorder tracks the flow run
             results, state = noop_run(root, name, allow_rewrite, stack)
             noop = results is not None
             if not noop:
+                if not first:  # (DVC could not answer: any may run)
+                    may_run = len(state.order) - len(state.untouched()) if state else stages
+                    stack.enter_context(stageworker.for_run(may_run, worker_log))
                 if not early:
                     api = stack.enter_context(temporary_prefect(log))
                 if api is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from otcurate_pipeline import stageworker
 from otcurate_pipeline.manifests import ALL_MANIFESTS
 from otcurate_pipeline.recovery import Recovery, recover, uncached_outs
 from otcurate_pipeline.runlock import RunLocked, run_lock
@@ -30,6 +31,7 @@ from otcurate_pipeline.tracking import open_tracker
 from otcurate_pipeline.uptodate import dvc_state, sweep_leftovers, sync_sources
 
 EXIT_TRANSIENT = 75
+WORKER_BOOT = 120.0  # s a stage waits for it to listen (its imports: 5-9 s here)
 _EXIT_RE = re.compile(r"exited with (-?\d+)")
 # DVC's advice about git and remotes, repeated after every stage: kept in the log, not echoed.
 _QUIET_RE = re.compile(
@@ -65,6 +67,8 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = _bin_dir() + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
+    if env.get(stageworker.ENV, "").lower() in stageworker.OFF:  # its own process
+        env.pop(stageworker.ENV, None)
     return env
 
 
@@ -195,25 +199,30 @@ def pipeline(
         sync_sources(rootp, allow_rewrite)
     order = order or stage_order(rootp)
     untouched = set(untouched or ())
+    may_run = [s for s in order if s not in untouched]
     tracker = open_tracker(rootp, run_name)  # the recorder's process after noop_run
     results: list[StageResult] = []
     try:
-        for name in order:
-            child = tracker.start_stage(name)
-            env = tracker.env()
-            if child:
-                env["MLFLOW_RUN_ID"] = child
-            t0 = time.perf_counter()
-            lock = rootp / "dvc.lock"
-            lock_before = lock.read_text() if lock.exists() else None
-            try:
-                res = run_stage(name, str(rootp), env, up_to_date=name in untouched)
-            except StageFailed as exc:
-                tracker.end_stage(child, name, "failed", time.perf_counter() - t0)
-                exc.recovery = recover(rootp, name, lock_before, exc.tail, dvc, exc.uncached)
-                raise
-            tracker.end_stage(child, name, res.outcome, res.seconds)
-            results.append(res)
+        # a stage worker of the run's own, booting while the first stage runs
+        with stageworker.for_run(len(may_run), rootp / stageworker.LOG) as worker:
+            for name in order:
+                child = tracker.start_stage(name)
+                env = tracker.env()
+                if child:
+                    env["MLFLOW_RUN_ID"] = child
+                if worker is not None and name not in untouched:  # the others wait for it
+                    env.update(worker.env(wait=0 if name == may_run[0] else WORKER_BOOT))
+                t0 = time.perf_counter()
+                lock = rootp / "dvc.lock"
+                lock_before = lock.read_text() if lock.exists() else None
+                try:
+                    res = run_stage(name, str(rootp), env, up_to_date=name in untouched)
+                except StageFailed as exc:
+                    tracker.end_stage(child, name, "failed", time.perf_counter() - t0)
+                    exc.recovery = recover(rootp, name, lock_before, exc.tail, dvc, exc.uncached)
+                    raise
+                tracker.end_stage(child, name, res.outcome, res.seconds)
+                results.append(res)
     except BaseException:
         tracker.finish("FAILED", {r.stage: r.outcome for r in results})
         raise

@@ -20,6 +20,12 @@ client's (signals reach what it starts through that group; a test that kills a p
 group and asserts on it runs stages without the worker), and
 module state set at import time by the preloaded libraries was set under the worker's
 environment. The worker never initialises CUDA, so a stage may.
+
+A pipeline run starts one for itself (`for_run`, used by otcurate_pipeline.flow) when two
+or more of its stages may run and ``OTCURATE_STAGE_WORKER`` is unset; ``=0`` runs every
+stage as its own process, and a socket path hands the stages to a worker already running.
+Its worker leaves with the run: stopped at the run's end, and ended by the close of its
+standard input (a pipe from the run) should the run be killed.
 """
 
 from __future__ import annotations
@@ -34,12 +40,19 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 ENV = "OTCURATE_STAGE_WORKER"  # the client: stages._common.main_process (same protocol)
+OFF = ("0", "off", "false", "no")  # ENV values that mean: every stage in its own process
+WITH_PARENT = "--with-parent"  # serve until standard input closes (`for_run`)
+LOG = Path(".otcurate") / "logs" / "stage-worker.log"  # a run's own worker's, in the repo
 # what every stage process imports and pays for, none of it otcurate's own
 PRELOAD = (
     "torch",
@@ -65,8 +78,10 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
             print(f"stage worker: not preloaded: {name} ({exc})", file=sys.stderr, flush=True)
 
 
-def serve(path: str, modules: tuple[str, ...] = PRELOAD) -> NoReturn:
-    """Listen on the unix socket `path` and fork a supervised stage per connection."""
+def serve(path: str, modules: tuple[str, ...] = PRELOAD, with_parent: bool = False) -> NoReturn:
+    """Listen on the unix socket `path` and fork a supervised stage per connection;
+    ``with_parent``: exit once standard input reaches its end (the parent closed it, or died).
+    The stages running then end with their clients, as ever."""
     preload(modules)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -80,7 +95,13 @@ def serve(path: str, modules: tuple[str, ...] = PRELOAD) -> NoReturn:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the supervisors
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     print(f"stage worker: serving on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    watched = [sys.stdin.fileno()] if with_parent else []
     while True:
+        ready, _, _ = select.select([srv, *watched], [], [])
+        if watched and watched[0] in ready and not os.read(watched[0], 4096):
+            os._exit(0)
+        if srv not in ready:
+            continue
         conn, _ = srv.accept()
         if os.fork() == 0:
             srv.close()
@@ -210,7 +231,100 @@ def _stage(req: dict, fds: list[int]) -> NoReturn:
         os._exit(code)
 
 
+def supported() -> bool:
+    """Whether this platform can run a worker: fork, unix sockets with descriptor passing,
+    pidfds (Linux)."""
+    return all(hasattr(os, f) for f in ("fork", "pidfd_open")) and hasattr(socket, "send_fds")
+
+
+class RunWorker:
+    """A worker that a run started for itself (`for_run`): `env` is what a stage process's
+    environment gets."""
+
+    def __init__(self, log: Path, modules: tuple[str, ...] = ()):
+        self.folder = tempfile.mkdtemp(prefix="otcurate-stages-")  # short: AF_UNIX paths
+        self.path = os.path.join(self.folder, "stages.sock")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, WITH_PARENT, self.path, *modules],
+                stdin=subprocess.PIPE,  # kept open by this process only: the worker's lifeline
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,  # Ctrl-C reaches the stage through its client only
+            )
+        self.log = log
+        self.said = False
+
+    def env(self, wait: float) -> dict[str, str]:
+        """{ENV: the socket} once the worker listens (waiting up to ``wait`` s for it), else
+        {ENV: "0"}: the stage runs in its own process, and a worker that died is said once."""
+        deadline = time.monotonic() + wait
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None:
+                if not self.said:
+                    print(
+                        f"stage worker: exited {self.proc.returncode} (log {self.log}); the "
+                        "stages run in their own processes",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    self.said = True
+                return {ENV: OFF[0]}
+            if time.monotonic() >= deadline:
+                return {ENV: OFF[0]}
+            time.sleep(0.05)
+        return {ENV: self.path}
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
+
+
+_ACTIVE: list[RunWorker] = []  # the one `for_run` started in this process, while it lives
+
+
+@contextlib.contextmanager
+def for_run(stages: int, log: Path, modules: tuple[str, ...] = ()) -> Iterator[RunWorker | None]:
+    """A worker for a run in which ``stages`` stage processes may start (preloading
+    ``modules``, or PRELOAD), its messages appended to ``log``; None where the environment
+    names one (or says ``OTCURATE_STAGE_WORKER=0``), where fewer than two may start (its own
+    imports would cost what it saves), or where the platform has none. Inside another
+    `for_run`'s block (`otcurate run` starts one beside its Prefect server, then the flow
+    asks), that block's worker, which it stops."""
+    if _ACTIVE:
+        yield _ACTIVE[0]
+        return
+    if ENV in os.environ or stages < 2 or not supported():
+        yield None
+        return
+    worker = RunWorker(log, modules)
+    _ACTIVE.append(worker)
+    try:
+        yield worker
+    finally:
+        _ACTIVE.clear()
+        worker.close()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m otcurate_pipeline.stageworker SOCKET [MODULE ...]")
-    serve(sys.argv[1], tuple(sys.argv[2:]) or PRELOAD)
+    args = sys.argv[1:]
+    with_parent = args[:1] == [WITH_PARENT]
+    args = args[1:] if with_parent else args
+    if not args:
+        sys.exit(
+            f"usage: python -m otcurate_pipeline.stageworker [{WITH_PARENT}] SOCKET [MODULE ...]"
+        )
+    serve(args[0], tuple(args[1:]) or PRELOAD, with_parent)

@@ -25,9 +25,9 @@ def shared_prefect(tmp_path_factory):
 @pytest.fixture(scope="session")
 def scratch(tmp_path_factory):
     """(repo root, the first `otcurate run`'s result, the md5 of every output after it).
-    The first run starts its own temporary Prefect server (no PREFECT_API_URL) and runs its
-    stages as plain processes, as a user's first run does; the runs after it use the
-    session's server and stage worker."""
+    The first run starts its own temporary Prefect server (no PREFECT_API_URL) and its own
+    stage worker (no OTCURATE_STAGE_WORKER), as a user's first run does; the runs after it
+    use the session's server and stage worker."""
     root = make_scratch(tmp_path_factory.mktemp("e2e") / "repo")
     first = sh(root, str(BIN / "otcurate"), "run", shared_prefect=False, stage_worker=False)
     return root, first, outs_md5(root)

@@ -42,6 +42,16 @@ def test_first_run_runs_every_stage_and_prints_the_comparison(scratch):
     assert "Error logging to API" not in log and "connection attempts failed" not in log
     assert not services.reachable(f"{server[1]}/api/health")  # stopped with the run
     assert (root / ".otcurate" / "logs" / "prefect-temporary.log").exists()
+    # and its own stage worker (no OTCURATE_STAGE_WORKER): ingest starts while it boots, the
+    # stages after ingest fork from it; its lines go to its log, and it stops with the run
+    worker = (root / ".otcurate" / "logs" / "stage-worker.log").read_text()
+    forked = set(re.findall(r"stage worker: stages\.(\w+) in .*, exit 0,", worker))
+    assert set(STAGES[1:]) <= forked, worker
+    assert "stage worker:" not in log
+    served = re.search(r"serving on (\S+) \(pid (\d+)\)", worker)
+    assert not Path(served[1]).exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(served[2]), 0)
 
 
 def test_second_run_is_a_no_op(scratch):

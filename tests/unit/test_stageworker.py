@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from otcurate_pipeline import stageworker
 from otcurate_pipeline.stageworker import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,3 +123,76 @@ def test_an_unreachable_worker_runs_the_stage_here(tmp_path):
     code, out, err, client = probe(tmp_path, tmp_path / "nobody.sock", "exit")
     assert code == 3 and stage_pid(out) == client
     assert "stage worker" in err and "unreachable" in err and "running here" in err
+
+
+def gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_run_s_own_worker_serves_its_stages_and_leaves_with_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    log = tmp_path / "logs" / "stage-worker.log"
+    with stageworker.for_run(2, log, ("json",)) as worker:
+        assert worker is not None
+        env = worker.env(wait=60)
+        sock = Path(env[ENV])
+        assert sock.exists() and len(str(sock)) < 100  # AF_UNIX's limit is 108 bytes
+        code, out, _, client = probe(tmp_path, sock, "exit")
+        assert code == 3 and stage_pid(out) != client  # forked by the run's worker
+        pid = worker.proc.pid
+    assert gone(pid) and not sock.exists() and not sock.parent.exists()
+    assert "probe in" in log.read_text()  # the worker's own lines go to the log, not the console
+
+
+def test_no_worker_where_the_environment_names_one_says_0_or_one_stage_runs(tmp_path, monkeypatch):
+    log = tmp_path / "w.log"
+    monkeypatch.delenv(ENV, raising=False)
+    with stageworker.for_run(1, log) as worker:
+        assert worker is None  # its own imports would cost what it saves
+    for value in ("0", str(tmp_path / "theirs.sock")):
+        monkeypatch.setenv(ENV, value)
+        with stageworker.for_run(8, log) as worker:
+            assert worker is None
+    assert not log.exists()
+
+
+def test_a_killed_run_s_worker_ends_with_it(tmp_path):
+    """SIGKILL to the run (the worker is in a session of its own, out of Ctrl-C's reach):
+    the worker sees its standard input close and exits."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path\n"
+            "from otcurate_pipeline import stageworker\n"
+            "with stageworker.for_run(2, Path(sys.argv[1]), ('json',)) as w:\n"
+            "    w.env(wait=60); print(w.proc.pid, flush=True); time.sleep(600)\n",
+            str(tmp_path / "w.log"),
+        ],
+        env={k: v for k, v in os.environ.items() if k != ENV},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = int(parent.stdout.readline())
+    os.kill(pid, 0)  # up
+    parent.kill()
+    parent.wait()
+    assert gone(pid), f"the worker {pid} outlived its run"
+
+
+def test_a_worker_that_died_leaves_the_stages_to_their_own_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(ENV, raising=False)
+    with stageworker.for_run(2, tmp_path / "w.log", ("json",)) as worker:
+        worker.proc.kill()
+        worker.proc.wait()
+        assert worker.env(wait=60) == {ENV: "0"}
+        assert worker.env(wait=60) == {ENV: "0"}
+    said = capsys.readouterr().err
+    assert said.count("stage worker: exited -9") == 1 and "own processes" in said
