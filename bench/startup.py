@@ -3,7 +3,9 @@
 In a clone-like copy of the project under --work (the files git tracks or would track, one
 commit, params.yaml as committed):
 - `default_run_seconds`: `otcurate run` from nothing (the built-in default; the venv is
-  installed), wall clock; `--default-repeats` fresh copies.
+  installed), wall clock; `--default-repeats` fresh copies. The run starts its own stage
+  worker (otcurate_pipeline.stageworker.for_run); with `--plain-default`, interleaved, the
+  same run with every stage in its own process (OTCURATE_STAGE_WORKER=0).
 - `noop_run_seconds`: `otcurate run` again with nothing changed; `--repeats` times.
 - `changed_run_seconds`: `otcurate run --set evaluate.batch_size=<a new value>`, a change
   that reruns one stage (evaluate) through the Prefect flow, MLflow records and all;
@@ -153,7 +155,9 @@ def table(rows: list[dict], repeats: dict[str, int], notes: list[str]) -> str:
         "",
         "Median (min-max) seconds. startup: from `python -m stages.<name>` to the stage's "
         "first line of output. stage_run: the whole stage on the default run's outputs, as "
-        "a plain process and through a stage worker (otcurate_pipeline.stageworker).",
+        "a plain process and through a stage worker (otcurate_pipeline.stageworker). "
+        "`otcurate run` starts a stage worker of its own unless OTCURATE_STAGE_WORKER says "
+        "otherwise.",
         "",
         "| case | metric | median | min | max | repeats |",
         "|---|---|---:|---:|---:|---:|",
@@ -179,6 +183,11 @@ def main() -> None:
     )
     ap.add_argument("--suite", action="store_true", help="also time the test suite (make test)")
     ap.add_argument(
+        "--plain-default",
+        action="store_true",
+        help=f"also time each default run with every stage in its own process ({STAGE_WORKER}=0)",
+    )
+    ap.add_argument(
         "--whole",
         nargs="*",
         default=["detect", "evaluate"],
@@ -193,12 +202,20 @@ def main() -> None:
     rows: list[dict] = []
     repeats = {"default_run_seconds": args.default_repeats, "noop_run_seconds": args.repeats}
     repeats["startup_seconds"] = args.repeats
-    default = []
-    for k in range(args.default_repeats):
+    default, plain = [], []
+    for k in range(args.default_repeats):  # interleaved: the run's own stage worker, or none
+        if args.plain_default:
+            alone = clone_like(args.work / "project-plain")
+            plain.append(timed([otc, "run"], alone, {STAGE_WORKER: "0"}))
+            print(f"[startup] default run {k + 1}, plain stages: {plain[-1]:.1f} s", flush=True)
+            shutil.rmtree(alone)
         root = clone_like(args.work / "project")
         default.append(timed([otc, "run"], root))
         print(f"[startup] default run {k + 1}: {default[-1]:.1f} s", flush=True)
     rows += summary("otcurate run (built-in default, from nothing)", "default_run_seconds", default)
+    if plain:
+        case = f"otcurate run (built-in default, from nothing; plain stages, {STAGE_WORKER}=0)"
+        rows += summary(case, "default_run_seconds", plain)
     noop = []
     for _ in range(args.repeats):
         noop.append(timed([otc, "run"], root))
