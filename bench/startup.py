@@ -74,7 +74,10 @@ def clone_like(dest: Path) -> Path:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The caller's environment, the venv first on PATH, and no stage worker of the caller's
+    (`otcurate run` starts its own)."""
+    caller = {k: v for k, v in os.environ.items() if k != STAGE_WORKER}
+    return {**caller, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def timed(argv: list[str], cwd: Path, extra: dict[str, str] | None = None) -> float:
@@ -203,15 +206,21 @@ def main() -> None:
     repeats = {"default_run_seconds": args.default_repeats, "noop_run_seconds": args.repeats}
     repeats["startup_seconds"] = args.repeats
     default, plain = [], []
-    for k in range(args.default_repeats):  # interleaved: the run's own stage worker, or none
-        if args.plain_default:
-            alone = clone_like(args.work / "project-plain")
-            plain.append(timed([otc, "run"], alone, {STAGE_WORKER: "0"}))
-            print(f"[startup] default run {k + 1}, plain stages: {plain[-1]:.1f} s", flush=True)
-            shutil.rmtree(alone)
+
+    def plain_run(k: int) -> None:
+        alone = clone_like(args.work / "project-plain")
+        plain.append(timed([otc, "run"], alone, {STAGE_WORKER: "0"}))
+        print(f"[startup] default run {k + 1}, plain stages: {plain[-1]:.1f} s", flush=True)
+        shutil.rmtree(alone)
+
+    for k in range(args.default_repeats):  # interleaved, alternating which goes first
+        if args.plain_default and k % 2 == 0:
+            plain_run(k)
         root = clone_like(args.work / "project")
         default.append(timed([otc, "run"], root))
         print(f"[startup] default run {k + 1}: {default[-1]:.1f} s", flush=True)
+        if args.plain_default and k % 2 == 1:
+            plain_run(k)
     rows += summary("otcurate run (built-in default, from nothing)", "default_run_seconds", default)
     if plain:
         case = f"otcurate run (built-in default, from nothing; plain stages, {STAGE_WORKER}=0)"

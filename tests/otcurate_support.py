@@ -233,7 +233,11 @@ def start_stopped(argv: list[str], root: Path, env: dict, point: str, ready: Pat
     from otcurate import faults
 
     # the stage in the process group the caller kills: its own process, no worker's fork
-    env = {**env, faults.STOP_AT: point, faults.STOP_READY: str(ready), STAGE_WORKER: "0"}
+    # (`otcurate run` reads 0 as that; a stage's own client only knows a socket or nothing)
+    env = {**env, faults.STOP_AT: point, faults.STOP_READY: str(ready)}
+    env.pop(STAGE_WORKER, None)
+    if Path(argv[0]).name == "otcurate":
+        env[STAGE_WORKER] = "0"
     proc = subprocess.Popen(
         argv,
         cwd=root,

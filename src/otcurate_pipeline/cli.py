@@ -171,18 +171,19 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             api = stack.enter_context(temporary_prefect(log)) if early else None
             # the run's stage worker (stageworker.for_run) boots beside the server: now for
             # a first run, else once DVC says how many stages may run
-            worker_log, stages = root / stageworker.LOG, len(layout.stages(root))
+            stages = len(layout.stages(root))
             if first:
-                stack.enter_context(stageworker.for_run(stages, worker_log))
+                stack.enter_context(stageworker.for_run(stages, root, overlaps=api is not None))
             # nothing changed: no flow; else the recorder tracks the flow run
             results, state = noop_run(root, name, allow_rewrite, stack)
             noop = results is not None
             if not noop:
-                if not first:  # (DVC could not answer: any may run)
-                    may_run = len(state.order) - len(state.untouched()) if state else stages
-                    stack.enter_context(stageworker.for_run(may_run, worker_log))
                 if not early:
                     api = stack.enter_context(temporary_prefect(log))
+                if not first:  # (DVC could not answer: any may run)
+                    may_run = len(state.order) - len(state.untouched()) if state else stages
+                    booting = api is not None
+                    stack.enter_context(stageworker.for_run(may_run, root, overlaps=booting))
                 if api is not None:
                     console.print(
                         f"Prefect: this run's temporary API server on {api.url} (log {log}; "

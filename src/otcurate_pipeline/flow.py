@@ -31,7 +31,6 @@ from otcurate_pipeline.tracking import open_tracker
 from otcurate_pipeline.uptodate import dvc_state, sweep_leftovers, sync_sources
 
 EXIT_TRANSIENT = 75
-WORKER_BOOT = 120.0  # s a stage waits for it to listen (its imports: 5-9 s here)
 _EXIT_RE = re.compile(r"exited with (-?\d+)")
 # DVC's advice about git and remotes, repeated after every stage: kept in the log, not echoed.
 _QUIET_RE = re.compile(
@@ -162,7 +161,9 @@ def run_stage(
 def _stop_group(proc: subprocess.Popen) -> None:
     """Stop `dvc repro` and everything it started (the stage, torchrun workers): SIGTERM to
     each, SIGKILL to what is left after 10 s. (They share this process's group, so a kill
-    of the whole group, SIGKILL included, reaches them without this.)"""
+    of the whole group, SIGKILL included, reaches them without this.) A stage forked by a
+    stage worker is not below `dvc`: its client, which is, passes SIGTERM on to it, and the
+    worker kills it, and all it started, once the client is gone."""
     import psutil
 
     try:
@@ -198,20 +199,23 @@ def pipeline(
         sweep_leftovers(rootp)
         sync_sources(rootp, allow_rewrite)
     order = order or stage_order(rootp)
+    known = untouched is not None  # else DVC may skip any stage: none waits for the worker
     untouched = set(untouched or ())
     may_run = [s for s in order if s not in untouched]
     tracker = open_tracker(rootp, run_name)  # the recorder's process after noop_run
     results: list[StageResult] = []
     try:
         # a stage worker of the run's own, booting while the first stage runs
-        with stageworker.for_run(len(may_run), rootp / stageworker.LOG) as worker:
+        with stageworker.for_run(len(may_run), rootp) as worker:
             for name in order:
                 child = tracker.start_stage(name)
                 env = tracker.env()
                 if child:
                     env["MLFLOW_RUN_ID"] = child
-                if worker is not None and name not in untouched:  # the others wait for it
-                    env.update(worker.env(wait=0 if name == may_run[0] else WORKER_BOOT))
+                if worker is not None and name not in untouched:
+                    # the first stage waits for it only if it booted beside a Prefect server
+                    first = name == may_run[0]
+                    env.update(worker.env(wait=known and (worker.overlaps or not first)))
                 t0 = time.perf_counter()
                 lock = rootp / "dvc.lock"
                 lock_before = lock.read_text() if lock.exists() else None

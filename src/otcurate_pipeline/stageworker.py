@@ -21,11 +21,15 @@ group and asserts on it runs stages without the worker), and
 module state set at import time by the preloaded libraries was set under the worker's
 environment. The worker never initialises CUDA, so a stage may.
 
-A pipeline run starts one for itself (`for_run`, used by otcurate_pipeline.flow) when two
-or more of its stages may run and ``OTCURATE_STAGE_WORKER`` is unset; ``=0`` runs every
-stage as its own process, and a socket path hands the stages to a worker already running.
-Its worker leaves with the run: stopped at the run's end, and ended by the close of its
-standard input (a pipe from the run) should the run be killed.
+A pipeline run starts one for itself (`for_run`: `otcurate run` beside its Prefect server,
+the flow otherwise) when two or more of its stages may run and ``OTCURATE_STAGE_WORKER`` is
+unset; ``=0`` runs every stage as its own process, and a socket path hands the stages to a
+worker already running. Its worker leaves with the run: stopped at the run's end, and
+ended by the close of its standard input (a pipe from the run) should the run be killed;
+either way it removes its socket and the socket's folder. A stage still running then ends
+with its client, as ever. One run's worker per process (`for_run` inside another's block
+gets that one). Ctrl-Z stops the run but not a forked stage, which is not in the
+terminal's process group (the client passes on SIGINT, SIGTERM and SIGHUP only).
 """
 
 from __future__ import annotations
@@ -80,8 +84,9 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> None:
 
 def serve(path: str, modules: tuple[str, ...] = PRELOAD, with_parent: bool = False) -> NoReturn:
     """Listen on the unix socket `path` and fork a supervised stage per connection;
-    ``with_parent``: exit once standard input reaches its end (the parent closed it, or died).
-    The stages running then end with their clients, as ever."""
+    ``with_parent`` (`RunWorker`): exit once standard input reaches its end (the parent
+    closed it, or died) or at SIGTERM, removing `path` and its folder. The stages running
+    then end with their clients, as ever."""
     preload(modules)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -93,13 +98,13 @@ def serve(path: str, modules: tuple[str, ...] = PRELOAD, with_parent: bool = Fal
     srv.listen(64)
     os.rename(part, path)  # the socket appears when it accepts
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the supervisors
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: _leave(path, with_parent))
     print(f"stage worker: serving on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
     watched = [sys.stdin.fileno()] if with_parent else []
     while True:
         ready, _, _ = select.select([srv, *watched], [], [])
         if watched and watched[0] in ready and not os.read(watched[0], 4096):
-            os._exit(0)
+            _leave(path, with_parent)
         if srv not in ready:
             continue
         conn, _ = srv.accept()
@@ -107,6 +112,32 @@ def serve(path: str, modules: tuple[str, ...] = PRELOAD, with_parent: bool = Fal
             srv.close()
             _supervise(conn)
         conn.close()
+
+
+def _leave(path: str, own_folder: bool) -> NoReturn:
+    """Exit; with ``own_folder`` (a run's worker), remove the socket and its folder first."""
+    if own_folder:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+    os._exit(0)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the stage's process group and every process below it: what it started in
+    sessions of their own (torchrun's workers) too."""
+    try:
+        import psutil
+
+        below = psutil.Process(pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - gone already, or no psutil: its group at least
+        below = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for proc in below:
+        with contextlib.suppress(Exception):
+            proc.kill()
 
 
 def _supervise(conn: socket.socket) -> NoReturn:
@@ -144,8 +175,7 @@ def _supervise(conn: socket.socket) -> NoReturn:
                     break
         finally:
             if not ended:  # the client is gone: so is its stage, with what it started
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                _kill_tree(pid)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
         print(
@@ -232,60 +262,81 @@ def _stage(req: dict, fds: list[int]) -> NoReturn:
 
 
 def supported() -> bool:
-    """Whether this platform can run a worker: fork, unix sockets with descriptor passing,
-    pidfds (Linux)."""
-    return all(hasattr(os, f) for f in ("fork", "pidfd_open")) and hasattr(socket, "send_fds")
+    """Whether this system can run a worker: fork, unix sockets with descriptor passing,
+    and pidfds that work (Linux >= 5.3, and not refused by a container's seccomp policy)."""
+    if not (hasattr(os, "fork") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
 
 
 class RunWorker:
-    """A worker that a run started for itself (`for_run`): `env` is what a stage process's
-    environment gets."""
+    """A worker that a run started for itself (`for_run`), in ``root`` (its log: `LOG`
+    there, this run's only); `env` is what a stage process's environment gets."""
 
-    def __init__(self, log: Path, modules: tuple[str, ...] = ()):
+    def __init__(
+        self, root: Path, modules: tuple[str, ...] = (), boot: float = 120.0, overlaps: bool = False
+    ):
+        self.overlaps = overlaps  # it boots while the run waits for its Prefect server
+        self.log = root / LOG
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self.folder = tempfile.mkdtemp(prefix="otcurate-stages-")  # short: AF_UNIX paths
         self.path = os.path.join(self.folder, "stages.sock")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, WITH_PARENT, self.path, *modules],
-                stdin=subprocess.PIPE,  # kept open by this process only: the worker's lifeline
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,  # Ctrl-C reaches the stage through its client only
-            )
-        self.log = log
+        try:
+            with open(self.log, "wb") as err:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", __name__, WITH_PARENT, self.path, *modules],
+                    cwd=root,
+                    stdin=subprocess.PIPE,  # held by this process only: the worker's lifeline
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,  # Ctrl-C reaches the stage through its client
+                )
+        except BaseException:
+            os.rmdir(self.folder)
+            raise
+        self.ready_by = time.monotonic() + boot  # one deadline for the whole run
         self.said = False
 
-    def env(self, wait: float) -> dict[str, str]:
-        """{ENV: the socket} once the worker listens (waiting up to ``wait`` s for it), else
-        {ENV: "0"}: the stage runs in its own process, and a worker that died is said once."""
-        deadline = time.monotonic() + wait
-        while not os.path.exists(self.path):
+    def env(self, wait: bool) -> dict[str, str]:
+        """{ENV: the socket} once the worker listens (``wait``: until it does, up to the
+        run's boot deadline), else {ENV: "0"}: the stage runs in its own process. A worker
+        that died or never listened is said once."""
+        while True:
             if self.proc.poll() is not None:
-                if not self.said:
-                    print(
-                        f"stage worker: exited {self.proc.returncode} (log {self.log}); the "
-                        "stages run in their own processes",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    self.said = True
+                self._say(f"exited {self.proc.returncode}")
                 return {ENV: OFF[0]}
-            if time.monotonic() >= deadline:
+            if os.path.exists(self.path):
+                return {ENV: self.path}
+            if not wait or time.monotonic() >= self.ready_by:
+                if wait:
+                    self._say("did not listen in time")
                 return {ENV: OFF[0]}
             time.sleep(0.05)
-        return {ENV: self.path}
+
+    def _say(self, what: str) -> None:
+        if not self.said:
+            print(
+                f"stage worker: {what} (log {self.log}); the stages run in their own processes",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.said = True
 
     def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """Stop the worker (only it: a stage still running ends with its client), which
+        removes its socket and folder; remove them here should it not have."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
@@ -297,22 +348,32 @@ _ACTIVE: list[RunWorker] = []  # the one `for_run` started in this process, whil
 
 
 @contextlib.contextmanager
-def for_run(stages: int, log: Path, modules: tuple[str, ...] = ()) -> Iterator[RunWorker | None]:
-    """A worker for a run in which ``stages`` stage processes may start (preloading
-    ``modules``, or PRELOAD), its messages appended to ``log``; None where the environment
-    names one (or says ``OTCURATE_STAGE_WORKER=0``), where fewer than two may start (its own
-    imports would cost what it saves), or where the platform has none. Inside another
-    `for_run`'s block (`otcurate run` starts one beside its Prefect server, then the flow
-    asks), that block's worker, which it stops."""
+def for_run(
+    stages: int, root: Path, modules: tuple[str, ...] = (), overlaps: bool = False
+) -> Iterator[RunWorker | None]:
+    """A worker for a run in ``root`` in which ``stages`` stage processes may start
+    (preloading ``modules``, or PRELOAD); None where the environment names one (or says
+    ``OTCURATE_STAGE_WORKER=0``), where no stage may start, where only one may and the
+    worker would not boot while the run waits anyway (``overlaps``: for its temporary
+    Prefect server; otherwise its own imports cost what it saves), where the system has
+    none, or where it cannot start (said: the stages then run as their own processes). Inside another `for_run`'s block (`otcurate
+    run` starts one beside its Prefect server, then the flow asks), that block's worker,
+    which that block stops."""
     if _ACTIVE:
         yield _ACTIVE[0]
         return
-    if ENV in os.environ or stages < 2 or not supported():
+    if ENV in os.environ or stages < (1 if overlaps else 2) or not supported():
         yield None
         return
-    worker = RunWorker(log, modules)
-    _ACTIVE.append(worker)
     try:
+        worker = RunWorker(root, modules, overlaps=overlaps)
+    except OSError as exc:
+        print(f"stage worker: not started ({exc}); the stages run in their own processes",
+              file=sys.stderr, flush=True)  # fmt: skip
+        yield None
+        return
+    try:
+        _ACTIVE.append(worker)
         yield worker
     finally:
         _ACTIVE.clear()

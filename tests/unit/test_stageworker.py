@@ -126,11 +126,14 @@ def test_an_unreachable_worker_runs_the_stage_here(tmp_path):
 
 
 def gone(pid: int, timeout: float = 30) -> bool:
+    """`pid` ended within `timeout` s (a zombie nobody reaps counts as ended)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
             return True
         time.sleep(0.05)
     return False
@@ -138,34 +141,49 @@ def gone(pid: int, timeout: float = 30) -> bool:
 
 def test_a_run_s_own_worker_serves_its_stages_and_leaves_with_the_run(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    log = tmp_path / "logs" / "stage-worker.log"
-    with stageworker.for_run(2, log, ("json",)) as worker:
+    with stageworker.for_run(2, tmp_path, ("json",)) as worker:
         assert worker is not None
-        env = worker.env(wait=60)
+        env = worker.env(wait=True)
         sock = Path(env[ENV])
         assert sock.exists() and len(str(sock)) < 100  # AF_UNIX's limit is 108 bytes
         code, out, _, client = probe(tmp_path, sock, "exit")
         assert code == 3 and stage_pid(out) != client  # forked by the run's worker
+        with stageworker.for_run(8, tmp_path) as again:
+            assert again is worker  # the flow inside `otcurate run`'s block: the same one
+        assert worker.proc.poll() is None
         pid = worker.proc.pid
     assert gone(pid) and not sock.exists() and not sock.parent.exists()
-    assert "probe in" in log.read_text()  # the worker's own lines go to the log, not the console
+    log = (tmp_path / stageworker.LOG).read_text()
+    assert "probe in" in log  # the worker's own lines go to its log, not the console
+    # one stage is worth a worker that boots while the run waits for its Prefect server
+    with stageworker.for_run(1, tmp_path, ("json",), overlaps=True) as worker:
+        assert worker is not None and worker.overlaps
 
 
 def test_no_worker_where_the_environment_names_one_says_0_or_one_stage_runs(tmp_path, monkeypatch):
-    log = tmp_path / "w.log"
     monkeypatch.delenv(ENV, raising=False)
-    with stageworker.for_run(1, log) as worker:
+    with stageworker.for_run(1, tmp_path) as worker:
         assert worker is None  # its own imports would cost what it saves
+    with stageworker.for_run(0, tmp_path, overlaps=True) as worker:
+        assert worker is None  # nothing to run
     for value in ("0", str(tmp_path / "theirs.sock")):
         monkeypatch.setenv(ENV, value)
-        with stageworker.for_run(8, log) as worker:
+        with stageworker.for_run(8, tmp_path) as worker:
             assert worker is None
-    assert not log.exists()
+    assert not (tmp_path / stageworker.LOG).exists()
 
 
-def test_a_killed_run_s_worker_ends_with_it(tmp_path):
+def test_the_flow_runs_stages_as_their_own_processes_under_0(monkeypatch):
+    from otcurate_pipeline import flow
+
+    monkeypatch.setenv(ENV, "0")
+    assert ENV not in flow._env()  # a stage's client would take "0" for a socket
+    assert flow._env({ENV: "/tmp/w.sock"})[ENV] == "/tmp/w.sock"
+
+
+def test_a_killed_run_s_worker_ends_with_it_and_removes_its_socket(tmp_path):
     """SIGKILL to the run (the worker is in a session of its own, out of Ctrl-C's reach):
-    the worker sees its standard input close and exits."""
+    the worker sees its standard input close, removes its socket's folder and exits."""
     parent = subprocess.Popen(
         [
             sys.executable,
@@ -173,26 +191,45 @@ def test_a_killed_run_s_worker_ends_with_it(tmp_path):
             "import sys, time; from pathlib import Path\n"
             "from otcurate_pipeline import stageworker\n"
             "with stageworker.for_run(2, Path(sys.argv[1]), ('json',)) as w:\n"
-            "    w.env(wait=60); print(w.proc.pid, flush=True); time.sleep(600)\n",
-            str(tmp_path / "w.log"),
+            "    w.env(wait=True); print(w.proc.pid, w.path, flush=True); time.sleep(600)\n",
+            str(tmp_path),
         ],
         env={k: v for k, v in os.environ.items() if k != ENV},
         stdout=subprocess.PIPE,
         text=True,
     )
-    pid = int(parent.stdout.readline())
-    os.kill(pid, 0)  # up
+    pid, path = parent.stdout.readline().split()
+    assert Path(path).exists() and not gone(int(pid), timeout=0.2)  # up
     parent.kill()
     parent.wait()
-    assert gone(pid), f"the worker {pid} outlived its run"
+    assert gone(int(pid)), f"the worker {pid} outlived its run"
+    deadline = time.monotonic() + 10
+    while Path(path).parent.exists():
+        assert time.monotonic() < deadline, f"{Path(path).parent} left behind"
+        time.sleep(0.05)
 
 
-def test_a_worker_that_died_leaves_the_stages_to_their_own_processes(tmp_path, monkeypatch, capsys):
+def test_a_worker_that_died_or_never_listens_leaves_the_stages_to_their_own_processes(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.delenv(ENV, raising=False)
-    with stageworker.for_run(2, tmp_path / "w.log", ("json",)) as worker:
+    with stageworker.for_run(2, tmp_path, ("json",)) as worker:
         worker.proc.kill()
         worker.proc.wait()
-        assert worker.env(wait=60) == {ENV: "0"}
-        assert worker.env(wait=60) == {ENV: "0"}
+        assert worker.env(wait=True) == {ENV: "0"}
+        assert worker.env(wait=True) == {ENV: "0"}
     said = capsys.readouterr().err
     assert said.count("stage worker: exited -9") == 1 and "own processes" in said
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(60)\n")  # a preload that hangs
+    worker = stageworker.RunWorker(tmp_path, ("slowmod",), boot=1.0)
+    try:
+        assert worker.env(wait=False) == {ENV: "0"}  # the first stage waits for nothing
+        assert worker.env(wait=True) == {ENV: "0"}  # the second, up to the boot deadline
+        t0 = time.monotonic()
+        assert worker.env(wait=True) == {ENV: "0"}  # one deadline for the run, not per stage
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        worker.close()
+    said = capsys.readouterr().err
+    assert said.count("did not listen in time") == 1
+    assert not Path(worker.folder).exists()
