@@ -80,8 +80,10 @@ def test_second_run_is_a_no_op(scratch):
 def test_param_change_reruns_only_downstream(scratch):
     root, _, md5 = scratch
     status = sh(root, str(BIN / "otcurate"), "status")
+    # with a running Prefect server and no stage worker in the environment, as a user's
+    # run after `otcurate ui`: DVC says 2 stages may run, so the run starts a stage worker
     changed = sh(
-        root, str(BIN / "otcurate"), "run", "--set", "finetune.lr=3e-4"
+        root, str(BIN / "otcurate"), "run", "--set", "finetune.lr=3e-4", stage_worker=False
     )  # YAML 1.2 number, as DVC reads it
     assert outcomes(changed.stdout) == {
         **{s: "skipped" for s in STAGES[:6]},
@@ -100,6 +102,11 @@ def test_param_change_reruns_only_downstream(scratch):
     )
     assert new["models/finetune"] != md5["models/finetune"]
     assert status.returncode == 0
+    # nothing to wait for meanwhile: finetune starts at once (as its own process if the
+    # worker is still booting), evaluate waits for the worker and forks from it
+    worker = (root / ".otcurate" / "logs" / "stage-worker.log").read_text()
+    assert len(re.findall(r"serving on", worker)) == 1, worker
+    assert re.search(r"stage worker: stages\.evaluate in .*, exit 0,", worker), worker
 
 
 def _judges(folder: Path, shade: int = 0) -> None:
