@@ -170,10 +170,10 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
             early = bool(changed) or first
             api = stack.enter_context(temporary_prefect(log)) if early else None
             # the run's stage worker (stageworker.for_run) boots beside the server: now for
-            # a first run, else once DVC says how many stages may run
-            stages = len(layout.stages(root))
+            # a first run (every stage), else once DVC says how many stages may run
             if first:
-                stack.enter_context(stageworker.for_run(stages, root, overlaps=api is not None))
+                every = len(layout.stages(root))
+                stack.enter_context(stageworker.for_run(every, root, overlaps=api is not None))
             # nothing changed: no flow; else the recorder tracks the flow run
             results, state = noop_run(root, name, allow_rewrite, stack)
             noop = results is not None
@@ -181,7 +181,11 @@ def _run_locked(root: Path, set_: list[str] | None, name: str | None, allow_rewr
                 if not early:
                     api = stack.enter_context(temporary_prefect(log))
                 if not first:  # (DVC could not answer: any may run)
-                    may_run = len(state.order) - len(state.untouched()) if state else stages
+                    may_run = (
+                        len(state.order) - len(state.untouched())
+                        if state
+                        else len(layout.stages(root))
+                    )
                     booting = api is not None
                     stack.enter_context(stageworker.for_run(may_run, root, overlaps=booting))
                 if api is not None:

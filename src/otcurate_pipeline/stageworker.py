@@ -117,11 +117,16 @@ def serve(path: str, modules: tuple[str, ...] = PRELOAD, with_parent: bool = Fal
 def _leave(path: str, own_folder: bool) -> NoReturn:
     """Exit; with ``own_folder`` (a run's worker), remove the socket and its folder first."""
     if own_folder:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))
+        _remove_socket(path)
     os._exit(0)
+
+
+def _remove_socket(path: str) -> None:
+    """Remove a run's worker's socket and the folder made for it, whatever is left of them."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
 
 
 def _kill_tree(pid: int) -> None:
@@ -338,10 +343,7 @@ class RunWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.folder)
+        _remove_socket(self.path)
 
 
 _ACTIVE: list[RunWorker] = []  # the one `for_run` started in this process, while it lives
@@ -356,9 +358,9 @@ def for_run(
     ``OTCURATE_STAGE_WORKER=0``), where no stage may start, where only one may and the
     worker would not boot while the run waits anyway (``overlaps``: for its temporary
     Prefect server; otherwise its own imports cost what it saves), where the system has
-    none, or where it cannot start (said: the stages then run as their own processes). Inside another `for_run`'s block (`otcurate
-    run` starts one beside its Prefect server, then the flow asks), that block's worker,
-    which that block stops."""
+    none, or where it cannot start (said: the stages then run as their own processes).
+    Inside another `for_run`'s block (`otcurate run` starts one beside its Prefect server,
+    then the flow asks), that block's worker, which that block stops."""
     if _ACTIVE:
         yield _ACTIVE[0]
         return
@@ -368,8 +370,11 @@ def for_run(
     try:
         worker = RunWorker(root, modules, overlaps=overlaps)
     except OSError as exc:
-        print(f"stage worker: not started ({exc}); the stages run in their own processes",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"stage worker: not started ({exc}); the stages run in their own processes",
+            file=sys.stderr,
+            flush=True,
+        )
         yield None
         return
     try:

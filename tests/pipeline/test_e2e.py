@@ -18,7 +18,7 @@ import pytest
 import yaml
 from otcurate_support import BIN, make_scratch, outs_md5, scratch_env, sh, start_stopped
 
-from otcurate_pipeline import services
+from otcurate_pipeline import services, stageworker
 from otcurate_pipeline.tracking import read_lock
 
 STAGES = ["ingest", "pretrain", "embed", "detect", "coreset", "distill", "finetune", "evaluate"]
@@ -44,7 +44,7 @@ def test_first_run_runs_every_stage_and_prints_the_comparison(scratch):
     assert (root / ".otcurate" / "logs" / "prefect-temporary.log").exists()
     # and its own stage worker (no OTCURATE_STAGE_WORKER): ingest starts while it boots, the
     # stages after ingest fork from it; its lines go to its log, and it stops with the run
-    worker = (root / ".otcurate" / "logs" / "stage-worker.log").read_text()
+    worker = (root / stageworker.LOG).read_text()
     forked = set(re.findall(r"stage worker: stages\.(\w+) in .*, exit 0,", worker))
     assert set(STAGES[1:]) <= forked, worker
     assert "stage worker:" not in log
@@ -104,7 +104,7 @@ def test_param_change_reruns_only_downstream(scratch):
     assert status.returncode == 0
     # nothing to wait for meanwhile: finetune starts at once (as its own process if the
     # worker is still booting), evaluate waits for the worker and forks from it
-    worker = (root / ".otcurate" / "logs" / "stage-worker.log").read_text()
+    worker = (root / stageworker.LOG).read_text()
     assert len(re.findall(r"serving on", worker)) == 1, worker
     assert re.search(r"stage worker: stages\.evaluate in .*, exit 0,", worker), worker
 
