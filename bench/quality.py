@@ -80,6 +80,13 @@ FINETUNERS = {  # name -> finetune section overrides; "flags": a detector other 
         "flags": "ot50",
         "filter": {"rounds": 2, "rescore": "detect"},
     },
+    # the two-round recipe on the trimmed OT flags, rescored by detect's own detector
+    # (OT among the pairs the cosine's mixture keeps)
+    "filter_ot_trim_2r": {
+        "method": "filter",
+        "flags": "ot_trim",
+        "filter": {"rounds": 2, "rescore": "detect"},
+    },
     "rematch": {"method": "rematch"},
     "gradient_ascent": {"method": "gradient_ascent"},
     "ncu": {"method": "ncu"},
@@ -418,6 +425,9 @@ INGREDIENTS = [
     ("filter_2r", "filter"),  # rounds, cosine
     ("filter_ot_2r", "filter_ot_row"),  # rounds, OT
     ("filter_ot50_2r", "filter_ot_2r"),  # 50 Sinkhorn iterations instead of 1000
+    ("filter_ot_trim", "filter"),  # trimmed OT flags, one round
+    ("filter_ot_trim_2r", "filter_ot_trim"),  # rounds, trimmed OT
+    ("filter_ot_trim_2r", "filter_ot_2r"),  # trimmed OT against balanced OT, two rounds
 ]
 
 

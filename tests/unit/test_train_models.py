@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from otcurate import models
-from otcurate.optim import batches, warmup_cosine
+from otcurate.optim import batches, make_optimizer, param_groups, warmup_cosine
 from otcurate.train import train_contrastive
 
 
@@ -25,6 +25,32 @@ def test_batches_cover_each_epoch_once():
     assert len(set(first_epoch.tolist())) == 8
     with pytest.raises(ValueError, match="at least 2"):
         list(batches(1, 4, 1, g))
+
+
+def test_the_optimizer_is_fused_adamw_and_updates_as_torchs_loop():
+    """make_optimizer takes torch's fused AdamW on CPU floats (#18); its updates match the
+    loop AdamW's, with weight decay on the 2-D weights only and the schedule's learning rate."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    opt, sched = make_optimizer(param_groups(model, 0.1), lr=1e-2, steps=5, warmup=2)
+    assert opt.defaults["fused"] is True
+    ref_groups = param_groups(model, 0.1)
+    by_id = {id(p): q for p, q in zip(model.parameters(), twin, strict=True)}
+    ref_groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in ref_groups]
+    ref = torch.optim.AdamW(ref_groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(
+        ref, lambda s: warmup_cosine(s, steps=5, warmup=2)
+    )
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in twin]
+        for p, q, g in zip(model.parameters(), twin, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(), sched.step(), ref.step(), ref_sched.step()
+    for p, q, p0 in zip(model.parameters(), twin, start, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(p.detach(), p0)  # every parameter moved
 
 
 @pytest.fixture(scope="module")
