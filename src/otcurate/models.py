@@ -13,6 +13,7 @@ zero-shot 0.49 vs 0.20 and 0.18 on shapes after the same steps.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,9 +184,13 @@ def decode_images(images: list[bytes], clip: Clip) -> torch.Tensor:
     """Encoded images -> (N, 3, H, W) float, through the model's own eval preprocessing."""
     from otcurate.data.records import decode_rgb
 
-    if not images:
+    return _to_tensor([decode_rgb(b) for b in images], clip)
+
+
+def _to_tensor(pil: list[Image.Image], clip: Clip) -> torch.Tensor:
+    """Decoded images -> (N, 3, H, W) float, through the model's own eval preprocessing."""
+    if not pil:
         return torch.empty(0, 3, *(input_size(clip.preprocess_cfg) or (32, 32)))
-    pil = [decode_rgb(b) for b in images]
     x = _fast_tensor(pil, clip.preprocess_cfg)
     return images_to_tensor(pil, clip.preprocess) if x is None else x
 
@@ -199,28 +204,66 @@ def decode_pixels(images: list[bytes], clip: Clip) -> torch.Tensor:
     return (x * std + mean).clamp_(0.0, 1.0)
 
 
+DECODED_CACHE_BYTES = 2 << 30
+"""Memory a training set's decoded images (RGB pixels) may keep: within it each image is
+decoded once, not once per epoch (#18: a pre-training step of otcurate-tiny decoded 128
+PNGs again)."""
+
+
+class _Decoded:
+    """Encoded images, and their decoded RGB images while their pixels fit `cache_bytes`.
+    A batch goes through `decode_images`' own tensor path either way: the same values and
+    the same memory layout (channels last on its vectorised path, where the convolutions
+    round differently) as without the cache."""
+
+    def __init__(self, images: list[bytes], clip: Clip, cache_bytes: int):
+        self.images, self.clip, self.left = images, clip, cache_bytes
+        self.rgb: dict[int, Image.Image] = {}
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        from otcurate.data.records import decode_rgb
+
+        pil = []
+        for i in rows.tolist():
+            im = self.rgb.get(i)
+            if im is None:
+                im = decode_rgb(self.images[i])
+                size = im.width * im.height * 3
+                if size <= self.left:
+                    self.rgb[i], self.left = im, self.left - size
+            pil.append(im)
+        return _to_tensor(pil, self.clip)
+
+
 class LazyImages:
     """Encoded images decoded batch by batch: `images[idx]` -> (B, 3, H, W) float tensor.
 
     Stands in for a decoded image tensor in the training loops (which index rows with a
     LongTensor of batch indices, or a bool mask to keep a subset), so that only the
-    compressed bytes stay in memory. Each row decodes to the same values as
+    compressed bytes stay in memory, and the decoded rows too while they fit
+    `cache_bytes` (DECODED_CACHE_BYTES): then each image is decoded once, and a subset
+    shares its parent's decoded rows. Each row decodes to the same values as
     `pairs_to_tensors` gives it.
     """
 
-    def __init__(self, images: list[bytes], clip: Clip):
-        self.images, self.clip = list(images), clip
+    def __init__(self, images: list[bytes], clip: Clip, *, cache_bytes: int = DECODED_CACHE_BYTES):
+        self._decoded = _Decoded(list(images), clip, cache_bytes)
+        self._rows = torch.arange(len(self._decoded.images))
+
+    @property
+    def clip(self) -> Clip:
+        return self._decoded.clip
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self._rows)
 
     def __getitem__(self, idx) -> torch.Tensor | LazyImages:
         idx = torch.as_tensor(idx)
-        if idx.dtype == torch.bool:  # a subset: stay lazy
-            return LazyImages(
-                [b for b, k in zip(self.images, idx.tolist(), strict=True) if k], self.clip
-            )
-        return decode_images([self.images[i] for i in idx.reshape(-1).tolist()], self.clip)
+        if idx.dtype == torch.bool:  # a subset: stay lazy, share the decoded rows
+            sub = copy.copy(self)
+            sub._rows = self._rows[idx]
+            return sub
+        return self._decoded.rows(self._rows[idx.reshape(-1)])
 
 
 def lazy_pairs(

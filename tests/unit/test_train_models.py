@@ -130,3 +130,44 @@ def test_fast_image_path_matches_open_clip_transform(tiny_clip):
     big = [builtin.shapes_record(0, i, image_size=48) for i in range(2)]
     x, _ = models.pairs_to_tensors([r.image for r in big], [r.caption for r in big], tiny_clip)
     assert x.shape == (2, 3, 32, 32)
+
+
+def test_lazy_images_decode_each_image_once_within_the_budget(tiny_clip, monkeypatch):
+    """Within its budget a LazyImages decodes each image once (#18), and every batch is
+    what decode_images gives it: the same bytes and memory layout (channels last on the
+    vectorised path, where the convolutions round differently), mixed sizes included."""
+    from otcurate.data import builtin, records
+
+    recs = [builtin.shapes_record(0, i) for i in range(10)]
+    recs += [builtin.shapes_record(0, i, image_size=48) for i in range(10, 12)]  # resized
+    blobs = [r.image for r in recs]
+    decoded = []
+    real = records.decode_rgb
+
+    def counting(image):
+        decoded.append(image)
+        return real(image)
+
+    monkeypatch.setattr(records, "decode_rgb", counting)
+    cached = models.LazyImages(blobs, tiny_clip)
+    plain = models.LazyImages(blobs, tiny_clip, cache_bytes=0)
+    for idx in ([3, 1, 10], [1, 2, 3], [11, 0, 3, 1], [0, 1]):
+        want = models.decode_images([blobs[i] for i in idx], tiny_clip)
+        for lazy in (cached, plain):
+            got = lazy[torch.tensor(idx)]
+            assert torch.equal(got, want) and got.stride() == want.stride()
+    decoded.clear()
+    for lazy in (plain, cached):
+        lazy[torch.tensor([3, 10, 1])]
+    assert len(decoded) == 3  # the plain one every time, the cached one never again
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[[1, 5, 11]] = True
+    sub = cached[keep]  # a subset shares the decoded rows
+    assert len(sub) == 3 and len(plain[keep]) == 3
+    assert torch.equal(sub[torch.tensor([2, 0])], cached[torch.tensor([11, 1])])
+    assert len(decoded) == 3
+    sub[torch.tensor([1])]  # row 5: not decoded before
+    assert len(decoded) == 4
+    small = models.LazyImages(blobs, tiny_clip, cache_bytes=2 * 32 * 32 * 3)  # two images fit
+    small[torch.tensor([0, 1, 2])], small[torch.tensor([0, 1, 2])]
+    assert len(decoded) == 4 + 3 + 1
