@@ -59,9 +59,9 @@ def make_optimizer(
     over `steps`; `offset`: the schedule starts at that step (a later phase of one schedule).
 
     The fused kernel where every parameter allows it (CPU or CUDA floats): the same update
-    to rounding, one kernel per step instead of a loop over the parameters; on the CPU the
-    default loop took 32 ms of a 185 ms pre-training step of otcurate-tiny, the fused one 6
-    (#18, bench/results/speed.md's optimizer rows).
+    to rounding, one kernel per step instead of a loop over the parameters; on this CPU an
+    update of otcurate-tiny took 27 ms with the loop and 6 with the fused kernel
+    (`python -m bench.speed --only optimizer`; #18).
     """
     opt = torch.optim.AdamW(
         groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=_fusable(groups) or None
