@@ -250,10 +250,6 @@ class LazyImages:
         self._decoded = _Decoded(list(images), clip, cache_bytes)
         self._rows = torch.arange(len(self._decoded.images))
 
-    @property
-    def clip(self) -> Clip:
-        return self._decoded.clip
-
     def __len__(self) -> int:
         return len(self._rows)
 
