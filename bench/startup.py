@@ -5,7 +5,8 @@ commit, params.yaml as committed):
 - `default_run_seconds`: `otcurate run` from nothing (the built-in default; the venv is
   installed), wall clock; `--default-repeats` fresh copies. The run starts its own stage
   worker (otcurate_pipeline.stageworker.for_run); with `--plain-default`, interleaved, the
-  same run with every stage in its own process (OTCURATE_STAGE_WORKER=0).
+  same run with every stage in its own process (OTCURATE_STAGE_WORKER=0); with `--baseline
+  REV`, interleaved, the default run of commit REV with its own code (a same-machine A/B).
 - `noop_run_seconds`: `otcurate run` again with nothing changed; `--repeats` times.
 - `changed_run_seconds`: `otcurate run --set evaluate.batch_size=<a new value>`, a change
   that reruns one stage (evaluate) through the Prefect flow, MLflow records and all;
@@ -66,6 +67,25 @@ def clone_like(dest: Path) -> Path:
         if src.is_file() and not f.startswith("bench/results/"):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
+    return _one_commit(dest)
+
+
+def clone_at(rev: str, dest: Path) -> Path:
+    """Commit `rev`'s project files in `dest`, one commit. Its own code runs only with its
+    src/ first on PYTHONPATH (`at_rev_env`); the venv's editable install is the working tree's."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    tar = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar.stdout, check=True)
+    return _one_commit(dest)
+
+
+def at_rev_env(root: Path) -> dict[str, str]:
+    return {"PYTHONPATH": str(root / "src")}
+
+
+def _one_commit(dest: Path) -> Path:
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
@@ -191,6 +211,12 @@ def main() -> None:
         help=f"also time each default run with every stage in its own process ({STAGE_WORKER}=0)",
     )
     ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time each default run at this commit (its own code), interleaved with the "
+        "working tree's: a same-machine A/B",
+    )
+    ap.add_argument(
         "--whole",
         nargs="*",
         default=["detect", "evaluate"],
@@ -205,7 +231,7 @@ def main() -> None:
     rows: list[dict] = []
     repeats = {"default_run_seconds": args.default_repeats, "noop_run_seconds": args.repeats}
     repeats["startup_seconds"] = args.repeats
-    default, plain = [], []
+    default, plain, baseline = [], [], []
 
     def plain_run(k: int) -> None:
         alone = clone_like(args.work / "project-plain")
@@ -213,18 +239,29 @@ def main() -> None:
         print(f"[startup] default run {k + 1}, plain stages: {plain[-1]:.1f} s", flush=True)
         shutil.rmtree(alone)
 
+    def baseline_run(k: int) -> None:
+        then = clone_at(args.baseline, args.work / "project-baseline")
+        baseline.append(timed([otc, "run"], then, at_rev_env(then)))
+        print(f"[startup] default run {k + 1} at {args.baseline}: {baseline[-1]:.1f} s", flush=True)
+        shutil.rmtree(then)
+
     for k in range(args.default_repeats):  # interleaved, alternating which goes first
-        if args.plain_default and k % 2 == 0:
-            plain_run(k)
+        for extra, run in ((args.plain_default, plain_run), (args.baseline, baseline_run)):
+            if extra and k % 2 == 0:
+                run(k)
         root = clone_like(args.work / "project")
         default.append(timed([otc, "run"], root))
         print(f"[startup] default run {k + 1}: {default[-1]:.1f} s", flush=True)
-        if args.plain_default and k % 2 == 1:
-            plain_run(k)
+        for extra, run in ((args.plain_default, plain_run), (args.baseline, baseline_run)):
+            if extra and k % 2 == 1:
+                run(k)
     rows += summary("otcurate run (built-in default, from nothing)", "default_run_seconds", default)
     if plain:
         case = f"otcurate run (built-in default, from nothing; plain stages, {STAGE_WORKER}=0)"
         rows += summary(case, "default_run_seconds", plain)
+    if baseline:
+        case = f"otcurate run (built-in default, from nothing; at {args.baseline})"
+        rows += summary(case, "default_run_seconds", baseline)
     noop = []
     for _ in range(args.repeats):
         noop.append(timed([otc, "run"], root))

@@ -35,16 +35,17 @@ def _limit_hint(reason: str) -> str:
     return ""
 
 
-def _raw_pairs(p, seed: int, start: int = 0):
-    """(iterator of RawPairs from source position `start`, class info, source size or None)."""
+def _raw_pairs(p, seed: int, start: int = 0, workers: int = 1):
+    """(iterator of RawPairs from source position `start`, class info, source size or None);
+    a procedural built-in is drawn in `workers` processes."""
     from otcurate.data.hf import RawPair
 
     limits = RecordLimits(p.max_image_pixels, p.max_caption_chars)
     if p.source == "shapes":
-        recs = builtin.shapes(seed, p.size, p.image_size, start=start)
+        recs = builtin.shapes(seed, p.size, p.image_size, start=start, workers=workers)
         info, n = builtin.shapes_classes(), p.size
     elif p.source == "glyphs":
-        recs = builtin.glyphs(seed, p.size, p.image_size, start=start)
+        recs = builtin.glyphs(seed, p.size, p.image_size, start=start, workers=workers)
         info, n = builtin.glyphs_classes(), p.size
     elif p.source == "digits":
         total = builtin.digits_count()
@@ -101,7 +102,7 @@ def ingest(args) -> None:
         )
     size = f", up to {p.size} pairs" if p.size is not None else ""
     print(f"ingest: reading the {p.source} source{size}", flush=True)
-    pairs, info, n = _raw_pairs(p, base.seed, start)
+    pairs, info, n = _raw_pairs(p, base.seed, start, workers=base.threads)
 
     # Phase 1: stream the source into chunk files (resumable).
     remaining = None if n is None else max(0, n - start)

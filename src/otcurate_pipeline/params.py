@@ -395,7 +395,7 @@ class SoftLabels:
 @dataclass(frozen=True)
 class Finetune(_Methods, _Optimised):
     method: str = field(default="clip", metadata=_choices("otcurate.options:FINETUNE_METHODS"))
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 128
     lr: float = 1e-4
     warmup: int = 15

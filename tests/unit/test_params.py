@@ -77,7 +77,7 @@ def test_unknown_section_is_rejected():
 def test_missing_keys_take_defaults_and_ints_widen_to_float():
     p = load({"finetune": {"lr": 1}}, "finetune")
     assert p.lr == 1.0 and isinstance(p.lr, float)
-    assert p.steps == 150
+    assert p.steps == 200
 
 
 def test_exponent_floats_read_as_numbers_like_dvc():

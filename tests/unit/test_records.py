@@ -1,5 +1,10 @@
 import io
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +272,48 @@ def test_glyphs_show_what_their_captions_say():
             assert abs(xs.mean() / 64 - fx) < 0.15 and abs(ys.mean() / 64 - fy) < 0.15, r.caption
     assert labels == set(range(10))
     assert builtin.glyphs_classes().class_names == list(builtin.DIGIT_NAMES)
+
+
+@pytest.mark.parametrize("make", [builtin.shapes_record, builtin.glyphs_record])
+def test_built_ins_in_worker_processes_give_the_same_records_in_order(make):
+    one = list(builtin.generate(make, 4, 700, 16, start=30))
+    # small chunks: several per worker, the consumer behind the producers
+    two = list(builtin.generate(make, 4, 700, 16, start=30, workers=2, chunk=64))
+    assert len(one) == 670 and one == two
+    head = builtin.generate(make, 4, 700, 16, workers=2, chunk=64)
+    assert [next(head) for _ in range(3)] == [make(4, i, 16) for i in range(3)]
+    head.close()  # stopped early: the pool shuts down, nothing left running
+
+
+_KILLED_PARENT = """
+import multiprocessing, time
+from otcurate.data import builtin
+records = builtin.generate(builtin.shapes_record, 0, 100_000, 16, workers=2, chunk=64)
+next(records)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(60)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_built_in_workers_exit_when_the_process_that_started_them_is_killed():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_running(p) for p in pids)
+    proc.send_signal(signal.SIGKILL)  # no pool shutdown runs
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(p) for p in pids), pids

@@ -10,14 +10,16 @@
   red seven at the top left"); class label = digit. As many pairs as asked for.
 
 Each generator is a pure function of (seed, index), so any subset of records
-can be made independently and in any order.
+can be made independently and in any order; `workers` > 1 makes them in that many
+processes, in chunks, and yields them in index order (the same bytes).
 """
 
 from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,9 +152,66 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def shapes(seed: int, size: int, image_size: int = 32, start: int = 0) -> Iterator[Record]:
-    for i in range(start, size):
-        yield shapes_record(seed, i, image_size)
+def _chunk(make: Callable[..., Record], seed: int, lo: int, hi: int, size: int) -> list[Record]:
+    return [make(seed, i, size) for i in range(lo, hi)]
+
+
+def _exit_with(parent: int) -> None:
+    """A pool worker's initializer: exit as soon as `parent`, the process that started the
+    pool, is gone (a SIGKILL of it included, which no pool shutdown sees)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def generate(
+    make: Callable[[int, int, int], Record],
+    seed: int,
+    size: int,
+    image_size: int = 32,
+    start: int = 0,
+    workers: int = 1,
+    chunk: int = 256,
+) -> Iterator[Record]:
+    """`make(seed, i, image_size)` for i in [start, size), in order. With `workers` > 1, chunks
+    of `chunk` indices are made in that many spawned processes, at most 2 x workers chunks
+    ahead of the consumer (bounded memory)."""
+    if workers <= 1 or size - start <= chunk:
+        for i in range(start, size):
+            yield make(seed, i, image_size)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = [(lo, min(lo + chunk, size)) for lo in range(start, size, chunk)]
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_exit_with, initargs=(os.getpid(),)
+    )
+    ahead: deque = deque()
+    try:
+        for lo, hi in bounds:
+            ahead.append(pool.submit(_chunk, make, seed, lo, hi, image_size))
+            if len(ahead) >= 2 * workers:
+                yield from ahead.popleft().result()
+        while ahead:
+            yield from ahead.popleft().result()
+    finally:  # also when the consumer stops early: what is queued is not made
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def shapes(
+    seed: int, size: int, image_size: int = 32, start: int = 0, workers: int = 1
+) -> Iterator[Record]:
+    return generate(shapes_record, seed, size, image_size, start, workers)
 
 
 def shapes_classes() -> ClassInfo:
@@ -240,9 +299,10 @@ def glyphs_record(seed: int, index: int, image_size: int = 32) -> Record:
     return Record(f"glyphs-{index:08d}", png_bytes(img), caption, digit)
 
 
-def glyphs(seed: int, size: int, image_size: int = 32, start: int = 0) -> Iterator[Record]:
-    for i in range(start, size):
-        yield glyphs_record(seed, i, image_size)
+def glyphs(
+    seed: int, size: int, image_size: int = 32, start: int = 0, workers: int = 1
+) -> Iterator[Record]:
+    return generate(glyphs_record, seed, size, image_size, start, workers)
 
 
 def glyphs_classes() -> ClassInfo:
