@@ -20,7 +20,8 @@ commit, params.yaml as committed):
   run, its cmd from dvc.yaml on the default run's outputs (`--whole` stages), as a plain
   process and forked from a stage worker that imported torch and open_clip once
   (otcurate_pipeline.stageworker, which the pipeline tests use); `--repeats` times each.
-- `suite_seconds` (`--suite`): the README's test command (`make test`), once.
+- `suite_seconds` (`--suite`): the README's test command (`make test`), once; `--suite-only`
+  times only it and keeps the other rows of startup.json.
 
 Each figure is the median; `<metric>_min` / `<metric>_max` rows give the spread. Run it
 alone on the machine. Writes bench/results/startup.json (flat rows {case, metric, value})
@@ -33,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -206,6 +209,11 @@ def main() -> None:
     )
     ap.add_argument("--suite", action="store_true", help="also time the test suite (make test)")
     ap.add_argument(
+        "--suite-only",
+        action="store_true",
+        help="time only the suite; keep the other rows of <out>/startup.json",
+    )
+    ap.add_argument(
         "--plain-default",
         action="store_true",
         help=f"also time each default run with every stage in its own process ({STAGE_WORKER}=0)",
@@ -225,6 +233,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "startup")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.suite_only:
+        suite_only(args.work, args.out)
+        return
     if args.default_repeats < 1 or args.repeats < 1:
         ap.error("--repeats and --default-repeats must be >= 1")
     otc = str(BIN / "otcurate")
@@ -297,24 +308,49 @@ def main() -> None:
                 f"stage worker {statistics.median(forked):.2f} s",
                 flush=True,
             )
-    if args.suite:  # the suite's own output, with pytest's 30 slowest tests, in suite.log
+    if args.suite:
         save("startup", rows, table(rows, repeats, notes), args.out)  # kept if the suite fails
-        log = args.work / "suite.log"
-        suite_env = {**env(), "PYTEST_ADDOPTS": "--durations=30"}
-        t0 = time.perf_counter()
-        with log.open("w") as f:
-            code = subprocess.run(
-                ["make", "test"], cwd=ROOT, env=suite_env, stdout=f, stderr=subprocess.STDOUT
-            )
-        t = time.perf_counter() - t0
-        print(
-            f"[startup] make test: {t:.0f} s, exit {code.returncode}; output in {log}", flush=True
-        )
-        if code.returncode != 0:
-            raise SystemExit(f"make test failed ({code.returncode}): see {log}")
-        rows += summary("make test", "suite_seconds", [t])
+        rows += summary("make test", "suite_seconds", [run_suite(args.work)])
         repeats["suite_seconds"] = 1
     save("startup", rows, table(rows, repeats, notes), args.out)
+    print(table(rows, repeats, notes))
+
+
+def run_suite(work: Path) -> float:
+    """Seconds of the README's test command (`make test`); its own output, with pytest's 30
+    slowest tests, in <work>/suite.log. Exits when the suite fails."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "suite.log"
+    suite_env = {**env(), "PYTEST_ADDOPTS": "--durations=30"}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(
+            ["make", "test"], cwd=ROOT, env=suite_env, stdout=f, stderr=subprocess.STDOUT
+        )
+    t = time.perf_counter() - t0
+    print(f"[startup] make test: {t:.0f} s, exit {code.returncode}; output in {log}", flush=True)
+    if code.returncode != 0:
+        raise SystemExit(f"make test failed ({code.returncode}): see {log}")
+    return t
+
+
+def suite_only(work: Path, out: Path) -> None:
+    """Time the suite alone and put its row in <out>/startup.json beside the earlier rows
+    (their repeats, first lines and command read back from startup.md)."""
+    rows = [r for r in json.loads((out / "startup.json").read_text()) if r["case"] != "make test"]
+    md = (out / "startup.md").read_text().splitlines()
+    repeats: dict[str, int] = {}
+    for line in md:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[5].isdigit():
+            repeats[cells[1]] = int(cells[5])
+    earlier = re.search(r"`(\.venv/bin/python -m bench\.startup[^`]*)`", "\n".join(md))
+    notes = [line for line in md if line.startswith("- ")]
+    if earlier:
+        notes.append(f"- every row but make test's: `{earlier.group(1)}`")
+    rows += summary("make test", "suite_seconds", [run_suite(work)])
+    repeats["suite_seconds"] = 1
+    save("startup", rows, table(rows, repeats, notes), out)
     print(table(rows, repeats, notes))
 
 

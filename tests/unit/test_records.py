@@ -317,3 +317,31 @@ def test_built_in_workers_exit_when_the_process_that_started_them_is_killed():
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_running(p) for p in pids), pids
+
+
+def _fails_at_300(seed: int, index: int, image_size: int = 32):
+    if index == 300:
+        raise OSError(5, "the disk went away")
+    return builtin.shapes_record(seed, index, image_size)
+
+
+def test_a_failure_in_a_built_in_worker_reaches_the_consumer_in_order():
+    records = builtin.generate(_fails_at_300, 0, 2000, 8, workers=2, chunk=64)
+    got = []
+    with pytest.raises(OSError, match="the disk went away"):
+        for r in records:
+            got.append(r)
+    assert len(got) == 256  # every record before the failing chunk, and none after it
+
+
+def test_a_built_in_maker_that_cannot_cross_processes_runs_in_this_one():
+    made = []
+
+    def local(seed, index, image_size=32):  # a closure: not picklable
+        made.append(index)
+        return builtin.shapes_record(seed, index, image_size)
+
+    got = list(builtin.generate(local, 0, 400, 8, workers=2, chunk=64))
+    assert made == list(range(400)) and got == list(
+        builtin.generate(builtin.shapes_record, 0, 400, 8)
+    )

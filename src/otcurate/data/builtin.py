@@ -171,6 +171,16 @@ def _exit_with(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _picklable(obj) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True
+
+
 def generate(
     make: Callable[[int, int, int], Record],
     seed: int,
@@ -182,8 +192,9 @@ def generate(
 ) -> Iterator[Record]:
     """`make(seed, i, image_size)` for i in [start, size), in order. With `workers` > 1, chunks
     of `chunk` indices are made in that many spawned processes, at most 2 x workers chunks
-    ahead of the consumer (bounded memory)."""
-    if workers <= 1 or size - start <= chunk:
+    ahead of the consumer (bounded memory). A `make` that cannot be sent to another process
+    (a local function, a test's stand-in) runs here, one record at a time."""
+    if workers <= 1 or size - start <= chunk or not _picklable(make):
         for i in range(start, size):
             yield make(seed, i, image_size)
         return
