@@ -152,8 +152,10 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def _chunk(make: Callable[..., Record], seed: int, lo: int, hi: int, size: int) -> list[Record]:
-    return [make(seed, i, size) for i in range(lo, hi)]
+def _chunk(
+    make: Callable[..., Record], seed: int, lo: int, hi: int, image_size: int
+) -> list[Record]:
+    return [make(seed, i, image_size) for i in range(lo, hi)]
 
 
 def _exit_with(parent: int) -> None:
