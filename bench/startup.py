@@ -20,6 +20,8 @@ commit, params.yaml as committed):
   run, its cmd from dvc.yaml on the default run's outputs (`--whole` stages), as a plain
   process and forked from a stage worker that imported torch and open_clip once
   (otcurate_pipeline.stageworker, which the pipeline tests use); `--repeats` times each.
+- `calibration_step_seconds` (unless `--no-calibrate`): one fine-tuning step before and after
+  the runs (`bench.speed --only steps`), this machine's speed that day.
 - `suite_seconds` (`--suite`): the README's test command (`make test`), once; `--suite-only`
   times only it and keeps the other rows of startup.json.
 
@@ -164,6 +166,20 @@ def stage_commands(root: Path) -> dict[str, list[str]]:
     return out
 
 
+def calibration(work: Path, when: str) -> list[dict]:
+    """This machine's speed now: the seconds of one plain fine-tuning step (otcurate-tiny,
+    B = 128; `bench.speed --only steps`, median of 3), so that timings taken on a slower
+    day of the same machine read as such."""
+    out = work / f"calibration-{when}"
+    argv = [sys.executable, "-m", "bench.speed", "--only", "steps", "--repeats", "3"]
+    subprocess.run([*argv, "--out", str(out)], cwd=ROOT, env=env(), check=True, capture_output=True)
+    rows = json.loads((out / "speed.json").read_text())
+    step = next(r["value"] for r in rows if r["metric"] == "seconds_clip_step")
+    print(f"[startup] calibration ({when} the runs): a fine-tuning step {step:.3f} s", flush=True)
+    case = f"a fine-tuning step (bench.speed --only steps), {when} the runs"
+    return summary(case, "calibration_step_seconds", [step])
+
+
 def summary(case: str, metric: str, values: list[float]) -> list[dict]:
     return [
         {"case": case, "metric": metric, "value": statistics.median(values)},
@@ -209,6 +225,12 @@ def main() -> None:
     )
     ap.add_argument("--suite", action="store_true", help="also time the test suite (make test)")
     ap.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time a fine-tuning step before and after the runs (calibration_step_seconds)",
+    )
+    ap.add_argument(
         "--suite-only",
         action="store_true",
         help="time only the suite; keep the other rows of <out>/startup.json",
@@ -243,6 +265,9 @@ def main() -> None:
     repeats = {"default_run_seconds": args.default_repeats, "noop_run_seconds": args.repeats}
     repeats["startup_seconds"] = args.repeats
     default, plain, baseline = [], [], []
+    if args.calibrate:
+        rows += calibration(args.work, "before")
+        repeats["calibration_step_seconds"] = 3
 
     def plain_run(k: int) -> None:
         alone = clone_like(args.work / "project-plain")
@@ -308,6 +333,8 @@ def main() -> None:
                 f"stage worker {statistics.median(forked):.2f} s",
                 flush=True,
             )
+    if args.calibrate:
+        rows += calibration(args.work, "after")
     if args.suite:
         save("startup", rows, table(rows, repeats, notes), args.out)  # kept if the suite fails
         rows += summary("make test", "suite_seconds", [run_suite(args.work)])
