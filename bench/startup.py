@@ -87,7 +87,11 @@ def clone_at(rev: str, dest: Path) -> Path:
 
 
 def at_rev_env(root: Path) -> dict[str, str]:
-    return {"PYTHONPATH": str(root / "src")}
+    return {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])
+        )
+    }
 
 
 def _one_commit(dest: Path) -> Path:
@@ -371,10 +375,11 @@ def suite_only(work: Path, out: Path) -> None:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and cells[5].isdigit():
             repeats[cells[1]] = int(cells[5])
-    earlier = re.search(r"`(\.venv/bin/python -m bench\.startup[^`]*)`", "\n".join(md))
-    notes = [line for line in md if line.startswith("- ")]
+    commands = re.findall(r"`(\.venv/bin/python -m bench\.startup[^`]*)`", "\n".join(md))
+    earlier = next((c for c in commands if "--suite-only" not in c), None)
+    notes = [line for line in md if line.startswith("- ") and "every row but" not in line]
     if earlier:
-        notes.append(f"- every row but make test's: `{earlier.group(1)}`")
+        notes.append(f"- every row but make test's: `{earlier}`")
     rows += summary("make test", "suite_seconds", [run_suite(work)])
     repeats["suite_seconds"] = 1
     save("startup", rows, table(rows, repeats, notes), out)

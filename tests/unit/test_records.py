@@ -283,6 +283,9 @@ def test_built_ins_in_worker_processes_give_the_same_records_in_order(make):
     head = builtin.generate(make, 4, 700, 16, workers=2, chunk=64)
     assert [next(head) for _ in range(3)] == [make(4, i, 16) for i in range(3)]
     head.close()  # stopped early: the pool shuts down, nothing left running
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
 
 
 _KILLED_PARENT = """
@@ -308,11 +311,13 @@ def test_built_in_workers_exit_when_the_process_that_started_them_is_killed():
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdout is not None
-    pids = [int(p) for p in proc.stdout.readline().split()]
-    assert len(pids) == 2 and all(_running(p) for p in pids)
-    proc.send_signal(signal.SIGKILL)  # no pool shutdown runs
-    proc.wait()
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no pool shutdown runs
+        proc.wait()
     deadline = time.monotonic() + 10
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -162,8 +162,11 @@ def _exit_with(parent: int) -> None:
     """A pool worker's initializer: exit as soon as `parent`, the process that started the
     pool, is gone (a SIGKILL of it included, which no pool shutdown sees)."""
     import os
+    import signal
     import threading
     import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the stage's to handle; it stops us
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -194,14 +197,18 @@ def generate(
 ) -> Iterator[Record]:
     """`make(seed, i, image_size)` for i in [start, size), in order. With `workers` > 1, chunks
     of `chunk` indices are made in that many spawned processes, at most 2 x workers chunks
-    ahead of the consumer (bounded memory). A `make` that cannot be sent to another process
-    (a local function, a test's stand-in) runs here, one record at a time."""
+    ahead of the consumer (bounded memory), never more processes than CPUs. A `make` that
+    cannot be sent to another process (a local function, a test's stand-in) runs here, one
+    record at a time. Workers import `make`'s module afresh: a patch made to it in this
+    process after import does not reach them."""
+    import os
+
+    workers = min(workers, os.cpu_count() or 1)
     if workers <= 1 or size - start <= chunk or not _picklable(make):
         for i in range(start, size):
             yield make(seed, i, image_size)
         return
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     bounds = [(lo, min(lo + chunk, size)) for lo in range(start, size, chunk)]
