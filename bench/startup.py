@@ -285,16 +285,17 @@ def main() -> None:
         print(f"[startup] default run {k + 1} at {args.baseline}: {baseline[-1]:.1f} s", flush=True)
         shutil.rmtree(then)
 
+    extras = [
+        run for on, run in ((args.plain_default, plain_run), (args.baseline, baseline_run)) if on
+    ]
     for k in range(args.default_repeats):  # interleaved, alternating which goes first
-        for extra, run in ((args.plain_default, plain_run), (args.baseline, baseline_run)):
-            if extra and k % 2 == 0:
-                run(k)
+        for run in extras if k % 2 == 0 else ():
+            run(k)
         root = clone_like(args.work / "project")
         default.append(timed([otc, "run"], root))
         print(f"[startup] default run {k + 1}: {default[-1]:.1f} s", flush=True)
-        for extra, run in ((args.plain_default, plain_run), (args.baseline, baseline_run)):
-            if extra and k % 2 == 1:
-                run(k)
+        for run in extras if k % 2 == 1 else ():
+            run(k)
     rows += summary("otcurate run (built-in default, from nothing)", "default_run_seconds", default)
     if plain:
         case = f"otcurate run (built-in default, from nothing; plain stages, {STAGE_WORKER}=0)"
