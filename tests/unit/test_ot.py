@@ -223,6 +223,54 @@ def test_scaling_overflow_falls_back_to_the_log_domain(monkeypatch):
     torch.testing.assert_close(r.plan, ref.plan, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cells", [3 * 17 * 29, 17 * 29, 1])  # 3 problems a slice (the last 2), 1, 1
+def test_the_log_domain_in_slices_of_the_batch_gives_the_same_bits(monkeypatch, cells):
+    """A batch's log-sum-exps taken in slices of whole problems (see `_lse`) give the plan,
+    potentials, iterations and gradient of the batch taken whole, bit for bit; in torch with a
+    2-d batch, masks and marginals of their own, and in numpy."""
+    import otcurate.ot as otl
+
+    probs = [problem(17, 29, seed=s) for s in range(8)]
+    a = torch.stack([p[0] for p in probs]).reshape(2, 4, 17)
+    b = torch.stack([p[1] for p in probs]).reshape(2, 4, 29)
+    M = torch.stack([p[2] for p in probs]).reshape(2, 4, 17, 29)
+    mask = torch.zeros(2, 4, 17, 29, dtype=torch.bool)
+    mask[0, 1, 3, :5] = True
+
+    def solve(cells):
+        monkeypatch.setattr(otl, "LSE_CELLS", cells)
+        Mg = M.clone().requires_grad_(True)
+        r = sinkhorn_log(a, b, Mg, 0.05, mask=mask, max_iter=40, tol=0.0, domain="log")
+        r.cost.sum().backward()
+        return r, Mg.grad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        whole, grad_whole = solve(10**9)
+        sliced, grad_sliced = solve(cells)
+        npw = sinkhorn_log(
+            a.numpy(), b.numpy(), M.numpy(), 0.05, max_iter=40, tol=0.0, domain="log"
+        )
+        monkeypatch.setattr(otl, "LSE_CELLS", 10**9)
+        npw_whole = sinkhorn_log(
+            a.numpy(), b.numpy(), M.numpy(), 0.05, max_iter=40, tol=0.0, domain="log"
+        )
+    assert whole.n_iter == sliced.n_iter == 40
+    for x, y in [(whole.plan, sliced.plan), (whole.log_u, sliced.log_u), (grad_whole, grad_sliced)]:
+        assert torch.equal(x, y)
+    assert np.array_equal(npw.plan, npw_whole.plan) and npw.plan.shape == (2, 4, 17, 29)
+
+
+def test_the_log_domain_spreads_a_shared_cost_over_batched_marginals():
+    """One cost, a batch of marginals: the potentials take the marginals' batch (no slices)."""
+    a, b, M = problem(17, 29, seed=0)
+    a2 = torch.stack([a, a.flip(0)])
+    r = sinkhorn_log(a2, b, M, 0.05, max_iter=500, tol=1e-9, domain="log")
+    assert r.plan.shape == (2, 17, 29)
+    ref = sinkhorn_log(a.flip(0), b, M, 0.05, max_iter=500, tol=1e-9, domain="log")
+    torch.testing.assert_close(r.plan[1], ref.plan, atol=1e-9, rtol=0)
+
+
 def test_zero_weights_and_domain_log_take_the_log_domain(monkeypatch):
     import otcurate.ot as otl
 
