@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import resource
 import statistics
 import time
 import warnings
@@ -70,6 +71,13 @@ def timed_pair(fa, fb) -> tuple[list[float], object, list[float], object]:
             ob = fb()
         tb.append((time.perf_counter() - t0) / k)
     return ta, oa, tb, ob
+
+
+def page_faults(fn) -> int:
+    """Minor page faults of one call to ``fn`` (memory the process had to take from the OS)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def spread(case: str, n: int, metric: str, times: list[float]) -> list[dict]:
@@ -152,19 +160,26 @@ def ot_vs_pot(sizes, batch: int, reg: float, iters: int, rows: list) -> None:
     for domain, method in (("log", "sinkhorn_log"), ("auto", "sinkhorn_stabilized")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ts_ours, _, ts_pot, _ = timed_pair(
-                lambda d=domain: otl.sinkhorn_log(a, a, Ms, reg, max_iter=iters, tol=0.0, domain=d),
-                lambda m=method: [
+
+            def ours(d=domain):
+                return otl.sinkhorn_log(a, a, Ms, reg, max_iter=iters, tol=0.0, domain=d)
+
+            def pot(m=method):
+                return [
                     ot.sinkhorn(a, a, Ms[i], reg, method=m, numItermax=iters, stopThr=0.0)
                     for i in range(batch)
-                ],
-            )
+                ]
+
+            ts_ours, _, ts_pot, _ = timed_pair(ours, pot)
+            faults = [page_faults(fn) for fn in (ours, pot)]
         t_ours, t_pot = statistics.median(ts_ours), statistics.median(ts_pot)
         case = f"{'sinkhorn_log' if domain == 'log' else 'sinkhorn auto vs stabilized'} batched {batch}x{B}"
         rows += [
             *spread(case, batch * B, "seconds_ours", ts_ours),
             *spread(case, batch * B, "seconds_pot", ts_pot),
             {"case": case, "n": batch * B, "metric": "ratio_vs_pot", "value": t_ours / t_pot},
+            {"case": case, "n": batch * B, "metric": "page_faults_ours", "value": faults[0]},
+            {"case": case, "n": batch * B, "metric": "page_faults_pot", "value": faults[1]},
         ]
         print(f"{case}: ours {t_ours:.3f}s vs POT loop {t_pot:.3f}s", flush=True)
 
@@ -335,13 +350,24 @@ def main() -> None:
     ap.add_argument(
         "--only", nargs="+", choices=["ot", "steps", "optimizer", "detect"], default=None
     )
+    ap.add_argument(
+        "--plain-lse",
+        action="store_true",
+        help="the log domain as before 06a7c1b: a fresh torch.logsumexp temporary each "
+        "iteration, no buffer kept, no slices (otcurate.ot._lse's reference)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.plain_lse:
+        otl.LSE_CELLS = 10**18
+        otl._workspace = lambda *xs: None
     global REPEATS
     REPEATS = args.repeats
     parts = args.only or ["ot", "steps", "optimizer", "detect"]
     rows: list = []
+    if args.plain_lse:
+        rows.append({"case": "settings: --plain-lse", "n": 0, "metric": "plain_lse", "value": 1})
     if "ot" in parts:
         ot_vs_pot(args.ot_sizes, args.batched, args.reg, args.iters, rows)
     if "steps" in parts:

@@ -20,6 +20,7 @@ POT is imported on first use, not with this module: ``import ot`` takes about 2.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,11 @@ CHECK_EVERY = 10  # sinkhorn_log tests convergence every 10th iteration after th
 # sinkhorn_log's scaling iterations absorb a scaling into the log-potentials once its log
 # exceeds this: e^20 ~ 5e8 leaves float32 ample room for the sums over a row or column.
 ABSORB = 20.0
-# On the CPU, the log domain takes its log-sum-exps over slices of a batch of about this
-# many cells (1 MB in float64): see `_lse`.
+# The log domain's log-sum-exps (see `_lse`): in torch outside autograd, from this many
+# cells up (2 MB in float64, B = 512), in place in one buffer kept for the solve; below it,
+# the eight in-place calls' Python overhead cost more than they saved (B = 256: 1.25x POT).
+INPLACE_CELLS = 1 << 18
+# Otherwise, on the CPU, over slices of a batch of about this many cells (1 MB in float64).
 LSE_CELLS = 1 << 17
 
 Array = Any  # numpy.ndarray or torch.Tensor; POT's backend dispatches on the type
@@ -110,19 +114,49 @@ def _on_cpu(x) -> bool:
     return str(getattr(device, "type", device)) == "cpu"
 
 
-def _lse(nx, log_k, h, axis: int):
+def _workspace(log_k, *xs) -> dict | None:
+    """Buffers for `_lse` to reuse (a dict), when ``log_k`` has at least ``INPLACE_CELLS``
+    cells and it and every ``x`` are torch tensors outside autograd (in-place updates would
+    break a backward pass); else None."""
+    torch = sys.modules.get("torch")
+    if torch is None or not all(isinstance(x, torch.Tensor) for x in (log_k, *xs)):
+        return None
+    if log_k.numel() < INPLACE_CELLS:
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (log_k, *xs)):
+        return None
+    return {}
+
+
+def _lse(nx, log_k, h, axis: int, work: dict | None = None):
     """``LSE`` over ``axis`` of ``log_k + h``, with ``h`` spread along that axis: ``axis=-2``
     takes ``h`` (..., n) and gives (..., m); ``axis=-1`` takes ``h`` (..., m) and gives (..., n).
 
-    On the CPU, a batch larger than ``LSE_CELLS`` cells is taken in slices of whole problems.
-    The (..., n, m) temporaries of each iteration are freed and taken again; at a batch's
-    size glibc hands the freed pages back to the OS, by its allocator's history, and every
-    new temporary faults them in afresh: 16 problems of 256 x 256 in float64 made 0.8M page
-    faults a solve and ran 4x slower than in a process whose allocator had settled
-    (``bench/speed.py``'s batched row read 0.45x to 1.19x POT). Slices stay on the heap and
-    in the cache. The values are the same bit for bit: each problem's sums are its own.
+    Why not ``nx.logsumexp(log_k + h)`` each iteration: its (..., n, m) temporaries are
+    freed and taken again, and from about a megabyte up glibc hands the freed pages back to
+    the OS, by its allocator's history, so that each new temporary faults them in afresh
+    (16 problems of 256 x 256 in float64: 0.8M page faults a solve and 4x the time of a
+    process whose allocator had settled; one 1024 x 1024 problem read 0.62 to 1.94 s).
+    So, with a ``work`` dict (`_workspace`: torch, no autograd, ``INPLACE_CELLS`` or more),
+    the sum is taken in place in one buffer kept for the whole solve, the same operations as
+    ``torch.logsumexp`` (the same bits). Otherwise, on the CPU a batch larger than
+    ``LSE_CELLS`` cells is taken in slices of whole problems, which stay on the heap and in
+    the cache (the same bits too: each problem's sums are its own).
     """
     spread = (lambda x: x[..., :, None]) if axis == -2 else (lambda x: x[..., None, :])
+    if work is not None:
+        import torch
+
+        x = spread(h)
+        shape = torch.broadcast_shapes(log_k.shape, x.shape)
+        buf = work.get(shape)
+        if buf is None:
+            dtype = torch.result_type(log_k, x)
+            buf = work[shape] = torch.empty(shape, dtype=dtype, device=log_k.device)
+        torch.add(log_k, x, out=buf)
+        top = buf.amax(dim=axis, keepdim=True)
+        top.masked_fill_(top.abs() == math.inf, 0)  # as torch.logsumexp: no inf - inf
+        return buf.sub_(top).exp_().sum(dim=axis).log_().add_(top.squeeze(axis))
     batch = tuple(log_k.shape[:-2])
     count, cells = math.prod(batch), log_k.shape[-2] * log_k.shape[-1]
     if count < 2 or count * cells <= LSE_CELLS or tuple(h.shape[:-1]) != batch or not _on_cpu(h):
@@ -139,13 +173,14 @@ def _lse(nx, log_k, h, axis: int):
 def _log_iterations(nx, log_k, log_a, log_b, b, f, g, start, max_iter, tol):
     """Log-domain Sinkhorn iterations ``start..max_iter``: (f, g, n_iter, converged)."""
     n_iter = start
+    work = _workspace(log_k, log_a, log_b, f, g)
     for it in range(start, max_iter):
-        lse_col = _lse(nx, log_k, f, axis=-2)  # (..., m)
+        lse_col = _lse(nx, log_k, f, -2, work)  # (..., m)
         # Rows are exact after the row update, so only the columns can be off.
         if _checks(it) and _converged(nx, nx.exp(lse_col + g), b, tol):
             return f, g, n_iter, True
         g = log_b - lse_col
-        f = log_a - _lse(nx, log_k, g, axis=-1)
+        f = log_a - _lse(nx, log_k, g, -1, work)
         n_iter = it + 1
     return f, g, n_iter, False
 
@@ -175,10 +210,13 @@ def _scaling_iterations(nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol):
     f, g, n_iter, _ = _log_iterations(nx, log_k, log_a, log_b, b, f, g, 0, 1, tol)
     good = (f, g, n_iter)
     K = nx.exp(log_k + f[..., :, None] + g[..., None, :])
-    Kt = K.swapaxes(-1, -2)  # a view: both products are row vector @ matrix (BLAS's fast case)
+    Kt = K.swapaxes(-1, -2)  # a view: a batch's products are row vector @ matrix (BLAS's fast case)
     u, v = nx.ones(f.shape, type_as=f), nx.ones(g.shape, type_as=g)
+    # one problem with unbatched marginals: matrix-vector products, 3-10% faster than the
+    # row-vector form at B = 256-1024 on this CPU (the plans agreed bit for bit)
+    single = K.ndim == 2 and u.ndim == 1 and v.ndim == 1
     for it in range(1, max_iter):
-        col = (u[..., None, :] @ K)[..., 0, :]  # (..., m): K^T u
+        col = u @ K if single else (u[..., None, :] @ K)[..., 0, :]  # (..., m): K^T u
         if _checks(it):
             log_u, log_v = nx.log(u), nx.log(v)
             worst = _magnitude(nx, log_u, log_v)
@@ -194,7 +232,7 @@ def _scaling_iterations(nx, log_k, a, b, log_a, log_b, f, g, max_iter, tol):
                 u, v = nx.ones(f.shape, type_as=f), nx.ones(g.shape, type_as=g)
                 col = nx.sum(K, axis=-2)
         v = b / col
-        u = a / (v[..., None, :] @ Kt)[..., 0, :]
+        u = a / (K @ v if single else (v[..., None, :] @ Kt)[..., 0, :])
         n_iter = it + 1
     log_u, log_v = nx.log(u), nx.log(v)
     if not math.isfinite(_magnitude(nx, log_u, log_v)):

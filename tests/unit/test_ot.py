@@ -223,7 +223,8 @@ def test_scaling_overflow_falls_back_to_the_log_domain(monkeypatch):
     torch.testing.assert_close(r.plan, ref.plan, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cells", [3 * 17 * 29, 17 * 29, 1])  # 3 problems a slice (the last 2), 1, 1
+# cells a slice: 3 problems (the last slice 2), 1 problem, 1 problem
+@pytest.mark.parametrize("cells", [3 * 17 * 29, 17 * 29, 1])
 def test_the_log_domain_in_slices_of_the_batch_gives_the_same_bits(monkeypatch, cells):
     """A batch's log-sum-exps taken in slices of whole problems (see `_lse`) give the plan,
     potentials, iterations and gradient of the batch taken whole, bit for bit; in torch with a
@@ -259,6 +260,61 @@ def test_the_log_domain_in_slices_of_the_batch_gives_the_same_bits(monkeypatch, 
     for x, y in [(whole.plan, sliced.plan), (whole.log_u, sliced.log_u), (grad_whole, grad_sliced)]:
         assert torch.equal(x, y)
     assert np.array_equal(npw.plan, npw_whole.plan) and npw.plan.shape == (2, 4, 17, 29)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_log_domain_in_place_gives_the_bits_of_torch_logsumexp(monkeypatch, dtype):
+    """Outside autograd the log domain sums in place in one buffer (see `_lse`): the same
+    plan and potentials, bit for bit, as torch.logsumexp each iteration; with zero weights
+    (-inf potentials), a mask, a batch, and one cost shared by a batch of marginals."""
+    import otcurate.ot as otl
+
+    a, b, M = problem(17, 29, seed=1, dtype=dtype, zeros_a=(2, 5), zeros_b=(0,))
+    mask = torch.zeros(17, 29, dtype=torch.bool)
+    mask[3, :4] = True
+    probs = [problem(17, 29, seed=s, dtype=dtype) for s in range(3)]
+    A, B, Ms = (torch.stack(x) for x in zip(*probs, strict=True))
+    cases = [
+        (a, b, M, mask),
+        (A, B, Ms, None),
+        (torch.stack([a, a.flip(0)]), b, M, None),  # f and g outgrow log_k's batch
+    ]
+    real_workspace = otl._workspace
+    monkeypatch.setattr(otl, "INPLACE_CELLS", 1)  # these problems are small
+    used = []
+
+    def spy(*x):
+        used.append(real_workspace(*x))
+        return used[-1]
+
+    for a_, b_, M_, mask_ in cases:
+        kw = dict(mask=mask_, max_iter=60, tol=0.0, domain="log")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            monkeypatch.setattr(otl, "_workspace", spy)
+            inplace = sinkhorn_log(a_, b_, M_, 0.05, **kw)
+            monkeypatch.setattr(otl, "_workspace", lambda *x: None)
+            plain = sinkhorn_log(a_, b_, M_, 0.05, **kw)
+        assert torch.equal(inplace.plan, plain.plan) and torch.equal(inplace.log_u, plain.log_u)
+        assert torch.isfinite(inplace.plan).all()
+    assert len(used) == len(cases) and all(w == {} or len(w) >= 1 for w in used)
+    assert all(isinstance(w, dict) for w in used)
+    assert real_workspace(M.requires_grad_(True)) is None  # autograd keeps the plain path
+    assert real_workspace(M.detach().numpy()) is None
+    monkeypatch.setattr(otl, "INPLACE_CELLS", 17 * 29 + 1)
+    assert real_workspace(M.detach()) is None  # too small to gain
+
+
+@pytest.mark.parametrize("tensor", [torch.tensor, np.asarray])
+def test_one_problem_and_a_batch_of_one_give_the_same_plan(tensor):
+    """The scaling iterations take matrix-vector products for one problem and row-vector
+    products for a batch: the two agree, in torch and numpy, through absorptions."""
+    a, b, M = (tensor(x) for x in problem(40, 60, seed=3))
+    one = sinkhorn_log(a, b, M, 0.01, max_iter=2000, tol=1e-10)
+    batch = sinkhorn_log(a[None], b[None], M[None], 0.01, max_iter=2000, tol=1e-10)
+    assert one.plan.shape == (40, 60) and batch.plan.shape == (1, 40, 60)
+    assert one.n_iter == batch.n_iter and float(one.err) < 1e-10
+    np.testing.assert_allclose(np.asarray(one.plan), np.asarray(batch.plan[0]), atol=1e-13, rtol=0)
 
 
 def test_the_log_domain_spreads_a_shared_cost_over_batched_marginals():
