@@ -28,14 +28,18 @@ def save(name: str, rows: list[dict], markdown: str, out: Path = RESULTS) -> Non
     write_text(out / f"{name}.md", markdown)
 
 
-def write_results(name: str, title: str, setup: str, rows: list[dict]) -> None:
-    """bench/results/<name>.json (the rows) and <name>.md (the command, the machine, a table)."""
+def write_results(
+    name: str, title: str, setup: str, rows: list[dict], notes: list[str] | None = None
+) -> None:
+    """bench/results/<name>.json (the rows) and <name>.md (the command, the machine, the
+    ``notes`` as paragraphs, a table)."""
     lines = [
         f"# {title}",
         "",
         f"`{command(name)}` on "
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {setup}.",
         "",
+        *[line for note in notes or [] for line in (note, "")],
         "| case | n | metric | value |",
         "|---|---:|---|---:|",
     ]
