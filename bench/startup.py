@@ -192,6 +192,11 @@ def summary(case: str, metric: str, values: list[float]) -> list[dict]:
     ]
 
 
+def fmt(seconds: float) -> str:
+    """Two decimals, or three significant digits below a second (a 71 ms step read 0.07)."""
+    return f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3g}"
+
+
 def table(rows: list[dict], repeats: dict[str, int], notes: list[str]) -> str:
     by = {(r["case"], r["metric"]): r["value"] for r in rows}
     lines = [
@@ -214,7 +219,7 @@ def table(rows: list[dict], repeats: dict[str, int], notes: list[str]) -> str:
             continue
         lo, hi = by[(r["case"], f"{m}_min")], by[(r["case"], f"{m}_max")]
         lines.append(
-            f"| {r['case']} | {m} | {r['value']:.2f} | {lo:.2f} | {hi:.2f} | {repeats[m]} |"
+            f"| {r['case']} | {m} | {fmt(r['value'])} | {fmt(lo)} | {fmt(hi)} | {repeats[m]} |"
         )
     return "\n".join([*lines, "", *notes, ""])
 
