@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -220,11 +221,17 @@ def write(rows: list, args) -> None:
         old = json.loads((ROOT / "bench" / "results" / "data.json").read_text())
         redone = {(r["case"], r["n"], r["metric"]) for r in rows}
         rows = [r for r in old if (r["case"], r["n"], r["metric"]) not in redone] + rows
-        text = (ROOT / "bench" / "results" / "data.md").read_text()
-        notes = [p for p in text.split("\n\n")[2:] if not p.startswith("| case |")]
+        paragraphs = (ROOT / "bench" / "results" / "data.md").read_text().split("\n\n")
+        before = paragraphs[1].split("`")[1]  # the command that wrote the file last
         cases = sorted(
             {r["case"].split("/")[0] for r in rows if (r["case"], r["n"], r["metric"]) in redone}
         )
+        for p in paragraphs[2:]:
+            if p.startswith("| case |"):
+                break
+            rerun = set(re.findall(r"`(\w+)/\*`", p)) if p.startswith("Rows ") else set()
+            if not rerun or not rerun <= set(cases):  # (a rerun of only these cases: replaced)
+                notes.append(p.replace("the command above", f"`{before}`"))
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
@@ -236,7 +243,8 @@ def write(rows: list, args) -> None:
         ).stdout.strip()
         rev = f"{rev or '?'}{' with uncommitted changes' if dirty else ''}"
         notes.append(
-            f"Rows {', '.join(f'`{c}/*`' for c in cases)} rerun by `{command('data')}` at {rev}."
+            f"Rows {', '.join(f'`{c}/*`' for c in cases)} rerun by `{command('data')}` at {rev}"
+            " (where a paragraph above says otherwise of them, this one holds)."
         )
     write_results(
         "data", "Data-at-scale benchmark", f"CPU, {args.threads} torch threads", rows, notes

@@ -361,7 +361,8 @@ def main() -> None:
         "--plain-lse",
         action="store_true",
         help="the log domain as before 06a7c1b: a fresh torch.logsumexp temporary each "
-        "iteration, no buffer kept, no slices (otcurate.ot._lse's reference)",
+        "iteration, no buffer kept, no slices (otcurate.ot._lse's reference); it holds for "
+        "every part run, detection's timings included",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()

@@ -114,16 +114,18 @@ def _on_cpu(x) -> bool:
     return str(getattr(device, "type", device)) == "cpu"
 
 
-def _workspace(log_k, *xs) -> dict | None:
-    """Buffers for `_lse` to reuse (a dict), when ``log_k`` has at least ``INPLACE_CELLS``
-    cells and it and every ``x`` are torch tensors outside autograd (in-place updates would
-    break a backward pass); else None."""
+def _workspace(log_k, *vectors) -> dict | None:
+    """Buffers for `_lse` to reuse (a dict), when ``log_k`` and the (..., n) or (..., m)
+    ``vectors`` are torch tensors outside autograd (in-place updates would break a backward
+    pass) and the solve spans at least ``INPLACE_CELLS`` cells (its batch, broadcast over
+    all of them, times n x m); else None."""
     torch = sys.modules.get("torch")
-    if torch is None or not all(isinstance(x, torch.Tensor) for x in (log_k, *xs)):
+    if torch is None or not all(isinstance(x, torch.Tensor) for x in (log_k, *vectors)):
         return None
-    if log_k.numel() < INPLACE_CELLS:
+    batch = torch.broadcast_shapes(log_k.shape[:-2], *(x.shape[:-1] for x in vectors))
+    if math.prod(batch) * log_k.shape[-2] * log_k.shape[-1] < INPLACE_CELLS:
         return None
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (log_k, *xs)):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (log_k, *vectors)):
         return None
     return {}
 
@@ -148,12 +150,12 @@ def _lse(nx, log_k, h, axis: int, work: dict | None = None):
         import torch
 
         x = spread(h)
-        shape = torch.broadcast_shapes(log_k.shape, x.shape)
-        buf = work.get(shape)
-        if buf is None:
-            dtype = torch.result_type(log_k, x)
-            buf = work[shape] = torch.empty(shape, dtype=dtype, device=log_k.device)
-        torch.add(log_k, x, out=buf)
+        key = (torch.broadcast_shapes(log_k.shape, x.shape), torch.result_type(log_k, x))
+        buf = work.get(key)
+        if buf is None:  # the sum's own dtype and strides (a transposed cost keeps its own)
+            buf = work[key] = log_k + x
+        else:
+            torch.add(log_k, x, out=buf)
         top = buf.amax(dim=axis, keepdim=True)
         top.masked_fill_(top.abs() == math.inf, 0)  # as torch.logsumexp: no inf - inf
         return buf.sub_(top).exp_().sum(dim=axis).log_().add_(top.squeeze(axis))

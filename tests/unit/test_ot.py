@@ -1,6 +1,7 @@
 """Property tests of the OT layer (geomloss / ott style): marginals, symmetry, cost shifts,
 known permutations, agreement with POT (exact and entropic), masks, zero weights, batches."""
 
+import math
 import warnings
 
 import numpy as np
@@ -266,7 +267,8 @@ def test_the_log_domain_in_slices_of_the_batch_gives_the_same_bits(monkeypatch, 
 def test_the_log_domain_in_place_gives_the_bits_of_torch_logsumexp(monkeypatch, dtype):
     """Outside autograd the log domain sums in place in one buffer (see `_lse`): the same
     plan and potentials, bit for bit, as torch.logsumexp each iteration; with zero weights
-    (-inf potentials), a mask, a batch, and one cost shared by a batch of marginals."""
+    (-inf potentials), a mask, a batch, one cost shared by a batch of marginals, a
+    transposed cost, and float64 marginals on a cost of the parametrised dtype."""
     import otcurate.ot as otl
 
     a, b, M = problem(17, 29, seed=1, dtype=dtype, zeros_a=(2, 5), zeros_b=(0,))
@@ -274,10 +276,13 @@ def test_the_log_domain_in_place_gives_the_bits_of_torch_logsumexp(monkeypatch, 
     mask[3, :4] = True
     probs = [problem(17, 29, seed=s, dtype=dtype) for s in range(3)]
     A, B, Ms = (torch.stack(x) for x in zip(*probs, strict=True))
+    at, bt, Mt = problem(29, 17, seed=2, dtype=dtype)
     cases = [
         (a, b, M, mask),
         (A, B, Ms, None),
         (torch.stack([a, a.flip(0)]), b, M, None),  # f and g outgrow log_k's batch
+        (bt, at, Mt.T, None),  # strided: the buffer keeps the sum's own strides
+        (a.double(), b.double(), M, None),  # the potentials become float64 after one update
     ]
     real_workspace = otl._workspace
     monkeypatch.setattr(otl, "INPLACE_CELLS", 1)  # these problems are small
@@ -295,20 +300,37 @@ def test_the_log_domain_in_place_gives_the_bits_of_torch_logsumexp(monkeypatch, 
             inplace = sinkhorn_log(a_, b_, M_, 0.05, **kw)
             monkeypatch.setattr(otl, "_workspace", lambda *x: None)
             plain = sinkhorn_log(a_, b_, M_, 0.05, **kw)
+        assert inplace.plan.dtype == plain.plan.dtype
         assert torch.equal(inplace.plan, plain.plan) and torch.equal(inplace.log_u, plain.log_u)
         assert torch.isfinite(inplace.plan).all()
-    assert len(used) == len(cases) and all(w == {} or len(w) >= 1 for w in used)
-    assert all(isinstance(w, dict) for w in used)
+    assert len(used) == len(cases) and all(isinstance(w, dict) and len(w) >= 1 for w in used)
     assert real_workspace(M.requires_grad_(True)) is None  # autograd keeps the plain path
     assert real_workspace(M.detach().numpy()) is None
     monkeypatch.setattr(otl, "INPLACE_CELLS", 17 * 29 + 1)
     assert real_workspace(M.detach()) is None  # too small to gain
+    assert isinstance(real_workspace(M.detach(), torch.zeros(2, 17)), dict)  # 2 x 17 x 29 cells
 
 
-@pytest.mark.parametrize("tensor", [torch.tensor, np.asarray])
-def test_one_problem_and_a_batch_of_one_give_the_same_plan(tensor):
+def test_the_in_place_log_sum_exp_of_an_all_minus_inf_column_is_minus_inf():
+    """As torch.logsumexp: a column with no finite entry gives -inf, not NaN (inf - inf)."""
+    import otcurate.ot as otl
+
+    log_k = torch.randn(5, 7, dtype=torch.float64)
+    log_k[:, 3] = -math.inf
+    h = torch.randn(5, dtype=torch.float64)
+    nx = otl.get_backend(log_k)
+    got = otl._lse(nx, log_k, h, -2, {})
+    torch.testing.assert_close(got, torch.logsumexp(log_k + h[:, None], dim=-2), rtol=0, atol=0)
+    assert got[3] == -math.inf
+
+
+@pytest.mark.parametrize("tensor", [torch.as_tensor, np.asarray])
+def test_one_problem_and_a_batch_of_one_give_the_same_plan(monkeypatch, tensor):
     """The scaling iterations take matrix-vector products for one problem and row-vector
     products for a batch: the two agree, in torch and numpy, through absorptions."""
+    import otcurate.ot as otl
+
+    monkeypatch.setattr(otl, "ABSORB", 1.0)  # |log scaling| reaches 16 here: absorbed often
     a, b, M = (tensor(x) for x in problem(40, 60, seed=3))
     one = sinkhorn_log(a, b, M, 0.01, max_iter=2000, tol=1e-10)
     batch = sinkhorn_log(a[None], b[None], M[None], 0.01, max_iter=2000, tol=1e-10)
