@@ -38,6 +38,7 @@ import yaml
 
 from bench.results_io import command, write_results
 from otcurate_pipeline import layout
+from otcurate_pipeline.tracking import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,25 +224,16 @@ def write(rows: list, args) -> None:
         rows = [r for r in old if (r["case"], r["n"], r["metric"]) not in redone] + rows
         paragraphs = (ROOT / "bench" / "results" / "data.md").read_text().split("\n\n")
         before = paragraphs[1].split("`")[1]  # the command that wrote the file last
-        cases = sorted(
-            {r["case"].split("/")[0] for r in rows if (r["case"], r["n"], r["metric"]) in redone}
-        )
+        cases = sorted({case.split("/")[0] for case, _, _ in redone})
         for p in paragraphs[2:]:
             if p.startswith("| case |"):
                 break
             rerun = set(re.findall(r"`(\w+)/\*`", p)) if p.startswith("Rows ") else set()
             if not rerun or not rerun <= set(cases):  # (a rerun of only these cases: replaced)
                 notes.append(p.replace("the command above", f"`{before}`"))
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench/*.py"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        rev = f"{rev or '?'}{' with uncommitted changes' if dirty else ''}"
+        commit, dirty = git_state(ROOT, "src", "bench/*.py")
+        rev = f"{commit[:7] if commit != 'none' else '?'}"
+        rev += " with uncommitted changes" if dirty else ""
         notes.append(
             f"Rows {', '.join(f'`{c}/*`' for c in cases)} rerun by `{command('data')}` at {rev}"
             " (where a paragraph above says otherwise of them, this one holds)."

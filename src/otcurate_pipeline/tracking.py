@@ -34,8 +34,9 @@ def artifact_root(root: Path) -> str:
     return (root / "mlartifacts").resolve().as_uri()
 
 
-def git_state(root: Path) -> tuple[str, bool]:
-    """(HEAD commit or 'none', whether tracked files differ from it)."""
+def git_state(root: Path, *paths: str) -> tuple[str, bool]:
+    """(HEAD commit or 'none', whether tracked files differ from it; only those under the
+    git pathspecs ``paths``, when given)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
@@ -44,7 +45,7 @@ def git_state(root: Path) -> tuple[str, bool]:
         return "none", True
     dirty = (
         subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
             cwd=root,
             capture_output=True,
             text=True,
